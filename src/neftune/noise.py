@@ -97,6 +97,8 @@ def noisy_embeddings(
     extra tensor alive.  ``alpha == 0`` returns ``embeddings`` itself.
     """
     alpha = check_alpha(alpha)
+    if distribution not in ("uniform", "gaussian"):
+        raise ValueError(f"distribution must be 'uniform' or 'gaussian', got {distribution!r}")
     if not torch.is_tensor(embeddings) or not embeddings.is_floating_point():
         raise TypeError(f"NEFTune needs floating-point embeddings, got {_describe(embeddings)}")
     if embeddings.dim() == 2:  # a single unbatched sequence
@@ -118,15 +120,13 @@ def noisy_embeddings(
     # alpha / sqrt(L * d) per token; 0 on padding (clamp only avoids dividing by zero there).
     scale = torch.where(lengths > 0, alpha / torch.sqrt(lengths.clamp(min=1) * width), 0.0)
 
+    eps = torch.empty(embeddings.shape, device=embeddings.device, dtype=torch.float32)
     if distribution == "uniform":
-        eps = torch.rand(embeddings.shape, generator=generator, device=embeddings.device, dtype=torch.float32)
-        eps = eps.mul_(2).sub_(1)
-    elif distribution == "gaussian":
-        eps = torch.randn(embeddings.shape, generator=generator, device=embeddings.device, dtype=torch.float32)
+        eps.uniform_(-1.0, 1.0, generator=generator)
     else:
-        raise ValueError(f"distribution must be 'uniform' or 'gaussian', got {distribution!r}")
-    noise = eps.mul_(scale.unsqueeze(-1))
-    return (embeddings.float() + noise).to(embeddings.dtype)
+        eps.normal_(0.0, 1.0, generator=generator)
+    # one fused pass: embeddings + eps * scale, in fp32, then back to the embeddings' dtype
+    return torch.addcmul(embeddings.float(), eps, scale.unsqueeze(-1)).to(embeddings.dtype)
 
 
 def _unsqueeze(t: torch.Tensor | None) -> torch.Tensor | None:

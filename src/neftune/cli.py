@@ -47,7 +47,7 @@ def add_config_flags(parser: argparse.ArgumentParser, flags: list[tuple[str, str
     from neftune.config import iter_fields
 
     parser.add_argument("--config", metavar="FILE.yaml", help="YAML config file (sections as in the list below)")
-    parser.add_argument("overrides", nargs="*", metavar="key=value", help="any setting, e.g. train.lr=1e-4")
+    parser.usage = f"%(prog)s [options] [key=value ...]"
     for flag, key, help_text, kind in flags:
         if kind == "value":
             parser.add_argument(flag, dest=f"set:{key}", metavar="X", help=help_text)
@@ -65,7 +65,7 @@ def config_from_args(args: argparse.Namespace, cls: type):
     """Defaults < --config YAML < key=value overrides < flags; validated."""
     from neftune.config import load_config
 
-    overrides = list(args.overrides)
+    overrides = list(getattr(args, "overrides", []))
     for dest, value in vars(args).items():
         if dest.startswith("set:") and value is not None:
             overrides.append(f"{dest[4:]}={value}")
@@ -125,7 +125,13 @@ def setup_logging(quiet: bool) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    # key=value overrides may stand anywhere among the flags
+    args, extra = parser.parse_known_args(argv)
+    overrides = [a for a in extra if "=" in a and not a.startswith("-")]
+    unknown = [a for a in extra if a not in overrides]
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    args.overrides = overrides
     if not getattr(args, "func", None):
         parser.print_help()
         return 0

@@ -217,6 +217,9 @@ def load_model_and_tokenizer(
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     resolved = resolve_model(spec)
+    if os.path.isdir(resolved) and _is_adapter_dir(Path(resolved)):
+        return _load_adapter(Path(resolved), dtype=dtype, device=device,
+                             trust_remote_code=trust_remote_code, for_training=for_training)
     use_safetensors: bool | None = None
     if os.path.isdir(resolved):
         use_safetensors = _check_model_dir(Path(resolved))
@@ -253,6 +256,46 @@ def load_model_and_tokenizer(
     else:
         tokenizer.padding_side = "left"
         model.eval()
+    return model, tokenizer
+
+
+def _is_adapter_dir(directory: Path) -> bool:
+    return (directory / "adapter_config.json").is_file() and not (directory / "config.json").is_file()
+
+
+def _load_adapter(
+    directory: Path, *, dtype: torch.dtype | str, device: torch.device | str | None,
+    trust_remote_code: bool, for_training: bool,
+) -> tuple[Any, Any]:
+    """Load a PEFT adapter directory (what ``neftune train --lora`` writes) on top of its base.
+
+    For inference the adapter is merged into the base weights, which makes generation as fast as
+    with the base model; for training it stays a trainable ``PeftModel``.
+    """
+    import json
+
+    from peft import PeftModel
+    from transformers import AutoTokenizer
+
+    try:
+        base = json.loads((directory / "adapter_config.json").read_text(encoding="utf-8"))["base_model_name_or_path"]
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise ModelError(f"{directory}/adapter_config.json has no usable base_model_name_or_path ({_one_line(error)})") from None
+    if not base:
+        raise ModelError(f"{directory}/adapter_config.json does not name its base model")
+    model, tokenizer = load_model_and_tokenizer(
+        base, dtype=dtype, device=device, trust_remote_code=trust_remote_code, for_training=for_training,
+    )
+    if any((directory / name).is_file() for name in _TOKENIZER_FILES):
+        tokenizer = AutoTokenizer.from_pretrained(directory)
+        _ensure_pad_token(tokenizer, model)
+        tokenizer.padding_side = "right" if for_training else "left"
+    try:
+        model = PeftModel.from_pretrained(model, directory, is_trainable=for_training)
+    except (OSError, ValueError) as error:
+        raise ModelError(f"could not load adapter {directory}: {_one_line(error)}") from error
+    if not for_training:
+        model = model.merge_and_unload().eval()
     return model, tokenizer
 
 

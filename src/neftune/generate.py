@@ -1,0 +1,384 @@
+"""Batched greedy generation and AlpacaEval-format output files.
+
+Typical use::
+
+    from neftune.generate import generate_outputs, write_outputs, read_outputs
+
+    records = generate_outputs(model, tokenizer, examples,
+                               generator_name="smollm2-neftune", dataset_name="builtin:skills")
+    write_outputs("runs/b/outputs.json", records)
+    records = read_outputs("runs/b/outputs.json")   # validated, one-line DataError if malformed
+
+:func:`generate_token_ids` (decoded by :func:`generate_texts`) is the engine: prompts are
+tokenised, sorted by length so each batch wastes little padding, left-padded (so every row's last
+prompt token sits in the final column and the KV cache can be extended in lockstep), decoded
+greedily until an end-of-turn token, and returned in the caller's order.
+
+Output files are AlpacaEval ``model_outputs`` files: a JSON list of records with ``instruction``,
+``output``, ``generator`` and ``dataset``.  Records written here may carry two extra keys,
+``reference`` (the dataset's reference answer, a string) and ``meta`` (a small dict of JSON scalars,
+e.g. a builtin example's ``family`` and ``answer``).  AlpacaEval accepts such files unchanged: its
+head-to-head annotation keeps only the ``instruction`` and ``output`` columns of each file.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from neftune.errors import DataError
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "REQUIRED_KEYS",
+    "generate_outputs",
+    "generate_texts",
+    "generate_token_ids",
+    "instruction_of",
+    "read_outputs",
+    "stop_token_ids",
+    "write_outputs",
+]
+
+#: Keys every output record must have, with string values.
+REQUIRED_KEYS: tuple[str, ...] = ("instruction", "output", "generator", "dataset")
+
+# ChatML end-of-turn marker.  Many chat tokenizers declare a different eos (e.g. <|endoftext|>)
+# while their chat template closes each assistant turn with this token, so generation must stop on
+# it too or the model rambles into a fabricated next turn.
+_END_OF_TURN = "<|im_end|>"
+
+
+def stop_token_ids(tokenizer: Any, model: Any | None = None) -> list[int]:
+    """Return the token ids that end a generated answer.
+
+    These are ``tokenizer.eos_token_id``, the id of ``<|im_end|>`` when the vocabulary has it, and
+    the eos id(s) of ``model.generation_config`` (which is where, e.g., Llama-3 lists
+    ``<|eot_id|>``).
+    """
+    ids: list[int] = []
+
+    def add(value: Any) -> None:
+        if value is None:
+            return
+        for item in value if isinstance(value, (list, tuple)) else [value]:
+            if isinstance(item, int) and item >= 0 and item not in ids:
+                ids.append(item)
+
+    add(tokenizer.eos_token_id)
+    vocab = tokenizer.get_vocab()
+    if _END_OF_TURN in vocab:
+        add(vocab[_END_OF_TURN])
+    generation_config = getattr(model, "generation_config", None)
+    if generation_config is not None:
+        add(generation_config.eos_token_id)
+    return ids
+
+
+def _encode_prompt(tokenizer: Any, prompt: str | Sequence[int]) -> list[int]:
+    if not isinstance(prompt, str):
+        return [int(t) for t in prompt]
+    # Same convention as training (neftune.data.template.encode_prompt): a chat-template rendering
+    # already carries every special token the model expects, so nothing is added; a plain-text
+    # (Alpaca) prompt gets the tokenizer's begin-of-sequence token unless it already starts with it.
+    bos = tokenizer.bos_token
+    add_special = not getattr(tokenizer, "chat_template", None) and not (bos and prompt.startswith(bos))
+    return list(tokenizer(prompt, add_special_tokens=add_special)["input_ids"])
+
+
+def _model_device(model: Any) -> torch.device:
+    try:
+        return model.device
+    except AttributeError:
+        return next(model.parameters()).device
+
+
+def generate_token_ids(
+    model: Any,
+    tokenizer: Any,
+    prompts: Sequence[str] | Sequence[Sequence[int]],
+    *,
+    max_new_tokens: int = 256,
+    repetition_penalty: float = 1.2,
+    batch_size: int = 16,
+    sort_by_length: bool = True,
+    do_sample: bool = False,
+    progress: bool = True,
+) -> list[list[int]]:
+    """Generate one completion per prompt; return its new token ids, in the order of ``prompts``.
+
+    Args:
+        model: a causal LM (transformers or PEFT-wrapped).  It is switched to eval mode for the call
+            and restored to its previous mode afterwards.
+        tokenizer: the model's tokenizer; it is not modified (padding is done here, on the left).
+        prompts: fully rendered prompts (see :func:`neftune.data.template.render_prompt`), or
+            their token ids (:func:`neftune.data.template.encode_prompt`).  Text is tokenized
+            without added special tokens when the tokenizer has a chat template (the rendering
+            already has them), with them otherwise.
+        max_new_tokens: generation budget per prompt.
+        repetition_penalty: HF repetition penalty (1.0 disables it).  Padding never counts as a
+            repeated token.
+        batch_size: prompts per forward pass.
+        sort_by_length: group prompts of similar token length (longest first, so an out-of-memory
+            error shows up on the first batch) to minimise padding.
+        do_sample: sample instead of greedy decoding (uses torch's global RNG; seed it yourself).
+        progress: show a tqdm progress bar with ETA.
+
+    Returns:
+        For each prompt, the generated token ids up to (not including) the first of
+        :func:`stop_token_ids`.
+    """
+    from tqdm.auto import tqdm
+    from transformers import GenerationConfig
+
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if not prompts:
+        return []
+
+    stops = stop_token_ids(tokenizer, model)
+    if not stops:
+        logger.warning("tokenizer has no eos token: every answer will run to max_new_tokens")
+    pad_id = tokenizer.pad_token_id
+    if pad_id is None:
+        # Padded positions are masked out, so any id works; an eos id keeps the vocabulary in range.
+        pad_id = stops[0] if stops else 0
+
+    encoded = [_encode_prompt(tokenizer, p) for p in prompts]
+    order = list(range(len(prompts)))
+    if sort_by_length:
+        order.sort(key=lambda i: len(encoded[i]), reverse=True)
+
+    gen_config = GenerationConfig(
+        max_new_tokens=max_new_tokens,
+        do_sample=do_sample,
+        repetition_penalty=repetition_penalty,
+        eos_token_id=stops or None,
+        pad_token_id=pad_id,
+        use_cache=True,
+    )
+    if do_sample:
+        base = getattr(model, "generation_config", None)
+        # Keep the model's own sampling recipe (temperature, top_p...) when the user asks to sample.
+        for name in ("temperature", "top_p", "top_k", "min_p"):
+            value = getattr(base, name, None) if base is not None else None
+            if value is not None:
+                setattr(gen_config, name, value)
+
+    device = _model_device(model)
+    results: list[list[int]] = [[] for _ in prompts]
+    was_training = model.training
+    model.eval()
+    bar = tqdm(total=len(prompts), desc="generating", unit="prompt", disable=not progress, dynamic_ncols=True)
+    try:
+        with torch.inference_mode():
+            for start in range(0, len(order), batch_size):
+                batch_idx = order[start : start + batch_size]
+                rows = [encoded[i] for i in batch_idx]
+                width = max(len(r) for r in rows)
+                input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+                attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+                for r, ids in enumerate(rows):
+                    if ids:
+                        input_ids[r, width - len(ids) :] = torch.tensor(ids, dtype=torch.long)
+                        attention_mask[r, width - len(ids) :] = 1
+                output = model.generate(
+                    input_ids=input_ids.to(device),
+                    attention_mask=attention_mask.to(device),
+                    generation_config=gen_config,
+                )
+                new_tokens = output[:, width:].tolist()
+                for i, ids in zip(batch_idx, new_tokens):
+                    # generate() pads finished rows with pad_id, which need not be special; cut at
+                    # the first stop token so nothing after the end of the turn is decoded.
+                    for pos, tok in enumerate(ids):
+                        if tok in stops:
+                            ids = ids[:pos]
+                            break
+                    results[i] = ids
+                bar.update(len(batch_idx))
+    finally:
+        bar.close()
+        if was_training:
+            model.train()
+    return results
+
+
+def generate_texts(
+    model: Any,
+    tokenizer: Any,
+    prompts: Sequence[str] | Sequence[Sequence[int]],
+    *,
+    max_new_tokens: int = 256,
+    repetition_penalty: float = 1.2,
+    batch_size: int = 16,
+    sort_by_length: bool = True,
+    do_sample: bool = False,
+    progress: bool = True,
+) -> list[str]:
+    """Generate one completion per prompt and return the texts in the order of ``prompts``.
+
+    Same arguments as :func:`generate_token_ids`; each completion is decoded with special tokens
+    removed and stripped of surrounding whitespace.
+    """
+    ids = generate_token_ids(
+        model,
+        tokenizer,
+        prompts,
+        max_new_tokens=max_new_tokens,
+        repetition_penalty=repetition_penalty,
+        batch_size=batch_size,
+        sort_by_length=sort_by_length,
+        do_sample=do_sample,
+        progress=progress,
+    )
+    return [tokenizer.decode(row, skip_special_tokens=True).strip() for row in ids]
+
+
+def instruction_of(messages: Sequence[Mapping[str, Any]]) -> str:
+    """Return the instruction recorded for a prompt: the content of its last user message.
+
+    For a multi-turn prompt this is the final user turn only; earlier turns (and any system message)
+    are part of the prompt the model saw but not of the ``instruction`` field, which AlpacaEval and
+    :mod:`neftune.judge` use to pair up two models' answers.
+    """
+    for message in reversed(messages):
+        if message.get("role") == "user":
+            return str(message.get("content", ""))
+    raise ValueError("prompt has no user message")
+
+
+_META_MAX_CHARS = 200
+
+
+def _small_meta(meta: Mapping[str, Any] | None) -> dict[str, Any]:
+    # Only short JSON scalars travel in the outputs file; anything bulkier stays in the dataset.
+    if not meta:
+        return {}
+    return {
+        str(k): v
+        for k, v in meta.items()
+        if v is None or isinstance(v, (int, float, bool)) or (isinstance(v, str) and len(v) <= _META_MAX_CHARS)
+    }
+
+
+def generate_outputs(
+    model: Any,
+    tokenizer: Any,
+    examples: Sequence[Any],
+    *,
+    generator_name: str,
+    dataset_name: str,
+    **kw: Any,
+) -> list[dict[str, Any]]:
+    """Answer every example and return AlpacaEval ``model_outputs`` records, in example order.
+
+    Each record is ``{"instruction", "output", "generator", "dataset"}`` plus ``"reference"`` when
+    the example has a reference answer and ``"meta"`` (the short JSON scalars of ``example.meta``)
+    when it has any.  ``instruction`` is the example's last user message (see :func:`instruction_of`); the
+    prompt given to the model is the whole conversation up to the last assistant turn, rendered and
+    tokenized as in training by :func:`neftune.data.template.encode_prompt`.  ``kw`` is passed to
+    :func:`generate_texts`.
+    """
+    from neftune.data.template import encode_prompt
+
+    prompts: list[list[int]] = []
+    instructions: list[str] = []
+    for index, example in enumerate(examples):
+        messages = example.prompt_messages
+        try:
+            instructions.append(instruction_of(messages))
+        except ValueError:
+            raise DataError(f"example {index}: prompt has no user message") from None
+        prompts.append(encode_prompt(tokenizer, messages))
+
+    outputs = generate_texts(model, tokenizer, prompts, **kw)
+
+    records: list[dict[str, Any]] = []
+    for example, instruction, output in zip(examples, instructions, outputs):
+        record: dict[str, Any] = {
+            "instruction": instruction,
+            "output": output,
+            "generator": generator_name,
+            "dataset": dataset_name,
+        }
+        reference = getattr(example, "reference", None)
+        if reference is not None:
+            record["reference"] = reference
+        meta = _small_meta(getattr(example, "meta", None))
+        if meta:
+            record["meta"] = meta
+        records.append(record)
+    return records
+
+
+def _validate_records(records: Any, where: str) -> list[dict[str, Any]]:
+    if not isinstance(records, list):
+        raise DataError(f"{where}: expected a JSON list of output records, got {type(records).__name__}")
+    for index, record in enumerate(records):
+        if not isinstance(record, dict):
+            raise DataError(f"{where}: record {index} is {type(record).__name__}, expected an object")
+        for key in REQUIRED_KEYS:
+            if key not in record:
+                raise DataError(f"{where}: record {index} has no '{key}' field")
+            if not isinstance(record[key], str):
+                raise DataError(
+                    f"{where}: record {index} field '{key}' must be a string, got {type(record[key]).__name__}"
+                )
+        if "reference" in record and record["reference"] is not None and not isinstance(record["reference"], str):
+            raise DataError(f"{where}: record {index} field 'reference' must be a string or null")
+        if "meta" in record and not isinstance(record["meta"], dict):
+            raise DataError(f"{where}: record {index} field 'meta' must be an object")
+    return records
+
+
+def write_outputs(path: str | os.PathLike[str], records: Iterable[Mapping[str, Any]]) -> Path:
+    """Validate ``records`` and write them as an AlpacaEval JSON list to ``path`` (atomically).
+
+    Parent directories are created.  Returns the path written.  Raises :class:`DataError` if a
+    record lacks one of :data:`REQUIRED_KEYS` or has a non-string value there.
+    """
+    path = Path(path)
+    data = _validate_records([dict(r) for r in records], str(path))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # Write to a sibling temp file then rename, so an interrupted run never leaves half a file that
+    # a later `judge` would read as a shorter outputs list.
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            json.dump(data, handle, ensure_ascii=False, indent=2)
+            handle.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def read_outputs(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    """Read and validate an AlpacaEval outputs file written by :func:`write_outputs` (or AlpacaEval).
+
+    Raises :class:`DataError` with a one-line message naming the file (and record index) when the
+    file is missing, is not JSON, is not a list of objects, or a record lacks a required string
+    field.
+    """
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise DataError(f"{path}: outputs file not found") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DataError(f"{path}: cannot read outputs file ({exc.__class__.__name__}: {exc})") from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{path}: not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg})") from None
+    return _validate_records(data, str(path))

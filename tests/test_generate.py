@@ -1,0 +1,201 @@
+"""Batched generation (order, left padding, stopping) and AlpacaEval outputs files."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from neftune.data.formats import Example
+from neftune.errors import DataError
+from neftune.generate import (
+    REQUIRED_KEYS,
+    generate_outputs,
+    generate_texts,
+    generate_token_ids,
+    instruction_of,
+    read_outputs,
+    stop_token_ids,
+    write_outputs,
+)
+from neftune.tiny import build_tiny_model, build_tiny_tokenizer
+
+
+@pytest.fixture(scope="module")
+def loaded(tiny_model_dir):
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    return model, tokenizer
+
+
+def _chat(tokenizer, text: str) -> str:
+    messages = [{"role": "user", "content": text}]
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+PROMPT_TEXTS = [
+    "hi",
+    "a considerably longer prompt, with many more bytes than the others in the batch",
+    "mid-sized prompt",
+    "x",
+    "another fairly long prompt that needs plenty of left padding for the short ones",
+]
+
+
+def test_left_padding_gives_same_tokens_as_alone(loaded):
+    model, tokenizer = loaded
+    prompts = [_chat(tokenizer, t) for t in PROMPT_TEXTS]
+    alone = [generate_token_ids(model, tokenizer, [p], max_new_tokens=12, progress=False)[0] for p in prompts]
+    batched = generate_token_ids(model, tokenizer, prompts, max_new_tokens=12, batch_size=8, progress=False)
+    assert batched == alone
+    assert any(len(ids) > 0 for ids in alone)
+
+
+def test_order_preserved_when_sorting_by_length(loaded):
+    model, tokenizer = loaded
+    prompts = [_chat(tokenizer, t) for t in PROMPT_TEXTS]
+    kw = {"max_new_tokens": 8, "batch_size": 2, "progress": False}
+    unsorted = generate_texts(model, tokenizer, prompts, sort_by_length=False, **kw)
+    ordered = generate_texts(model, tokenizer, prompts, sort_by_length=True, **kw)
+    assert ordered == unsorted
+    assert len(set(ordered)) > 1  # different prompts, different answers: a shuffle would show
+    assert all(o == o.strip() for o in ordered)
+
+
+def test_tokenizer_and_model_state_restored(loaded):
+    model, tokenizer = loaded
+    side, pad = tokenizer.padding_side, tokenizer.pad_token
+    model.train()
+    generate_texts(model, tokenizer, [_chat(tokenizer, "hello")], max_new_tokens=2, progress=False)
+    assert model.training
+    model.eval()
+    assert (tokenizer.padding_side, tokenizer.pad_token) == (side, pad)
+    assert generate_texts(model, tokenizer, [], progress=False) == []
+
+
+def test_sampling_is_seeded_by_torch(loaded, capsys):
+    model, tokenizer = loaded
+    prompts = [_chat(tokenizer, t) for t in PROMPT_TEXTS[:3]]
+    runs = []
+    for _ in range(2):
+        torch.manual_seed(123)
+        runs.append(generate_token_ids(model, tokenizer, prompts, max_new_tokens=10, do_sample=True, progress=True))
+    assert runs[0] == runs[1]
+    greedy = generate_token_ids(model, tokenizer, prompts, max_new_tokens=10, progress=False)
+    assert runs[0] != greedy
+    assert "generating" in capsys.readouterr().err  # the progress bar
+
+
+class _ForceToken(torch.nn.Module):
+    """LM head wrapper that makes one token overwhelmingly likely at every step."""
+
+    def __init__(self, head: torch.nn.Module, token_id: int) -> None:
+        super().__init__()
+        self.head, self.token_id = head, token_id
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        logits = self.head(hidden)
+        logits[..., self.token_id] += 1e4
+        return logits
+
+
+def test_stops_at_end_of_turn_even_when_eos_differs():
+    tokenizer = build_tiny_tokenizer()
+    tokenizer.eos_token = "<|endoftext|>"  # a base-model eos; turns still end with <|im_end|>
+    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    assert stop_token_ids(tokenizer) == [tokenizer.eos_token_id, im_end]
+    model = build_tiny_model(vocab_size=len(tokenizer))
+    model.generation_config.eos_token_id = None
+    model.lm_head = _ForceToken(model.lm_head, im_end)
+    ids = generate_token_ids(model, tokenizer, [_chat(tokenizer, "stop now")], max_new_tokens=20, progress=False)
+    assert ids == [[]]
+
+
+def _examples() -> list[Example]:
+    return [
+        Example(
+            messages=[
+                {"role": "user", "content": "What is 2+2?"},
+                {"role": "assistant", "content": "4"},
+            ],
+            meta={"family": "arithmetic", "answer": "4", "blob": "z" * 5000, "nested": {"a": 1}},
+        ),
+        Example(
+            messages=[
+                {"role": "system", "content": "Be brief."},
+                {"role": "user", "content": "first question"},
+                {"role": "assistant", "content": "first answer"},
+                {"role": "user", "content": "follow-up question"},
+                {"role": "assistant", "content": "follow-up answer"},
+            ],
+        ),
+        Example(messages=[{"role": "user", "content": "open question"}]),
+    ]
+
+
+def test_generate_outputs_alpaca_eval_format(loaded, tmp_path):
+    model, tokenizer = loaded
+    records = generate_outputs(
+        model, tokenizer, _examples(), generator_name="tiny", dataset_name="unit", max_new_tokens=6, progress=False
+    )
+    assert len(records) == 3
+    for record in records:
+        for key in REQUIRED_KEYS:
+            assert isinstance(record[key], str)
+        assert record["generator"] == "tiny" and record["dataset"] == "unit"
+    assert records[0]["instruction"] == "What is 2+2?"
+    assert records[0]["reference"] == "4"
+    # Only short scalars are carried along.
+    assert records[0]["meta"] == {"family": "arithmetic", "answer": "4"}
+    # Multi-turn: the instruction is the last user turn before the answer.
+    assert records[1]["instruction"] == "follow-up question"
+    assert records[1]["reference"] == "follow-up answer" and "meta" not in records[1]
+    # No assistant turn: nothing to use as a reference.
+    assert records[2]["instruction"] == "open question" and "reference" not in records[2]
+
+    path = write_outputs(tmp_path / "sub" / "outputs.json", records)
+    raw = json.loads(path.read_text(encoding="utf-8"))
+    assert isinstance(raw, list) and raw == records
+    assert read_outputs(path) == records
+
+
+def test_instruction_of_requires_user_turn():
+    assert instruction_of([{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
+                           {"role": "user", "content": "c"}]) == "c"
+    with pytest.raises(ValueError):
+        instruction_of([{"role": "system", "content": "s"}])
+
+
+@pytest.mark.parametrize(
+    ("content", "fragment"),
+    [
+        ('{"instruction": "a"}', "expected a JSON list"),
+        ('[{"instruction": "a", "output": "b", "generator": "g"}]', "record 0 has no 'dataset'"),
+        ('[{"instruction": "a", "output": "b", "generator": "g", "dataset": "d"}, 3]', "record 1 is int"),
+        ('[{"instruction": "a", "output": 5, "generator": "g", "dataset": "d"}]',
+         "record 0 field 'output' must be a string"),
+        ('[{"instruction": "a", "output": "b", "generator": "g", "dataset": "d", "meta": []}]',
+         "'meta' must be an object"),
+        ("[{]", "not valid JSON (line 1"),
+    ],
+)
+def test_read_outputs_rejects_bad_files(tmp_path, content, fragment):
+    path = tmp_path / "bad.json"
+    path.write_text(content, encoding="utf-8")
+    with pytest.raises(DataError) as info:
+        read_outputs(path)
+    message = str(info.value)
+    assert fragment in message and str(path) in message and "\n" not in message
+
+
+def test_read_outputs_missing_file(tmp_path):
+    with pytest.raises(DataError, match="outputs file not found"):
+        read_outputs(tmp_path / "nope.json")
+
+
+def test_write_outputs_validates(tmp_path):
+    with pytest.raises(DataError, match="record 0 has no 'generator'"):
+        write_outputs(tmp_path / "o.json", [{"instruction": "a", "output": "b", "dataset": "d"}])
+    assert not (tmp_path / "o.json").exists()

@@ -88,8 +88,153 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+COMPARE_FLAGS: list[tuple[str, str, str, str]] = [
+    ("--model", "model.name", "hub id, local dir, .gguf file or alias (default smollm2-135m)", "value"),
+    ("--data", "data.train", "training data (default builtin:skills)", "value"),
+    ("--eval-data", "data.eval", "held-out prompts and references", "value"),
+    ("--eval-limit", "data.eval_limit", "held-out examples used (default 64)", "value"),
+    ("--format", "data.format", "auto, alpaca, sharegpt or messages", "value"),
+    ("--output", "compare.output", "experiment directory (default runs/compare)", "value"),
+    ("--alphas", "compare.alphas", "comma-separated NEFTune alphas (default 5,10); the baseline 0 is added", "value"),
+    ("--seeds", "compare.seeds", "comma-separated seeds (default 0)", "value"),
+    ("--max-steps", "train.max_steps", "optimizer steps per arm", "value"),
+    ("--epochs", "train.epochs", "passes over the data per arm", "value"),
+    ("--lr", "train.lr", "peak learning rate", "value"),
+    ("--batch-size", "train.batch_size", "examples per step per process", "value"),
+    ("--max-length", "data.max_length", "max tokens per example", "value"),
+    ("--max-new-tokens", "generate.max_new_tokens", "tokens generated per answer", "value"),
+    ("--judge", "judge.backend", "none, local (default), http or length", "value"),
+    ("--judge-model", "judge.model", "local: judge model; http: model name", "value"),
+    ("--judge-url", "judge.base_url", "http: OpenAI-compatible base URL", "value"),
+    ("--on-bad-record", "data.on_bad_record", "error (default) or skip", "value"),
+    ("--lora", "model.lora", "train LoRA adapters (default)", "true"),
+    ("--full", "model.lora", "train all weights", "false"),
+    ("--packing", "data.packing", "padding-free packed rows (default)", "true"),
+    ("--no-packing", "data.packing", "padded batches", "false"),
+    ("--no-progress", "train.progress", "no progress bars", "false"),
+]
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from neftune.compare import run_compare
+    from neftune.config import CompareConfig
+
+    cfg = config_from_args(args, CompareConfig)
+    paths = run_compare(cfg)
+    print(f"report: {paths['html']}")
+    print(f"        {paths['markdown']}")
+    return 0
+
+
+def _load_eval_set(spec: str, fmt: str, limit: int | None, on_bad_record: str):
+    from neftune.data.formats import load_examples
+
+    held = load_examples(spec, fmt=fmt, split="test", on_bad_record=on_bad_record, limit=limit, require_response=False)
+    logging.getLogger("neftune").info(held.summary())
+    return held.examples
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from neftune.generate import generate_outputs, write_outputs
+    from neftune.models import load_model_and_tokenizer
+
+    examples = _load_eval_set(args.data, args.format, args.limit, args.on_bad_record)
+    model, tokenizer = load_model_and_tokenizer(args.model, for_training=False, trust_remote_code=args.trust_remote_code)
+    records = generate_outputs(
+        model, tokenizer, examples, generator_name=args.name or os.path.basename(os.path.normpath(args.model)),
+        dataset_name=args.data, max_new_tokens=args.max_new_tokens, repetition_penalty=args.repetition_penalty,
+        batch_size=args.batch_size, progress=not args.no_progress,
+    )
+    path = write_outputs(args.output, records)
+    print(f"{len(records)} answers written to {path}")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    import json
+
+    from neftune.evaluate import evaluate_outputs, heldout_loss
+    from neftune.generate import generate_outputs, read_outputs, write_outputs
+    from neftune.models import load_model_and_tokenizer
+
+    examples = _load_eval_set(args.data, args.format, args.limit, args.on_bad_record)
+    report: dict = {"data": args.data}
+    tokenizer = None
+    records = read_outputs(args.outputs) if args.outputs else None
+    if args.model:
+        model, tokenizer = load_model_and_tokenizer(args.model, for_training=False, trust_remote_code=args.trust_remote_code)
+        with_answers = [e for e in examples if e.reference is not None]
+        if with_answers:
+            report["heldout"] = heldout_loss(model, tokenizer, with_answers, max_length=args.max_length, batch_size=args.batch_size)
+        if records is None:
+            records = generate_outputs(
+                model, tokenizer, examples, generator_name=os.path.basename(os.path.normpath(args.model)),
+                dataset_name=args.data, max_new_tokens=args.max_new_tokens, repetition_penalty=args.repetition_penalty,
+                batch_size=args.batch_size, progress=not args.no_progress,
+            )
+            if args.output:
+                write_outputs(os.path.splitext(args.output)[0] + ".outputs.json", records)
+    if records is None:
+        raise NeftuneError("eval needs --model (to measure loss and generate) or --outputs (answers to score)")
+    if len(records) != len(examples):
+        raise NeftuneError(f"{args.outputs}: {len(records)} answers but {args.data} has {len(examples)} examples "
+                           "(use the same --data and --limit as for generate)")
+    report["outputs"] = evaluate_outputs(records, examples, tokenizer)
+    text = json.dumps(report, indent=2, default=str)
+    if args.output:
+        from neftune.train import atomic_write_text
+
+        atomic_write_text(__import__("pathlib").Path(args.output), text)
+        print(f"metrics written to {args.output}")
+    else:
+        print(text)
+    return 0
+
+
+def cmd_judge(args: argparse.Namespace) -> int:
+    from neftune.generate import read_outputs
+    from neftune.judge import judge_pairs, make_judge
+
+    a, b = read_outputs(args.baseline), read_outputs(args.candidate)
+    if args.limit:
+        a, b = a[: args.limit], b[: args.limit]
+    if args.backend == "http":
+        if not (args.base_url and args.judge_model):
+            raise NeftuneError("--backend http needs --base-url and --judge-model")
+        judge = make_judge("http", base_url=args.base_url, model=args.judge_model, api_key_env=args.api_key_env)
+    elif args.backend == "local":
+        if not args.judge_model:
+            raise NeftuneError("--backend local needs --judge-model (a model directory, alias or hub id)")
+        from neftune.models import load_model_and_tokenizer
+
+        model, tokenizer = load_model_and_tokenizer(args.judge_model, for_training=False)
+        judge = make_judge("local", model=model, tokenizer=tokenizer)
+    else:
+        judge = make_judge(args.backend)
+    result = judge_pairs(a, b, judge, cache_dir=args.cache, seed=args.seed, progress=not args.no_progress)
+    if args.output:
+        result.save(args.output)
+    print(result.summary())
+    return 0
+
+
+def _add_eval_set_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", default="builtin:skills", help="eval set: builtin:skills (held-out split), Alpaca/AlpacaEval JSON, ShareGPT or messages (first turns)")
+    p.add_argument("--format", default="auto", help="auto, alpaca, sharegpt or messages")
+    p.add_argument("--limit", type=int, default=None, help="use the first N examples")
+    p.add_argument("--on-bad-record", default="error", choices=["error", "skip"], help="stop at, or skip and count, bad records")
+
+
+def _add_generation_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-new-tokens", type=int, default=256, help="tokens per answer (default 256)")
+    p.add_argument("--repetition-penalty", type=float, default=1.2, help="greedy decoding penalty (default 1.2, the paper's)")
+    p.add_argument("--batch-size", type=int, default=16, help="prompts per batch (batches are sorted by length)")
+    p.add_argument("--trust-remote-code", action="store_true", help="allow model code from the hub to run")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    from neftune.config import Config
+    from neftune.config import CompareConfig, Config
 
     parser = argparse.ArgumentParser(
         prog="neftune",
@@ -102,6 +247,48 @@ def build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train", help="finetune a model with NEFTune", description="Finetune a model with per-example NEFTune noise.")
     add_config_flags(train, TRAIN_FLAGS, Config)
     train.set_defaults(func=cmd_train)
+
+    compare = sub.add_parser("compare", help="train with and without NEFTune and report the difference",
+                             description="Train a baseline (alpha=0) and NEFTune arms on identical data and seed, "
+                                         "evaluate and judge them, and write report.html.")
+    add_config_flags(compare, COMPARE_FLAGS, CompareConfig)
+    compare.set_defaults(func=cmd_compare)
+
+    gen = sub.add_parser("generate", help="answer an eval set (AlpacaEval output format)",
+                         description="Batched greedy generation; writes a JSON list of {instruction, output, generator, dataset}.")
+    gen.add_argument("--model", required=True, help="model directory (a trained output/model), alias or hub id")
+    gen.add_argument("--output", required=True, help="outputs JSON file to write")
+    gen.add_argument("--name", help="generator name recorded in the outputs (default: the model directory name)")
+    _add_eval_set_args(gen)
+    _add_generation_args(gen)
+    gen.set_defaults(func=cmd_generate)
+
+    ev = sub.add_parser("eval", help="held-out loss and answer metrics",
+                        description="Held-out loss and perplexity (noise off), answer lengths, distinct-1/2, repetition, "
+                                    "exact match on builtin:skills and ROUGE-L against references.")
+    ev.add_argument("--model", help="model to score (held-out loss) and to generate answers with when --outputs is absent")
+    ev.add_argument("--outputs", help="answers from neftune generate, aligned with --data")
+    ev.add_argument("--output", help="write metrics JSON here (default: print)")
+    ev.add_argument("--max-length", type=int, default=512, help="max tokens per example for held-out loss")
+    _add_eval_set_args(ev)
+    _add_generation_args(ev)
+    ev.set_defaults(func=cmd_eval)
+
+    judge = sub.add_parser("judge", help="pairwise judging of two outputs files (both orders)",
+                           description="Judge CANDIDATE against BASELINE, each pair asked in both orders. Reports the win "
+                                       "rate with a bootstrap 95%% CI, a length-controlled win rate and position consistency.")
+    judge.add_argument("baseline", help="outputs JSON of the baseline (A)")
+    judge.add_argument("candidate", help="outputs JSON of the candidate (B)")
+    judge.add_argument("--backend", default="http", choices=["http", "local", "length"], help="judge backend (default http)")
+    judge.add_argument("--base-url", help="http: OpenAI-compatible base URL")
+    judge.add_argument("--judge-model", help="http: model name; local: model directory, alias or hub id")
+    judge.add_argument("--api-key-env", default="OPENAI_API_KEY", help="http: environment variable holding the API key")
+    judge.add_argument("--cache", default=".neftune-judge-cache", help="verdict cache directory (a rerun costs nothing)")
+    judge.add_argument("--output", help="write the full result (per-pair verdicts) as JSON")
+    judge.add_argument("--limit", type=int, help="judge only the first N pairs")
+    judge.add_argument("--seed", type=int, default=0, help="bootstrap seed")
+    judge.add_argument("--no-progress", action="store_true", help="no progress bar")
+    judge.set_defaults(func=cmd_judge)
     return parser
 
 

@@ -291,3 +291,69 @@ def iter_fields(cls: type, prefix: str = ""):
             yield from iter_fields(hint, f"{prefix}{f.name}.")
         else:
             yield f"{prefix}{f.name}", f, hint
+
+
+@dataclass
+class GenerateConfig:
+    max_new_tokens: int | None = _f(None, "tokens to generate per answer (default 64 for builtin:skills, else 256)")
+    repetition_penalty: float = _f(1.2, "repetition penalty for greedy decoding (the paper's setting)")
+    batch_size: int = _f(16, "prompts per generation batch (sorted by length)")
+
+
+@dataclass
+class JudgeConfig:
+    backend: str = _f("local", "none, local (a transformers model scores A vs B), http (OpenAI-compatible), or length")
+    model: str = _f("", "local: judge model (default: the experiment's base model); http: the model name")
+    base_url: str = _f("", "http: base URL of an OpenAI-compatible API, e.g. https://api.openai.com/v1")
+    api_key_env: str = _f("OPENAI_API_KEY", "http: name of the environment variable holding the API key")
+    max_pairs: int | None = _f(None, "judge at most this many eval examples per arm")
+
+
+@dataclass
+class CompareSection:
+    alphas: list[float] = _f([5.0, 10.0], "NEFTune arms; the alpha=0 baseline is always trained")
+    seeds: list[int] = _f([0], "one baseline and one arm per alpha for each seed")
+    output: str = _f("runs/compare", "experiment directory (arms, outputs, report)")
+
+
+@dataclass
+class CompareConfig:
+    """Everything ``neftune compare`` needs: the shared training setup plus the experiment grid."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    noise: NoiseConfig = field(default_factory=NoiseConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    generate: GenerateConfig = field(default_factory=GenerateConfig)
+    judge: JudgeConfig = field(default_factory=JudgeConfig)
+    compare: CompareSection = field(default_factory=CompareSection)
+
+    def validate(self) -> CompareConfig:
+        """Raise :class:`ConfigError` naming the first invalid field; return self."""
+        self.train_config(0.0, 0).validate()
+        if not self.compare.alphas:
+            raise ConfigError("compare.alphas must list at least one alpha")
+        for a in self.compare.alphas:
+            if not math.isfinite(a) or a <= 0:
+                raise ConfigError(f"compare.alphas must be finite numbers > 0 (the baseline is added), got {a}")
+        if len(set(self.compare.alphas)) != len(self.compare.alphas):
+            raise ConfigError(f"compare.alphas has duplicates: {self.compare.alphas}")
+        if not self.compare.seeds or len(set(self.compare.seeds)) != len(self.compare.seeds):
+            raise ConfigError(f"compare.seeds must be distinct integers, got {self.compare.seeds}")
+        _choice("judge.backend", self.judge.backend, ("none", "local", "http", "length"))
+        if self.judge.backend == "http" and not (self.judge.base_url and self.judge.model):
+            raise ConfigError("judge.backend=http needs judge.base_url and judge.model")
+        if self.generate.max_new_tokens is not None:
+            _positive("generate.max_new_tokens", self.generate.max_new_tokens)
+        _positive("generate.batch_size", self.generate.batch_size)
+        if not (self.generate.repetition_penalty > 0 and math.isfinite(self.generate.repetition_penalty)):
+            raise ConfigError(f"generate.repetition_penalty must be > 0, got {self.generate.repetition_penalty}")
+        if self.judge.max_pairs is not None:
+            _positive("judge.max_pairs", self.judge.max_pairs)
+        return self
+
+    def train_config(self, alpha: float, seed: int, output: str | None = None) -> Config:
+        """The training config of one arm."""
+        train = dataclasses.replace(self.train, seed=seed, output=output or self.train.output)
+        noise = dataclasses.replace(self.noise, alpha=alpha)
+        return Config(model=self.model, data=self.data, noise=noise, train=train)

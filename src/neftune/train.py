@@ -296,6 +296,7 @@ def run_training(cfg: Config, *, keep_model: bool = False, extra_callbacks: list
     train_time = time.perf_counter() - started
 
     metrics: dict[str, Any] = {**result.metrics, "train_time_s": train_time, "tokens_per_s": metrics_cb.tokens_per_s,
+                               "learning_rate_used": args.learning_rate, "max_steps": trainer.state.max_steps,
                                "real_tokens": collator.tokens, **data_report, "model": info}
     if eval_rows:
         metrics["heldout_loss"] = trainer.evaluate()["eval_loss"]

@@ -1,0 +1,296 @@
+"""``neftune compare``: does NEFTune help on my model and data?  One command, one report.
+
+    neftune compare                                   # embedded default: SmolLM2-135M, builtin:skills
+    neftune compare --model DIR --data alpaca.json --alphas 5,10,15 --seeds 0,1
+
+For every seed it trains a baseline (alpha = 0) and one arm per alpha on identical data, data order
+and initialisation; then, with noise off, it measures held-out loss, generates answers to the
+held-out prompts (greedy, repetition penalty 1.2), computes the metrics of :mod:`neftune.evaluate`,
+and judges each arm against its seed's baseline in both orders.  ``report.html`` / ``report.md`` /
+``results.json`` and plots land in the experiment directory.
+
+Interrupted, it picks up where it stopped: an arm whose ``arm.json`` exists is not retrained, a
+half-trained arm resumes from its last checkpoint, and judge verdicts are cached.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import json
+import logging
+import platform
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from neftune.config import CompareConfig, write_config
+from neftune.errors import NeftuneError
+from neftune.train import atomic_write_text, check_output_dir, resolve_eval_spec
+
+log = logging.getLogger("neftune")
+
+ARM_FILE = "arm.json"
+
+
+@dataclasses.dataclass
+class Arm:
+    """One trained configuration of the experiment."""
+
+    name: str
+    alpha: float
+    seed: int
+    directory: Path
+
+
+def plan_arms(cfg: CompareConfig) -> list[Arm]:
+    """Baseline first, then each alpha, for every seed; names are stable across reruns."""
+    arms = []
+    out = Path(cfg.compare.output)
+    for seed in cfg.compare.seeds:
+        for alpha in [0.0, *cfg.compare.alphas]:
+            name = f"alpha={alpha:g}" + (f",seed={seed}" if len(cfg.compare.seeds) > 1 else "")
+            arms.append(Arm(name, float(alpha), seed, out / "arms" / name.replace("=", "").replace(",", "-")))
+    return arms
+
+
+def default_max_new_tokens(cfg: CompareConfig) -> int:
+    """Short answers for the built-in skills (exact-match tasks), room to talk elsewhere."""
+    if cfg.generate.max_new_tokens is not None:
+        return cfg.generate.max_new_tokens
+    return 64 if cfg.data.train.startswith("builtin:skills") else 256
+
+
+def load_eval_examples(cfg: CompareConfig) -> tuple[str, list]:
+    """The held-out prompts every arm answers (and the reference answers when present)."""
+    from neftune.data.formats import load_examples
+
+    spec = resolve_eval_spec(cfg.train_config(0.0, 0))
+    if spec is None:
+        raise NeftuneError("compare needs held-out data: set --eval-data (or data.eval) for a custom training set")
+    held = load_examples(spec, fmt=cfg.data.format, split="test", on_bad_record=cfg.data.on_bad_record,
+                         limit=cfg.data.eval_limit, seed=0)
+    log.info("eval: %s", held.summary())
+    return spec, held.examples
+
+
+def run_arm(cfg: CompareConfig, arm: Arm, eval_examples: list, eval_name: str) -> dict[str, Any]:
+    """Train (or resume) one arm, then evaluate it with the noise off; return its results entry."""
+    from neftune.evaluate import evaluate_outputs, heldout_loss
+    from neftune.generate import generate_outputs, write_outputs
+    from neftune.train import run_training
+
+    train_cfg = cfg.train_config(arm.alpha, arm.seed, output=str(arm.directory))
+    # a half-finished arm continues from its last checkpoint
+    train_cfg.train.resume = (arm.directory / "checkpoints").is_dir()
+    result = run_training(train_cfg, keep_model=True)
+    model, tokenizer = result.model, result.tokenizer
+    model.eval()
+    tokenizer.padding_side = "left"
+
+    loss = heldout_loss(model, tokenizer, eval_examples, max_length=cfg.data.max_length,
+                        batch_size=cfg.generate.batch_size)
+    log.info("%s: held-out loss %.4f (noise off); generating %d answers", arm.name, loss["loss"], len(eval_examples))
+    records = generate_outputs(
+        model, tokenizer, eval_examples, generator_name=f"{cfg.model.name}-neftune-{arm.name}", dataset_name=eval_name,
+        max_new_tokens=default_max_new_tokens(cfg), repetition_penalty=cfg.generate.repetition_penalty,
+        batch_size=cfg.generate.batch_size, progress=cfg.train.progress,
+    )
+    write_outputs(arm.directory / "outputs.json", records)
+    metrics = evaluate_outputs(records, eval_examples, tokenizer)
+    del model, result
+    gc.collect()
+
+    em = metrics.get("exact_match")
+    rouge = metrics.get("rouge_l")
+    entry = {
+        "name": arm.name, "alpha": arm.alpha, "seed": arm.seed,
+        "train": {
+            "loss_curve": [list(p) for p in _curve(arm.directory, "loss")],
+            "heldout_curve": [list(p) for p in _curve(arm.directory, "eval_loss")],
+            "train_time_s": _summary(arm.directory).get("train_time_s"),
+            "tokens_per_s": _summary(arm.directory).get("tokens_per_s"),
+        },
+        "eval": {
+            "heldout_loss": loss["loss"], "perplexity": loss["perplexity"],
+            "exact_match": em["accuracy"] if em else None,
+            "exact_match_by_family": {f: v["accuracy"] for f, v in (em or {}).get("per_family", {}).items()},
+            "distinct_1": metrics["distinct_1"], "distinct_2": metrics["distinct_2"],
+            "repetition_rate": metrics["repetition_4"],
+            "rouge_l": rouge["mean"] if rouge else None,
+            "length_chars": _stats(metrics["lengths"].get("chars")),
+            "length_tokens": _stats(metrics["lengths"].get("tokens")),
+            "per_example": {
+                "correct": _as_ints(metrics["per_example"].get("correct")),
+                "length_chars": metrics["per_example"]["length_chars"],
+                "rouge_l": metrics["per_example"].get("rouge_l"),
+            },
+        },
+        "judge": None,
+    }
+    atomic_write_text(arm.directory / ARM_FILE, json.dumps(entry, indent=2))
+    return entry
+
+
+def _curve(directory: Path, key: str) -> list[tuple[int, float]]:
+    """(step, value) pairs of ``key`` from the arm's metrics.jsonl (survives resumes)."""
+    points: dict[int, float] = {}
+    path = directory / "metrics.jsonl"
+    if path.exists():
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                row = json.loads(line)
+            except ValueError:
+                continue  # a line cut off by a kill; the rest of the file is intact
+            if key in row:
+                points[int(row["step"])] = float(row[key])
+    return sorted(points.items())
+
+
+def _summary(directory: Path) -> dict[str, Any]:
+    path = directory / "train_summary.json"
+    return json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
+
+
+def _stats(block: dict | None) -> dict[str, Any] | None:
+    if not block:
+        return None
+    return {k: block[k] for k in ("mean", "median", "p90") if k in block}
+
+
+def _as_ints(flags: list | None) -> list | None:
+    return None if flags is None else [None if f is None else int(bool(f)) for f in flags]
+
+
+def build_judge(cfg: CompareConfig) -> Any:
+    """The judge backend named in the config, or None."""
+    from neftune.judge import make_judge
+
+    backend = cfg.judge.backend
+    if backend == "none":
+        return None
+    if backend == "http":
+        return make_judge("http", base_url=cfg.judge.base_url, model=cfg.judge.model, api_key_env=cfg.judge.api_key_env)
+    if backend == "local":
+        from neftune.models import load_model_and_tokenizer
+
+        model, tokenizer = load_model_and_tokenizer(cfg.judge.model or cfg.model.name, for_training=False,
+                                                    trust_remote_code=cfg.model.trust_remote_code)
+        return make_judge("local", model=model, tokenizer=tokenizer)
+    return make_judge(backend)
+
+
+def judge_arms(cfg: CompareConfig, arms: list[Arm], entries: dict[str, dict]) -> None:
+    """Judge every NEFTune arm against the baseline of its seed; fill ``entry['judge']``."""
+    from neftune.generate import read_outputs
+    from neftune.judge import judge_pairs
+
+    pairs = [(a, next(b for b in arms if b.seed == a.seed and b.alpha == 0.0)) for a in arms if a.alpha > 0]
+    pairs = [(a, b) for a, b in pairs if a.name in entries and b.name in entries]
+    if not pairs:
+        return
+    judge = build_judge(cfg)
+    if judge is None:
+        return
+    cache = Path(cfg.compare.output) / "judge-cache"
+    for arm, base in pairs:
+        records_a = read_outputs(base.directory / "outputs.json")
+        records_b = read_outputs(arm.directory / "outputs.json")
+        if cfg.judge.max_pairs:
+            records_a, records_b = records_a[: cfg.judge.max_pairs], records_b[: cfg.judge.max_pairs]
+        log.info("judging %s against %s (%d pairs, both orders) with the %s judge", arm.name, base.name,
+                 len(records_a), cfg.judge.backend)
+        result = judge_pairs(records_a, records_b, judge, cache_dir=cache, seed=arm.seed, progress=cfg.train.progress)
+        verdict = result.to_dict()
+        summary = {k: verdict.get(k) for k in ("win_rate", "ci", "lc_win_rate", "lc_ci", "consistency", "n",
+                                                  "n_failed", "n_ties")}
+        entries[arm.name]["judge"] = {"vs": base.name, "backend": cfg.judge.backend, **summary}
+        result.save(arm.directory / "judge.json")
+        log.info("%s", result.summary())
+
+
+def versions() -> dict[str, str]:
+    """Versions of the software that produced a result."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = {"python": platform.python_version()}
+    for name in ("neftune", "torch", "transformers", "peft", "accelerate"):
+        try:
+            found[name] = version(name)
+        except PackageNotFoundError:
+            pass
+    return found
+
+
+def run_compare(cfg: CompareConfig) -> dict[str, Path]:
+    """Run the whole experiment described by ``cfg``; return the report's file paths."""
+    from neftune.models import describe_model, load_model_and_tokenizer
+    from neftune.report import write_report
+
+    cfg.validate()
+    started = time.perf_counter()
+    out = Path(cfg.compare.output)
+    check_output_dir(out)
+    write_config(cfg, out / "config.yaml")
+    eval_name, eval_examples = load_eval_examples(cfg)
+    arms = plan_arms(cfg)
+
+    entries: dict[str, dict] = {}
+    for index, arm in enumerate(arms, 1):
+        done = arm.directory / ARM_FILE
+        if done.exists():
+            log.info("[%d/%d] %s: already finished, reusing %s", index, len(arms), arm.name, done)
+            entries[arm.name] = json.loads(done.read_text(encoding="utf-8"))
+            continue
+        log.info("[%d/%d] %s: training (alpha=%g, seed=%d)", index, len(arms), arm.name, arm.alpha, arm.seed)
+        entries[arm.name] = run_arm(cfg, arm, eval_examples, eval_name)
+    judge_arms(cfg, arms, entries)
+
+    base_model, _ = load_model_and_tokenizer(cfg.model.name, for_training=False,
+                                             trust_remote_code=cfg.model.trust_remote_code)
+    model_info = {"spec": cfg.model.name, **describe_model(base_model)}
+    del base_model
+    results = {
+        "title": f"NEFTune on {cfg.model.name}: alpha in {{0, {', '.join(f'{a:g}' for a in cfg.compare.alphas)}}}",
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "wall_time_s": time.perf_counter() - started,
+        "model": model_info,
+        "data": {"train": cfg.data.train, "eval": eval_name, "n_train": _first_summary(arms).get("train_examples"),
+                 "n_eval": len(eval_examples)},
+        "seeds": list(cfg.compare.seeds),
+        "versions": versions(),
+        "settings": {
+            "lora": cfg.model.lora, "lora_r": cfg.model.lora_r if cfg.model.lora else None,
+            "lr": _first_summary(arms).get("learning_rate_used"), "batch_size": cfg.train.batch_size,
+            "max_steps": _first_summary(arms).get("max_steps"), "max_length": cfg.data.max_length,
+            "packing": cfg.data.packing, "noise": cfg.noise.distribution,
+            "generation": {"greedy": True, "repetition_penalty": cfg.generate.repetition_penalty,
+                           "max_new_tokens": default_max_new_tokens(cfg)},
+            "judge": cfg.judge.backend,
+        },
+        "baseline": arms[0].name,
+        "arms": [entries[a.name] for a in arms if a.name in entries],
+        "examples": _examples(arms, entries),
+    }
+    return write_report(results, out)
+
+
+def _first_summary(arms: list[Arm]) -> dict[str, Any]:
+    return _summary(arms[0].directory)
+
+
+def _examples(arms: list[Arm], entries: dict[str, dict], n: int = 6) -> list[dict[str, Any]]:
+    """The first ``n`` eval prompts with every arm's answer side by side (not hand-picked)."""
+    from neftune.generate import read_outputs
+
+    outputs = {a.name: read_outputs(a.directory / "outputs.json") for a in arms
+               if a.name in entries and (a.directory / "outputs.json").exists()}
+    if not outputs:
+        return []
+    first = next(iter(outputs.values()))
+    return [
+        {"instruction": first[i]["instruction"], "reference": first[i].get("reference"),
+         "outputs": {name: recs[i]["output"] for name, recs in outputs.items() if i < len(recs)}}
+        for i in range(min(n, len(first)))
+    ]

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import json
+import threading
 from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import torch
 from torch import nn
@@ -54,3 +57,58 @@ def record_noise(model: nn.Module) -> Iterator[list[dict]]:
 def hook_count(model: nn.Module) -> int:
     """Number of forward (pre-)hooks on all modules of ``model``."""
     return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+
+
+class OpenAIStyleServer:
+    """OpenAI-style /v1/chat/completions on 127.0.0.1; ``behaviour(payload, nth_call_for_prompt, headers)``
+    returns ``(status, body)``."""
+
+    def __init__(self, behaviour):
+        self.behaviour = behaviour
+        self.requests: list[dict] = []
+        self.seen: dict[str, int] = {}
+        self.lock = threading.Lock()
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):
+                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                payload = json.loads(body)
+                with server.lock:
+                    server.requests.append({"path": self.path, "headers": dict(self.headers), "payload": payload})
+                    key = payload["messages"][-1]["content"]
+                    server.seen[key] = server.seen.get(key, 0) + 1
+                    nth = server.seen[key]
+                if self.path != "/v1/chat/completions":
+                    status, text = 404, '{"error": "not found"}'
+                else:
+                    status, text = server.behaviour(payload, nth, dict(self.headers))
+                data = text.encode("utf-8")
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.01}, daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def chat_reply(content: str) -> str:
+    return json.dumps({"id": "x", "object": "chat.completion", "choices": [
+        {"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": "stop"}]})

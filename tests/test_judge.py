@@ -6,8 +6,6 @@ import json
 import logging
 import math
 import re
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
 import pytest
@@ -30,6 +28,7 @@ from neftune.judge import (
     parse_verdict,
     win_rate,
 )
+from tests.helpers import OpenAIStyleServer, chat_reply
 
 # --------------------------------------------------------------------------------------------------
 # helpers
@@ -250,63 +249,8 @@ def _good_label(messages) -> str:
     return "tie"
 
 
-class _Server:
-    """OpenAI-style /v1/chat/completions on 127.0.0.1; ``behaviour(payload, nth_call_for_prompt, headers)``
-    returns ``(status, body)``."""
-
-    def __init__(self, behaviour):
-        self.behaviour = behaviour
-        self.requests: list[dict] = []
-        self.seen: dict[str, int] = {}
-        self.lock = threading.Lock()
-        server = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self):
-                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
-                payload = json.loads(body)
-                with server.lock:
-                    server.requests.append({"path": self.path, "headers": dict(self.headers), "payload": payload})
-                    key = payload["messages"][-1]["content"]
-                    server.seen[key] = server.seen.get(key, 0) + 1
-                    nth = server.seen[key]
-                if self.path != "/v1/chat/completions":
-                    status, text = 404, '{"error": "not found"}'
-                else:
-                    status, text = server.behaviour(payload, nth, dict(self.headers))
-                data = text.encode("utf-8")
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            def log_message(self, *args):
-                pass
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.01}, daemon=True)
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
-
-    def __enter__(self):
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.httpd.shutdown()
-        self.httpd.server_close()
-
-
-def _reply(content: str) -> str:
-    return json.dumps({"id": "x", "object": "chat.completion", "choices": [
-        {"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": "stop"}]})
-
-
 def _correct(payload, nth, headers):
-    return 200, _reply(_good_label(payload["messages"]))
+    return 200, chat_reply(_good_label(payload["messages"]))
 
 
 def _http(url, **kw):
@@ -317,7 +261,7 @@ def _http(url, **kw):
 
 def test_http_judge_normal_verdicts():
     a, b = _good_bad_pairs(n_good_b=3, n_good_a=1)
-    with _Server(_correct) as server:
+    with OpenAIStyleServer(_correct) as server:
         result = judge_pairs(a, b, _http(server.url), n_boot=200)
     assert len(server.requests) == 8
     first = server.requests[0]["payload"]
@@ -332,11 +276,11 @@ def test_http_judge_retries_garbage_then_succeeds():
         if nth == 1:
             return 200, "this is not json"
         if nth == 2:
-            return 200, _reply("Both answers have merit.")
-        return 200, _reply(f"**{_good_label(payload['messages'])}**")
+            return 200, chat_reply("Both answers have merit.")
+        return 200, chat_reply(f"**{_good_label(payload['messages'])}**")
 
     a, b = _good_bad_pairs(n_good_b=2, n_good_a=0)
-    with _Server(flaky) as server:
+    with OpenAIStyleServer(flaky) as server:
         result = judge_pairs(a, b, _http(server.url, max_retries=2), n_boot=50)
     assert len(server.requests) == 4 * 3  # 2 pairs x 2 orders x (2 failures + 1 success)
     assert result.n_failed == 0 and result.win_rate == 1.0
@@ -347,7 +291,7 @@ def test_http_judge_transient_http_errors_are_retried():
         return (503, '{"error": "busy"}') if nth == 1 else _correct(payload, nth, headers)
 
     a, b = _good_bad_pairs(n_good_b=1, n_good_a=1)
-    with _Server(overloaded) as server:
+    with OpenAIStyleServer(overloaded) as server:
         result = judge_pairs(a, b, _http(server.url, workers=1), n_boot=50)
     assert len(server.requests) == 8 and result.n_failed == 0 and result.win_rate == 0.5
 
@@ -361,7 +305,7 @@ def test_http_judge_always_failing_is_counted_not_scored(tmp_path, monkeypatch):
         return 500, json.dumps({"error": "internal", "echo": headers.get("Authorization", "")})
 
     a, b = _good_bad_pairs(n_good_b=2, n_good_a=1)
-    with _Server(broken) as server:
+    with OpenAIStyleServer(broken) as server:
         result = judge_pairs(a, b, _http(server.url, api_key_env="ECHO_KEY"), cache_dir=tmp_path / "cache", n_boot=50)
     assert len(server.requests) == 3 * 2 * 3  # pairs x orders x attempts
     assert result.n == 0 and result.n_failed == 3
@@ -380,18 +324,18 @@ def test_http_judge_always_failing_is_counted_not_scored(tmp_path, monkeypatch):
 
 def test_http_judge_aborts_on_dead_endpoint():
     a, b = _good_bad_pairs(n_good_b=5, n_good_a=5)
-    with _Server(lambda *_: (502, "bad gateway")) as server:
+    with OpenAIStyleServer(lambda *_: (502, "bad gateway")) as server:
         with pytest.raises(JudgeError, match="failed on 4 queries in a row"):
             judge_pairs(a, b, _http(server.url, max_retries=0, workers=1), max_consecutive_failures=4)
 
 
 def test_http_judge_bad_key_and_bad_url_are_fatal():
     a, b = _good_bad_pairs(n_good_b=1, n_good_a=0)
-    with _Server(lambda *_: (401, '{"error": "invalid key"}')) as server:
+    with OpenAIStyleServer(lambda *_: (401, '{"error": "invalid key"}')) as server:
         with pytest.raises(JudgeError, match=r"HTTP 401\): check \$OPENAI_API_KEY"):
             judge_pairs(a, b, _http(server.url, workers=1))
         assert len(server.requests) == 1  # no retries, no further queries on a refused key
-    with _Server(_correct) as server:
+    with OpenAIStyleServer(_correct) as server:
         with pytest.raises(JudgeError, match="HTTP 404"):
             judge_pairs(a, b, _http(server.url.replace("/v1", "/v2")))
 
@@ -399,7 +343,7 @@ def test_http_judge_bad_key_and_bad_url_are_fatal():
 def test_http_judge_cache_makes_rerun_free(tmp_path):
     a, b = _good_bad_pairs(n_good_b=3, n_good_a=2)
     cache = tmp_path / "cache"
-    with _Server(_correct) as server:
+    with OpenAIStyleServer(_correct) as server:
         first = judge_pairs(a, b, _http(server.url), cache_dir=cache, n_boot=100)
         assert len(server.requests) == 10
         second = judge_pairs(a, b, _http(server.url), cache_dir=cache, n_boot=100)
@@ -426,7 +370,7 @@ def test_http_judge_partial_cache_after_failures(tmp_path):
 
     a = _records(["GOOD pair0 a", "plain pair1 a"])
     b = _records(["plain pair0 b", "GOOD pair1 b"])
-    with _Server(sometimes) as server:
+    with OpenAIStyleServer(sometimes) as server:
         first = judge_pairs(a, b, _http(server.url, max_retries=0), cache_dir=tmp_path, n_boot=50)
         assert (first.n, first.n_failed) == (1, 1)
         before = len(server.requests)
@@ -442,10 +386,10 @@ def test_api_key_sent_but_never_written(tmp_path, monkeypatch, caplog):
     caplog.set_level(logging.DEBUG)
 
     def flaky(payload, nth, headers):
-        return (200, _reply("unsure")) if nth == 1 else _correct(payload, nth, headers)
+        return (200, chat_reply("unsure")) if nth == 1 else _correct(payload, nth, headers)
 
     a, b = _good_bad_pairs(n_good_b=2, n_good_a=1)
-    with _Server(flaky) as server:
+    with OpenAIStyleServer(flaky) as server:
         judge = _http(server.url, api_key_env="MY_JUDGE_KEY")
         result = judge_pairs(a, b, judge, cache_dir=tmp_path / "cache", n_boot=50)
     assert {r["headers"].get("Authorization") for r in server.requests} == {f"Bearer {secret}"}
@@ -462,7 +406,7 @@ def test_api_key_sent_but_never_written(tmp_path, monkeypatch, caplog):
 def test_http_judge_without_key_sends_no_authorization(monkeypatch):
     monkeypatch.delenv("UNSET_JUDGE_KEY", raising=False)
     a, b = _good_bad_pairs(n_good_b=1, n_good_a=0)
-    with _Server(_correct) as server:
+    with OpenAIStyleServer(_correct) as server:
         judge_pairs(a, b, _http(server.url, api_key_env="UNSET_JUDGE_KEY", max_tokens=None), n_boot=10)
     assert all("Authorization" not in r["headers"] for r in server.requests)
     assert all("max_tokens" not in r["payload"] for r in server.requests)

@@ -32,7 +32,7 @@ from transformers.trainer_utils import get_last_checkpoint
 
 from neftune.callback import NEFTuneCallback
 from neftune.config import Config, write_config
-from neftune.errors import ConfigError, DataError
+from neftune.errors import ConfigError, DataError, NeftuneError
 
 log = logging.getLogger("neftune")
 
@@ -189,7 +189,11 @@ def build_model(cfg: Config) -> tuple[Any, Any]:
     )
     if cfg.model.lora:
         from peft import LoraConfig, get_peft_model
+        from transformers import set_seed
 
+        # LoRA's A matrices are drawn from the global RNG: make them a function of train.seed, so
+        # two runs with one seed (compare's arms, a crashed run and its rerun) start identical
+        set_seed(cfg.train.seed)
         targets = cfg.model.lora_targets or default_lora_targets(model)
         model = get_peft_model(model, LoraConfig(
             r=cfg.model.lora_r, lora_alpha=cfg.model.lora_alpha, lora_dropout=cfg.model.lora_dropout,
@@ -253,6 +257,8 @@ def run_training(cfg: Config, *, keep_model: bool = False, extra_callbacks: list
         resume_from = get_last_checkpoint(str(out / "checkpoints")) if (out / "checkpoints").is_dir() else None
         if resume_from is None:
             log.warning("--resume: no checkpoint in %s/checkpoints, starting from scratch", out)
+        else:
+            log.info("resuming from %s", resume_from)
 
     model, tokenizer = build_model(cfg)
     train_rows, eval_rows, data_report = load_training_data(cfg, tokenizer)
@@ -270,7 +276,11 @@ def run_training(cfg: Config, *, keep_model: bool = False, extra_callbacks: list
         from torch.utils.tensorboard import SummaryWriter
         from transformers.integrations import TensorBoardCallback
 
-        callbacks.append(TensorBoardCallback(SummaryWriter(log_dir=str(out / "tensorboard"))))
+        tensorboard = TensorBoardCallback(SummaryWriter(log_dir=str(out / "tensorboard")))
+        # the callback closes its writer at train end and opens a new one for the final evaluate();
+        # without this that one would land in <output>/checkpoints/runs/
+        tensorboard.logging_dir = str(out / "tensorboard")
+        callbacks.append(tensorboard)
         write_config(cfg, out / "config.yaml")
         if resume_from is None and (out / "metrics.jsonl").exists():
             (out / "metrics.jsonl").unlink()
@@ -307,11 +317,11 @@ def run_training(cfg: Config, *, keep_model: bool = False, extra_callbacks: list
     model_dir, merged_dir = out / "model", None
     if is_main_process():
         unwrapped = trainer.accelerator.unwrap_model(trainer.model)
-        atomic_save(model_dir, lambda tmp: _save(unwrapped, tokenizer, tmp))
+        _save_model(model_dir, unwrapped, tokenizer)
         if cfg.model.lora and cfg.model.merge:
             merged_dir = out / "merged"
             merged = unwrapped.merge_and_unload()
-            atomic_save(merged_dir, lambda tmp: _save(merged, tokenizer, tmp))
+            _save_model(merged_dir, merged, tokenizer)
         summary = {k: v for k, v in metrics.items() if isinstance(v, (int, float, str, dict, list))}
         summary["loss_curve"] = metrics_cb.loss_curve
         summary["heldout_curve"] = metrics_cb.heldout_curve
@@ -323,6 +333,14 @@ def run_training(cfg: Config, *, keep_model: bool = False, extra_callbacks: list
         model=trainer.accelerator.unwrap_model(trainer.model) if keep_model else None,
         tokenizer=tokenizer if keep_model else None,
     )
+
+
+def _save_model(target: Path, model: Any, tokenizer: Any) -> None:
+    """Atomically write model + tokenizer to ``target``; a full disk etc. becomes a one-line error."""
+    try:
+        atomic_save(target, lambda tmp: _save(model, tokenizer, tmp))
+    except OSError as e:
+        raise NeftuneError(f"could not write the model to {target}: {e.strerror or e}") from e
 
 
 def _save(model: Any, tokenizer: Any, directory: Path) -> None:

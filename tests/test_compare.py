@@ -1,0 +1,115 @@
+"""`neftune compare`, `generate`, `eval` and `judge` end to end on a tiny random model."""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from html.parser import HTMLParser
+from pathlib import Path
+
+import pytest
+
+from neftune.cli import main
+from tests.helpers import OpenAIStyleServer, chat_reply
+
+SECRET = "sk-test-DO-NOT-LEAK-8c1f2e"
+SMALL = ["--model", "tiny-random", "--max-steps", "6", "--eval-limit", "8", "--max-new-tokens", "8",
+         "data.limit=64", "train.save_steps=3", "train.eval_steps=3", "--no-progress"]
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path_factory, monkeypatch):
+    monkeypatch.setenv("NEFTUNE_CACHE", str(tmp_path_factory.getbasetemp() / "neftune-cache"))
+
+
+def _prefer_b(payload, nth, headers):
+    assert headers.get("Authorization") == f"Bearer {SECRET}"
+    return 200, chat_reply("B")
+
+
+class _Images(HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.srcs: list[str] = []
+
+    def handle_starttag(self, tag, attrs):
+        if tag == "img":
+            self.srcs.append(dict(attrs).get("src", ""))
+
+
+def test_compare_end_to_end_resumes_and_never_writes_the_key(tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv("OPENAI_API_KEY", SECRET)
+    out = tmp_path / "exp"
+    with OpenAIStyleServer(_prefer_b) as server:
+        args = ["compare", *SMALL, "--output", str(out), "--judge", "http", "--judge-url", server.url,
+                "--judge-model", "judge-model"]
+        assert main(args) == 0
+        n_requests = len(server.requests)
+        assert n_requests > 0
+
+        results = json.loads((out / "results.json").read_text())
+        names = [a["name"] for a in results["arms"]]
+        assert names == ["alpha=0", "alpha=5", "alpha=10"]
+        for arm in results["arms"]:
+            assert arm["eval"]["heldout_loss"] > 0
+            assert len(arm["eval"]["per_example"]["length_chars"]) == 8
+            assert arm["train"]["loss_curve"]
+        assert results["arms"][0]["judge"] is None
+        for arm in results["arms"][1:]:
+            judged = arm["judge"]
+            assert judged["vs"] == "alpha=0" and judged["backend"] == "http"
+            assert judged["n"] + judged["n_failed"] == 8
+
+        html = (out / "report.html").read_text()
+        parser = _Images()
+        parser.feed(html)
+        assert parser.srcs and all(src.startswith("data:image/png;base64,") for src in parser.srcs)
+        assert (out / "report.md").exists() and any((out / "plots").glob("*.png"))
+        outputs = json.loads((out / "arms" / "alpha5" / "outputs.json").read_text())
+        assert {"instruction", "output", "generator", "dataset"} <= set(outputs[0])
+
+        # nothing the run wrote contains the API key
+        for path in out.rglob("*"):
+            if path.is_file():
+                assert SECRET.encode() not in path.read_bytes(), path
+
+        # rerun: finished arms are reused, the judge answers from its cache
+        (out / "arms" / "alpha10" / "arm.json").unlink()
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="neftune"):
+            assert main(args) == 0
+        text = caplog.text
+        assert "alpha=0: already finished" in text and "alpha=5: already finished" in text
+        assert re.search(r"resuming from .*alpha10/checkpoints/checkpoint-6", text)
+        assert len(server.requests) == n_requests
+
+
+def test_generate_eval_judge_commands(tmp_path, tiny_model_dir, capsys):
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    common = ["--data", "builtin:skills", "--limit", "6", "--max-new-tokens", "6", "--no-progress"]
+    assert main(["generate", "--model", str(tiny_model_dir), "--output", str(a), *common]) == 0
+    records = json.loads(a.read_text())
+    assert len(records) == 6 and all(set(r) >= {"instruction", "output", "generator", "dataset"} for r in records)
+    b.write_text(json.dumps([{**r, "output": r["output"] + " and more words"} for r in records]))
+
+    metrics_path = tmp_path / "m.json"
+    assert main(["eval", "--model", str(tiny_model_dir), "--outputs", str(a), "--output", str(metrics_path), *common]) == 0
+    metrics = json.loads(metrics_path.read_text())
+    assert metrics["heldout"]["loss"] > 0 and "exact_match" in metrics["outputs"]
+
+    capsys.readouterr()
+    assert main(["judge", str(a), str(b), "--backend", "length", "--cache", str(tmp_path / "c"), "--no-progress"]) == 0
+    assert "win rate" in capsys.readouterr().out
+
+    b.write_text(json.dumps(records[:3]))
+    assert main(["judge", str(a), str(b), "--backend", "length", "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("neftune: error:") and "\n" not in err
+
+
+def test_compare_requires_eval_data_for_custom_training_set(tmp_path, capsys):
+    data = tmp_path / "d.jsonl"
+    data.write_text(json.dumps({"instruction": "Say hi", "output": "hi"}) + "\n")
+    assert main(["compare", "--model", "tiny-random", "--data", str(data), "--output", str(tmp_path / "o")]) == 2
+    assert "needs held-out data" in capsys.readouterr().err

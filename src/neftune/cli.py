@@ -134,17 +134,25 @@ def _load_eval_set(spec: str, fmt: str, limit: int | None, on_bad_record: str):
     return held.examples
 
 
+def _answer(args: argparse.Namespace, model, tokenizer, examples) -> list[dict]:
+    """Generate AlpacaEval-format answers with the generation flags of ``args``."""
+    from neftune.generate import generate_outputs
+
+    return generate_outputs(
+        model, tokenizer, examples,
+        generator_name=getattr(args, "name", None) or os.path.basename(os.path.normpath(args.model)),
+        dataset_name=args.data, max_new_tokens=args.max_new_tokens, repetition_penalty=args.repetition_penalty,
+        batch_size=args.batch_size, progress=not args.no_progress,
+    )
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
-    from neftune.generate import generate_outputs, write_outputs
+    from neftune.generate import write_outputs
     from neftune.models import load_model_and_tokenizer
 
     examples = _load_eval_set(args.data, args.format, args.limit, args.on_bad_record)
     model, tokenizer = load_model_and_tokenizer(args.model, for_training=False, trust_remote_code=args.trust_remote_code)
-    records = generate_outputs(
-        model, tokenizer, examples, generator_name=args.name or os.path.basename(os.path.normpath(args.model)),
-        dataset_name=args.data, max_new_tokens=args.max_new_tokens, repetition_penalty=args.repetition_penalty,
-        batch_size=args.batch_size, progress=not args.no_progress,
-    )
+    records = _answer(args, model, tokenizer, examples)
     path = write_outputs(args.output, records)
     print(f"{len(records)} answers written to {path}")
     return 0
@@ -154,7 +162,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     import json
 
     from neftune.evaluate import evaluate_outputs, heldout_loss
-    from neftune.generate import generate_outputs, read_outputs, write_outputs
+    from neftune.generate import read_outputs, write_outputs
     from neftune.models import load_model_and_tokenizer
 
     examples = _load_eval_set(args.data, args.format, args.limit, args.on_bad_record)
@@ -167,11 +175,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         if with_answers:
             report["heldout"] = heldout_loss(model, tokenizer, with_answers, max_length=args.max_length, batch_size=args.batch_size)
         if records is None:
-            records = generate_outputs(
-                model, tokenizer, examples, generator_name=os.path.basename(os.path.normpath(args.model)),
-                dataset_name=args.data, max_new_tokens=args.max_new_tokens, repetition_penalty=args.repetition_penalty,
-                batch_size=args.batch_size, progress=not args.no_progress,
-            )
+            records = _answer(args, model, tokenizer, examples)
             if args.output:
                 write_outputs(os.path.splitext(args.output)[0] + ".outputs.json", records)
     if records is None:
@@ -233,10 +237,26 @@ def _add_generation_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one ``neftune: error:`` line (exit 2) like every other error."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(2, f"neftune: error: {error_line(message)} (see {self.prog} --help)\n")
+
+
+def error_line(message: object, limit: int = 280) -> str:
+    """``message`` as one line of at most ``limit`` characters (the middle of a huge one is elided)."""
+    text = " ".join(str(message).split())
+    if len(text) > limit:
+        head = limit * 2 // 3
+        text = f"{text[:head]} ... {text[-(limit - head - 5):]}"
+    return text
+
+
 def build_parser() -> argparse.ArgumentParser:
     from neftune.config import CompareConfig, Config
 
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="neftune",
         description="Instruction finetuning with per-example NEFTune noise, and experiments that show whether it helped.",
     )
@@ -327,7 +347,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return func(args)
     except NeftuneError as e:
-        print(f"neftune: error: {e}", file=sys.stderr)
+        print(f"neftune: error: {error_line(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("neftune: interrupted", file=sys.stderr)

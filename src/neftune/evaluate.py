@@ -196,13 +196,6 @@ def exact_match(outputs: Sequence[str], examples: Sequence[Any]) -> dict[str, An
     return result
 
 
-def _model_device(model: Any) -> torch.device:
-    try:
-        return model.device
-    except AttributeError:
-        return next(model.parameters()).device
-
-
 def heldout_loss(
     model: Any,
     tokenizer: Any,
@@ -235,7 +228,9 @@ def heldout_loss(
     pad_id = tokenizer.pad_token_id
     if pad_id is None:
         pad_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
-    device = _model_device(model)
+    from neftune.generate import model_device
+
+    device = model_device(model)
     order = sorted(range(len(features)), key=lambda i: len(features[i]["input_ids"]), reverse=True)
 
     total_nll = 0.0

@@ -94,7 +94,8 @@ def _encode_prompt(tokenizer: Any, prompt: str | Sequence[int]) -> list[int]:
     return list(tokenizer(prompt, add_special_tokens=add_special)["input_ids"])
 
 
-def _model_device(model: Any) -> torch.device:
+def model_device(model: Any) -> torch.device:
+    """The device of a model's parameters (works for plain modules without ``.device``)."""
     try:
         return model.device
     except AttributeError:
@@ -173,7 +174,7 @@ def generate_token_ids(
             if value is not None:
                 setattr(gen_config, name, value)
 
-    device = _model_device(model)
+    device = model_device(model)
     results: list[list[int]] = [[] for _ in prompts]
     was_training = model.training
     model.eval()

@@ -479,7 +479,7 @@ class LocalJudge(Judge):
     def judge_batch(self, queries: Sequence[Query]) -> list[Verdict | VerdictUnavailable]:
         import torch
 
-        from neftune.generate import _model_device
+        from neftune.generate import model_device
 
         results: list[Verdict | VerdictUnavailable] = [VerdictUnavailable("not judged")] * len(queries)
         encoded: list[tuple[int, list[int]]] = []
@@ -495,7 +495,7 @@ class LocalJudge(Judge):
         pad_id = self.tokenizer.pad_token_id
         if pad_id is None:
             pad_id = self.tokenizer.eos_token_id if self.tokenizer.eos_token_id is not None else 0
-        device = _model_device(self.model)
+        device = model_device(self.model)
         was_training = self.model.training
         self.model.eval()
         try:

@@ -27,7 +27,7 @@ from typing import Any
 
 from neftune.config import CompareConfig, write_config
 from neftune.errors import NeftuneError
-from neftune.train import atomic_write_text, check_output_dir, resolve_eval_spec
+from neftune.train import atomic_write_text, bad_record_policy, check_output_dir, resolve_eval_spec
 
 log = logging.getLogger("neftune")
 
@@ -69,7 +69,7 @@ def load_eval_examples(cfg: CompareConfig) -> tuple[str, list]:
     spec = resolve_eval_spec(cfg.train_config(0.0, 0))
     if spec is None:
         raise NeftuneError("compare needs held-out data: set --eval-data (or data.eval) for a custom training set")
-    held = load_examples(spec, fmt=cfg.data.format, split="test", on_bad_record=cfg.data.on_bad_record,
+    held = load_examples(spec, fmt=cfg.data.format, split="test", on_bad_record=bad_record_policy(spec, cfg.data.on_bad_record),
                          limit=cfg.data.eval_limit, seed=0)
     log.info("eval: %s", held.summary())
     return spec, held.examples

@@ -80,17 +80,20 @@ def resolve_eval_spec(cfg: Config) -> str | None:
     return None
 
 
+def bad_record_policy(spec: str, requested: str) -> str:
+    """Built-in data sets are skipped-and-counted: their bad records are not the user's to fix."""
+    return "skip" if spec.startswith("builtin:") else requested
+
+
 def load_training_data(cfg: Config, tokenizer: Any) -> tuple[list[dict], list[dict], dict[str, Any]]:
     """Load, validate and tokenize training and held-out data; return (train, eval, data report)."""
     from neftune.data.formats import load_examples
     from neftune.data.template import encode_examples
 
     train = load_examples(
-        cfg.data.train, fmt=cfg.data.format, split="train", on_bad_record=cfg.data.on_bad_record,
+        cfg.data.train, fmt=cfg.data.format, split="train", on_bad_record=bad_record_policy(cfg.data.train, cfg.data.on_bad_record),
         limit=cfg.data.limit, seed=cfg.train.seed,
     )
-    for note in train.notes:
-        log.warning(note)
     log.info(train.summary())
     train_rows, train_dropped = encode_examples(tokenizer, train.examples, cfg.data.max_length)
     report: dict[str, Any] = {
@@ -106,7 +109,7 @@ def load_training_data(cfg: Config, tokenizer: Any) -> tuple[list[dict], list[di
     eval_spec = resolve_eval_spec(cfg)
     if eval_spec:
         held = load_examples(
-            eval_spec, fmt=cfg.data.format, split="test", on_bad_record=cfg.data.on_bad_record,
+            eval_spec, fmt=cfg.data.format, split="test", on_bad_record=bad_record_policy(eval_spec, cfg.data.on_bad_record),
             limit=cfg.data.eval_limit, seed=cfg.train.seed,
         )
         eval_rows, eval_dropped = encode_examples(tokenizer, held.examples, cfg.data.max_length)

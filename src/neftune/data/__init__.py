@@ -1,0 +1,47 @@
+"""Instruction data: loading (:mod:`.formats`), the built-in skills set (:mod:`.builtin`), prompt
+rendering and assistant-only tokenization (:mod:`.template`) and batch collators (:mod:`.collate`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from neftune.data.builtin import check_answer, check_example, skills_examples
+from neftune.data.formats import Example, LoadResult, load_examples
+from neftune.data.template import (
+    IGNORE_INDEX,
+    encode_example,
+    encode_examples,
+    encode_prompt,
+    has_chat_template,
+    prompt_and_target_lengths,
+    render_prompt,
+)
+
+__all__ = [
+    "IGNORE_INDEX",
+    "Example",
+    "LoadResult",
+    "PaddingCollator",
+    "check_answer",
+    "check_example",
+    "encode_example",
+    "encode_examples",
+    "encode_prompt",
+    "has_chat_template",
+    "load_examples",
+    "packing_collator",
+    "prompt_and_target_lengths",
+    "render_prompt",
+    "skills_examples",
+]
+
+
+def __getattr__(name: str) -> Any:
+    # The collators need torch; importing it only when they are asked for keeps loading data and
+    # rendering prompts quick to start.
+    if name in ("PaddingCollator", "packing_collator"):
+        from neftune.data import collate
+
+        return getattr(collate, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

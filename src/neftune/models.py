@@ -278,11 +278,14 @@ def _load_adapter(
     from transformers import AutoTokenizer
 
     try:
-        base = json.loads((directory / "adapter_config.json").read_text(encoding="utf-8"))["base_model_name_or_path"]
-    except (OSError, ValueError, KeyError, TypeError) as error:
-        raise ModelError(f"{directory}/adapter_config.json has no usable base_model_name_or_path ({_one_line(error)})") from None
-    if not base:
-        raise ModelError(f"{directory}/adapter_config.json does not name its base model")
+        base = json.loads((directory / "adapter_config.json").read_text(encoding="utf-8")).get("base_model_name_or_path")
+    except (OSError, ValueError, AttributeError) as error:
+        raise ModelError(f"{directory} holds a PEFT adapter whose adapter_config.json is unreadable ({_one_line(error)})") from None
+    if not base or not isinstance(base, str):
+        raise ModelError(
+            f"{directory} holds a PEFT adapter whose adapter_config.json does not name its base model "
+            "(base_model_name_or_path); load the base model and apply the adapter, or merge it first"
+        )
     model, tokenizer = load_model_and_tokenizer(
         base, dtype=dtype, device=device, trust_remote_code=trust_remote_code, for_training=for_training,
     )

@@ -28,11 +28,10 @@ from typing import Any
 import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
-from transformers.trainer_utils import get_last_checkpoint
 
 from neftune.callback import NEFTuneCallback
 from neftune.config import Config, write_config
-from neftune.errors import ConfigError, DataError, NeftuneError
+from neftune.errors import ConfigError, DataError, NeftuneError, NeftuneError
 
 log = logging.getLogger("neftune")
 
@@ -120,6 +119,25 @@ def load_training_data(cfg: Config, tokenizer: Any) -> tuple[list[dict], list[di
 
 def _reasons(counter: Counter | dict) -> str:
     return ", ".join(f"{n} {reason}" for reason, n in sorted(counter.items(), key=lambda kv: -kv[1]))
+
+
+def last_complete_checkpoint(directory: Path) -> Path | None:
+    """The newest ``checkpoint-N`` whose ``trainer_state.json`` (written last by Trainer) is intact.
+
+    A checkpoint cut short by a kill or a full disk is skipped with a warning, so ``--resume``
+    never loads half a checkpoint.
+    """
+    if not directory.is_dir():
+        return None
+    found = [(int(p.name.split("-")[1]), p) for p in directory.glob("checkpoint-*")
+             if p.is_dir() and p.name.split("-")[1].isdigit()]
+    for _, path in sorted(found, reverse=True):
+        try:
+            json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))
+            return path
+        except (OSError, ValueError):
+            log.warning("skipping incomplete checkpoint %s", path)
+    return None
 
 
 class CountingCollator:
@@ -257,7 +275,7 @@ def run_training(cfg: Config, *, keep_model: bool = False, extra_callbacks: list
         check_output_dir(out)
     resume_from = None
     if cfg.train.resume:
-        resume_from = get_last_checkpoint(str(out / "checkpoints")) if (out / "checkpoints").is_dir() else None
+        resume_from = last_complete_checkpoint(out / "checkpoints")
         if resume_from is None:
             log.warning("--resume: no checkpoint in %s/checkpoints, starting from scratch", out)
         else:
@@ -301,7 +319,12 @@ def run_training(cfg: Config, *, keep_model: bool = False, extra_callbacks: list
 
     started = time.perf_counter()
     try:
-        result = trainer.train(resume_from_checkpoint=resume_from)
+        result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    except OSError as error:  # full disk, quota, read-only file system while writing a checkpoint
+        last = last_complete_checkpoint(out / "checkpoints")
+        kept = (f"the last complete checkpoint {last} is intact; free space and rerun with --resume" if last
+                else "no checkpoint had been completed")
+        raise NeftuneError(f"writing to {out} failed ({error.strerror or error}); {kept}") from error
     finally:
         for cb in callbacks:
             if isinstance(cb, NEFTuneCallback):

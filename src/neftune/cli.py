@@ -74,9 +74,10 @@ def config_from_args(args: argparse.Namespace, cls: type):
 
 def cmd_train(args: argparse.Namespace) -> int:
     from neftune.config import Config
+
+    cfg = config_from_args(args, Config)  # before importing torch: a bad flag fails in a second
     from neftune.train import run_training
 
-    cfg = config_from_args(args, Config)
     result = run_training(cfg)
     if int(os.environ.get("RANK", "0")) == 0:
         m = result.metrics
@@ -116,10 +117,11 @@ COMPARE_FLAGS: list[tuple[str, str, str, str]] = [
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from neftune.compare import run_compare
     from neftune.config import CompareConfig
 
     cfg = config_from_args(args, CompareConfig)
+    from neftune.compare import run_compare
+
     paths = run_compare(cfg)
     print(f"report: {paths['html']}")
     print(f"        {paths['markdown']}")

@@ -271,8 +271,11 @@ def _redact(node: Any, key: str = "") -> Any:
     if isinstance(node, list):
         return [_redact(v, key) for v in node]
     lowered = key.lower()
-    # `*_env` fields hold the *name* of an environment variable, which is not a secret
-    if node and any(m in lowered for m in SECRET_MARKERS) and not lowered.endswith("_env"):
+    # `*_env` fields hold the *name* of an environment variable, which is not a secret; markers are
+    # matched per word (`api_key`, `apikey`, `hf_token`) so that `max_new_tokens` is not a secret
+    words = lowered.replace("-", "_").split("_")
+    secret = any(word.endswith(m) for word in words for m in SECRET_MARKERS)
+    if node and secret and not lowered.endswith("_env"):
         return "***"
     return node
 

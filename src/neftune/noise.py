@@ -92,7 +92,8 @@ def noisy_embeddings(
 ) -> torch.Tensor:
     """Return ``embeddings`` (batch, seq, d) plus NEFTune noise scaled per example.
 
-    The noise is drawn in fp32, added in fp32 and the sum cast back to the embeddings' dtype.  It
+    The noise is drawn in fp32 (fp64 for fp64 inputs), added at that precision and the sum cast
+    back to the embeddings' dtype.  It
     does not require grad, so gradients flow to the embeddings unchanged and autograd keeps no
     extra tensor alive.  ``alpha == 0`` returns ``embeddings`` itself.
     """
@@ -120,13 +121,14 @@ def noisy_embeddings(
     # alpha / sqrt(L * d) per token; 0 on padding (clamp only avoids dividing by zero there).
     scale = torch.where(lengths > 0, alpha / torch.sqrt(lengths.clamp(min=1) * width), 0.0)
 
-    eps = torch.empty(embeddings.shape, device=embeddings.device, dtype=torch.float32)
+    compute = torch.promote_types(embeddings.dtype, torch.float32)  # fp32, or fp64 for fp64 inputs
+    eps = torch.empty(embeddings.shape, device=embeddings.device, dtype=compute)
     if distribution == "uniform":
         eps.uniform_(-1.0, 1.0, generator=generator)
     else:
         eps.normal_(0.0, 1.0, generator=generator)
     # one fused pass: embeddings + eps * scale, in fp32, then back to the embeddings' dtype
-    return torch.addcmul(embeddings.float(), eps, scale.unsqueeze(-1)).to(embeddings.dtype)
+    return torch.addcmul(embeddings.to(compute), eps, scale.to(compute).unsqueeze(-1)).to(embeddings.dtype)
 
 
 def _unsqueeze(t: torch.Tensor | None) -> torch.Tensor | None:

@@ -84,16 +84,30 @@ def bad_record_policy(spec: str, requested: str) -> str:
     return "skip" if spec.startswith("builtin:") else requested
 
 
-def load_training_data(cfg: Config, tokenizer: Any) -> tuple[list[dict], list[dict], dict[str, Any]]:
-    """Load, validate and tokenize training and held-out data; return (train, eval, data report)."""
+def read_training_data(cfg: Config) -> tuple[Any, Any]:
+    """Read and validate training and held-out records (before any model is loaded, so bad data
+    fails in seconds); return the two :class:`~neftune.data.formats.LoadResult` (held-out may be None)."""
     from neftune.data.formats import load_examples
-    from neftune.data.template import encode_examples
 
     train = load_examples(
-        cfg.data.train, fmt=cfg.data.format, split="train", on_bad_record=bad_record_policy(cfg.data.train, cfg.data.on_bad_record),
-        limit=cfg.data.limit, seed=cfg.train.seed,
+        cfg.data.train, fmt=cfg.data.format, split="train",
+        on_bad_record=bad_record_policy(cfg.data.train, cfg.data.on_bad_record), limit=cfg.data.limit, seed=cfg.train.seed,
     )
     log.info(train.summary())
+    held = None
+    eval_spec = resolve_eval_spec(cfg)
+    if eval_spec:
+        held = load_examples(
+            eval_spec, fmt=cfg.data.format, split="test",
+            on_bad_record=bad_record_policy(eval_spec, cfg.data.on_bad_record), limit=cfg.data.eval_limit, seed=cfg.train.seed,
+        )
+    return train, held
+
+
+def tokenize_training_data(cfg: Config, tokenizer: Any, train: Any, held: Any) -> tuple[list[dict], list[dict], dict[str, Any]]:
+    """Tokenize with assistant-only labels; return (train rows, held-out rows, data report)."""
+    from neftune.data.template import encode_examples
+
     train_rows, train_dropped = encode_examples(tokenizer, train.examples, cfg.data.max_length)
     report: dict[str, Any] = {
         "train": cfg.data.train, "train_records": train.total, "train_examples": len(train_rows),
@@ -103,16 +117,10 @@ def load_training_data(cfg: Config, tokenizer: Any) -> tuple[list[dict], list[di
         log.warning("dropped %s", _reasons(train_dropped))
     if not train_rows:
         raise DataError(f"{cfg.data.train}: no example has a trainable response token within max_length={cfg.data.max_length}")
-
     eval_rows: list[dict] = []
-    eval_spec = resolve_eval_spec(cfg)
-    if eval_spec:
-        held = load_examples(
-            eval_spec, fmt=cfg.data.format, split="test", on_bad_record=bad_record_policy(eval_spec, cfg.data.on_bad_record),
-            limit=cfg.data.eval_limit, seed=cfg.train.seed,
-        )
+    if held is not None:
         eval_rows, eval_dropped = encode_examples(tokenizer, held.examples, cfg.data.max_length)
-        report.update({"eval": eval_spec, "eval_examples": len(eval_rows), "eval_skipped": dict(held.skipped),
+        report.update({"eval": held.source, "eval_examples": len(eval_rows), "eval_skipped": dict(held.skipped),
                        "eval_dropped": dict(eval_dropped)})
     return train_rows, eval_rows, report
 
@@ -281,8 +289,9 @@ def run_training(cfg: Config, *, keep_model: bool = False, extra_callbacks: list
         else:
             log.info("resuming from %s", resume_from)
 
+    train_data, held_data = read_training_data(cfg)
     model, tokenizer = build_model(cfg)
-    train_rows, eval_rows, data_report = load_training_data(cfg, tokenizer)
+    train_rows, eval_rows, data_report = tokenize_training_data(cfg, tokenizer, train_data, held_data)
     args = training_arguments(cfg, out, has_eval=bool(eval_rows))
     if args.activation_checkpointing and cfg.model.lora:
         model.enable_input_require_grads()

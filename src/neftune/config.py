@@ -35,6 +35,10 @@ class ModelConfig:
     name: str = _f("smollm2-135m", "hub id, local directory, .gguf file, or alias (smollm2-135m, tiny-random)")
     dtype: str = _f("auto", "auto (fp32 on CPU, bf16 on CUDA), float32, bfloat16 or float16")
     trust_remote_code: bool = _f(False, "allow model code from the hub to run; off unless you trust the repo")
+    attention: str = _f(
+        "auto", "auto (varlen for packed rows on CPU, else the model's default), varlen, sdpa, eager, "
+        "flash_attention_2 or flex_attention"
+    )
     lora: bool = _f(True, "train LoRA adapters (true) or all weights (false)")
     lora_r: int = _f(16, "LoRA rank")
     lora_alpha: int = _f(32, "LoRA scaling alpha (not the NEFTune alpha)")
@@ -102,6 +106,8 @@ class Config:
         _choice("data.format", self.data.format, ("auto", "alpaca", "sharegpt", "messages"))
         _choice("data.on_bad_record", self.data.on_bad_record, ("error", "skip"))
         _choice("model.dtype", self.model.dtype, ("auto", "float32", "bfloat16", "float16"))
+        _choice("model.attention", self.model.attention,
+                ("auto", "varlen", "sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention"))
         for name, value in [
             ("data.max_length", self.data.max_length), ("train.batch_size", self.train.batch_size),
             ("train.grad_accum", self.train.grad_accum), ("train.save_steps", self.train.save_steps),

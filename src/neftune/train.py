@@ -209,6 +209,22 @@ class MetricsCallback(TrainerCallback):
             self.bar = None
 
 
+def choose_attention(cfg: Config) -> str | None:
+    """The attention implementation to train with, or None to keep the model's own.
+
+    ``auto`` picks :mod:`neftune.varlen` for packed rows on CPU, where it is measured faster than
+    SDPA over the whole row (BENCHMARKS.md); on CUDA it keeps the model's default until measured.
+    """
+    choice = cfg.model.attention
+    if choice == "auto":
+        choice = "varlen" if cfg.data.packing and not torch.cuda.is_available() else None
+    if choice == "varlen":
+        from neftune.varlen import register
+
+        return register()
+    return choice
+
+
 def build_model(cfg: Config) -> tuple[Any, Any]:
     """Load model and tokenizer, wrap in LoRA if asked."""
     from neftune.models import default_lora_targets, load_model_and_tokenizer
@@ -216,6 +232,9 @@ def build_model(cfg: Config) -> tuple[Any, Any]:
     model, tokenizer = load_model_and_tokenizer(
         cfg.model.name, dtype=cfg.model.dtype, trust_remote_code=cfg.model.trust_remote_code, for_training=True,
     )
+    attention = choose_attention(cfg)
+    if attention is not None:
+        model.set_attn_implementation(attention)
     if cfg.model.lora:
         from peft import LoraConfig, get_peft_model
         from transformers import set_seed

@@ -73,13 +73,14 @@ import neftune  # noqa: E402
 from neftune.data.template import IGNORE_INDEX  # noqa: E402
 
 RANDOM_LLAMA = "random-llama-1b"
-ARMS = ("a", "b", "c", "d", "e", "ceiling")
+ARMS = ("a", "b", "c", "d", "e", "f", "ceiling")
 ARM_LABELS = {
     "a": "TRL SFTTrainer, padded, built-in NEFTune",
     "b": "TRL SFTTrainer, packing=True (bfd, padding-free), built-in NEFTune",
     "c": "neftune train, packed (padding-free), per-example NEFTune",
     "d": "neftune train --no-packing (padded), per-example NEFTune",
     "e": "neftune train, packed, no NEFTune",
+    "f": "neftune train, packed, per-example NEFTune, transformers' SDPA over the whole row",
     "ceiling": "fixed-shape ceiling: full rows, no mask, no NEFTune",
 }
 
@@ -117,7 +118,7 @@ PRESETS: dict[str, Settings] = {
     ),
     "cpu": Settings(
         preset="cpu", model="smollm2-135m", data="sharegpt", batch_sizes=[8], max_length=1024, warmup=2, steps=4,
-        arms=["a", "b", "c", "d", "e"], gen_prompts=64, gen_max_new_tokens=32, gen_batch_size=16, gen_prompt_max=256,
+        arms=["a", "b", "c", "d", "e", "f"], gen_prompts=64, gen_max_new_tokens=32, gen_batch_size=16, gen_prompt_max=256,
     ),
     "gpu": Settings(
         preset="gpu", model=RANDOM_LLAMA, data="alpaca-like", batch_sizes=[8, 32], max_length=1024, warmup=3, steps=10,
@@ -472,13 +473,26 @@ def make_trainer(arm: str, settings: Settings, batch: int, rows: list[dict], tok
             inner = PaddingCollator(tokenizer.pad_token_id)
         else:
             inner = packing_collator()
+        if arm in ("c", "e"):
+            use_neftune_attention(model)
         counter = TokenCounter(inner)
-        callbacks = [NEFTuneCallback(alpha=settings.alpha, seed=settings.seed)] if arm in ("c", "d") else []
+        callbacks = [NEFTuneCallback(alpha=settings.alpha, seed=settings.seed)] if arm in ("c", "d", "f") else []
         trainer = Trainer(model=model, args=TrainingArguments(**args, remove_unused_columns=False), train_dataset=rows,
                           data_collator=counter, processing_class=tokenizer, callbacks=callbacks)
     trainer.remove_callback(PrinterCallback)
     trainer.remove_callback(ProgressCallback)
     return trainer, counter
+
+
+def use_neftune_attention(model: Any) -> None:
+    """Switch to the attention ``neftune train`` picks for packed rows (``model.attention=auto``)."""
+    from neftune.config import Config, DataConfig
+    from neftune.train import choose_attention
+
+    impl = choose_attention(Config(data=DataConfig(packing=True)))
+    if impl is not None:
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        base.set_attn_implementation(impl)
 
 
 def stack_collator(features: list[dict]) -> dict[str, torch.Tensor]:
@@ -572,7 +586,8 @@ def add_ratios(arms: dict[str, dict[str, Any]]) -> dict[str, float]:
 
     ratios: dict[str, float] = {}
     for name, (num, den) in {"c_over_a": ("c", "a"), "c_over_b": ("c", "b"), "b_over_a": ("b", "a"),
-                             "c_over_d": ("c", "d"), "packed_over_ceiling": ("c", "ceiling")}.items():
+                             "c_over_d": ("c", "d"), "c_over_f": ("c", "f"),
+                             "packed_over_ceiling": ("c", "ceiling")}.items():
         if tps(num) and tps(den):
             ratios[name] = tps(num) / tps(den)
     if tps("c") and tps("e"):
@@ -618,7 +633,8 @@ def markdown(report: dict[str, Any]) -> str:
         ratios = report["ratios"][batch]
         parts = []
         for key, text in (("c_over_a", "(c)/(a)"), ("c_over_b", "(c)/(b)"), ("b_over_a", "(b)/(a)"),
-                          ("c_over_d", "(c)/(d)"), ("packed_over_ceiling", "packed (c)/ceiling")):
+                          ("c_over_d", "(c)/(d)"), ("c_over_f", "(c)/(f) varlen vs SDPA"),
+                          ("packed_over_ceiling", "packed (c)/ceiling")):
             if key in ratios:
                 parts.append(f"{text} = {ratios[key]:.2f}x")
         if "neftune_overhead_pct" in ratios:

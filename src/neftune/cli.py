@@ -138,12 +138,13 @@ def _load_eval_set(spec: str, fmt: str, limit: int | None, on_bad_record: str):
 
 def _answer(args: argparse.Namespace, model, tokenizer, examples) -> list[dict]:
     """Generate AlpacaEval-format answers with the generation flags of ``args``."""
-    from neftune.generate import generate_outputs
+    from neftune.generate import default_repetition_penalty, generate_outputs
 
     return generate_outputs(
         model, tokenizer, examples,
         generator_name=getattr(args, "name", None) or os.path.basename(os.path.normpath(args.model)),
-        dataset_name=args.data, max_new_tokens=args.max_new_tokens, repetition_penalty=args.repetition_penalty,
+        dataset_name=args.data, max_new_tokens=args.max_new_tokens,
+        repetition_penalty=default_repetition_penalty(args.data, args.repetition_penalty),
         batch_size=args.batch_size, progress=not args.no_progress,
     )
 
@@ -233,7 +234,8 @@ def _add_eval_set_args(p: argparse.ArgumentParser) -> None:
 
 def _add_generation_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-new-tokens", type=int, default=256, help="tokens per answer (default 256)")
-    p.add_argument("--repetition-penalty", type=float, default=1.2, help="greedy decoding penalty (default 1.2, the paper's)")
+    p.add_argument("--repetition-penalty", type=float, default=None,
+                   help="greedy decoding penalty (default 1.2, the paper's; 1.0 on builtin:skills, whose exact answers copy the prompt)")
     p.add_argument("--batch-size", type=int, default=16, help="prompts per batch (batches are sorted by length)")
     p.add_argument("--trust-remote-code", action="store_true", help="allow model code from the hub to run")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")

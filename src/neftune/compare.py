@@ -5,7 +5,7 @@
 
 For every seed it trains a baseline (alpha = 0) and one arm per alpha on identical data, data order
 and initialisation; then, with noise off, it measures held-out loss, generates answers to the
-held-out prompts (greedy, repetition penalty 1.2), computes the metrics of :mod:`neftune.evaluate`,
+held-out prompts (greedy, repetition penalty 1.2, or 1.0 on builtin:skills), computes the metrics of :mod:`neftune.evaluate`,
 and judges each arm against its seed's baseline in both orders.  ``report.html`` / ``report.md`` /
 ``results.json`` and plots land in the experiment directory.
 
@@ -62,6 +62,13 @@ def default_max_new_tokens(cfg: CompareConfig) -> int:
     return 64 if cfg.data.train.startswith("builtin:skills") else 256
 
 
+def default_repetition_penalty(cfg: CompareConfig) -> float:
+    """See :func:`neftune.generate.default_repetition_penalty`."""
+    from neftune.generate import default_repetition_penalty as for_data
+
+    return for_data(cfg.data.train, cfg.generate.repetition_penalty)
+
+
 def load_eval_examples(cfg: CompareConfig) -> tuple[str, list]:
     """The held-out prompts every arm answers (and the reference answers when present)."""
     from neftune.data.formats import load_examples
@@ -94,7 +101,7 @@ def run_arm(cfg: CompareConfig, arm: Arm, eval_examples: list, eval_name: str) -
     log.info("%s: held-out loss %.4f (noise off); generating %d answers", arm.name, loss["loss"], len(eval_examples))
     records = generate_outputs(
         model, tokenizer, eval_examples, generator_name=f"{cfg.model.name}-neftune-{arm.name}", dataset_name=eval_name,
-        max_new_tokens=default_max_new_tokens(cfg), repetition_penalty=cfg.generate.repetition_penalty,
+        max_new_tokens=default_max_new_tokens(cfg), repetition_penalty=default_repetition_penalty(cfg),
         batch_size=cfg.generate.batch_size, progress=cfg.train.progress,
     )
     write_outputs(arm.directory / "outputs.json", records)
@@ -265,7 +272,7 @@ def run_compare(cfg: CompareConfig) -> dict[str, Path]:
             "lr": _first_summary(arms).get("learning_rate_used"), "batch_size": cfg.train.batch_size,
             "max_steps": _first_summary(arms).get("max_steps"), "max_length": cfg.data.max_length,
             "packing": cfg.data.packing, "noise": cfg.noise.distribution,
-            "generation": {"greedy": True, "repetition_penalty": cfg.generate.repetition_penalty,
+            "generation": {"greedy": True, "repetition_penalty": default_repetition_penalty(cfg),
                            "max_new_tokens": default_max_new_tokens(cfg)},
             "judge": cfg.judge.backend,
         },

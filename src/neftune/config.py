@@ -305,7 +305,10 @@ def iter_fields(cls: type, prefix: str = ""):
 @dataclass
 class GenerateConfig:
     max_new_tokens: int | None = _f(None, "tokens to generate per answer (default 64 for builtin:skills, else 256)")
-    repetition_penalty: float = _f(1.2, "repetition penalty for greedy decoding (the paper's setting)")
+    repetition_penalty: float | None = _f(
+        None, "greedy decoding penalty (default 1.2, the paper's setting; 1.0 for builtin:skills, whose exact "
+        "answers copy words and digits from the prompt, which the penalty punishes)"
+    )
     batch_size: int = _f(16, "prompts per generation batch (sorted by length)")
 
 
@@ -355,8 +358,9 @@ class CompareConfig:
         if self.generate.max_new_tokens is not None:
             _positive("generate.max_new_tokens", self.generate.max_new_tokens)
         _positive("generate.batch_size", self.generate.batch_size)
-        if not (self.generate.repetition_penalty > 0 and math.isfinite(self.generate.repetition_penalty)):
-            raise ConfigError(f"generate.repetition_penalty must be > 0, got {self.generate.repetition_penalty}")
+        penalty = self.generate.repetition_penalty
+        if penalty is not None and not (penalty > 0 and math.isfinite(penalty)):
+            raise ConfigError(f"generate.repetition_penalty must be > 0, got {penalty}")
         if self.judge.max_pairs is not None:
             _positive("judge.max_pairs", self.judge.max_pairs)
         return self

@@ -57,6 +57,18 @@ REQUIRED_KEYS: tuple[str, ...] = ("instruction", "output", "generator", "dataset
 _END_OF_TURN = "<|im_end|>"
 
 
+def default_repetition_penalty(data_spec: str, requested: float | None = None) -> float:
+    """``requested``, else the paper's 1.2, except 1.0 on ``builtin:skills``.
+
+    The penalty also punishes tokens of the prompt, and the skills' exact answers copy digits and
+    words from it (measured on SmolLM2-135M after the default training: exact match 6% with 1.2,
+    28% with 1.0).
+    """
+    if requested is not None:
+        return requested
+    return 1.0 if data_spec.startswith("builtin:skills") else 1.2
+
+
 def stop_token_ids(tokenizer: Any, model: Any | None = None) -> list[int]:
     """Return the token ids that end a generated answer.
 

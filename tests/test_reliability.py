@@ -160,3 +160,40 @@ def test_no_unsafe_deserialisation_or_remote_code_in_the_package():
             assert "weights_only=True" in call, f"{path}: {call}"
         assert "trust_remote_code=True" not in text, path
     assert load_config(Config).model.trust_remote_code is False
+
+
+def _compare_cmd(output: Path) -> list[str]:
+    return [sys.executable, "-m", "neftune", "compare", "--model", "tiny-random", "--output", str(output),
+            "--max-steps", "30", "--eval-limit", "4", "--max-new-tokens", "4", "--judge", "length", "--no-progress",
+            "data.limit=96", "train.save_steps=3", "train.eval_steps=100", "train.batch_size=4"]
+
+
+def test_compare_killed_mid_arm_resumes_without_retraining_finished_arms(tmp_path, env):
+    reference = tmp_path / "uninterrupted"
+    subprocess.run(_compare_cmd(reference), env=env, check=True, capture_output=True, timeout=300)
+
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(_compare_cmd(killed), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    target = random.choice([3, 6, 9, 12])
+    reached = killed / "arms" / "alpha5" / "checkpoints" / f"checkpoint-{target}" / "trainer_state.json"
+    deadline = time.time() + 240
+    while not reached.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL, f"compare finished before the kill at checkpoint-{target}"
+    finished = killed / "arms" / "alpha0" / "arm.json"
+    assert finished.exists() and not (killed / "arms" / "alpha5" / "arm.json").exists()
+    stamp = finished.stat().st_mtime_ns
+
+    done = subprocess.run(_compare_cmd(killed), env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "alpha=0: already finished" in done.stderr
+    assert re.search(r"resuming from .*alpha5/checkpoints/checkpoint-\d+", done.stderr)
+    assert finished.stat().st_mtime_ns == stamp  # the finished arm was not retrained or rewritten
+    results = json.loads((killed / "results.json").read_text())
+    assert [a["name"] for a in results["arms"]] == ["alpha=0", "alpha=5", "alpha=10"]
+    a = load_file(reference / "arms" / "alpha5" / "model" / "adapter_model.safetensors")
+    b = load_file(killed / "arms" / "alpha5" / "model" / "adapter_model.safetensors")
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=0, atol=1e-6, msg=f"{name} (killed at checkpoint-{target})")

@@ -211,7 +211,7 @@ def judge_arms(cfg: CompareConfig, arms: list[Arm], entries: dict[str, dict]) ->
         result = judge_pairs(records_a, records_b, judge, cache_dir=cache, seed=arm.seed, progress=cfg.train.progress)
         verdict = result.to_dict()
         summary = {k: verdict.get(k) for k in ("win_rate", "ci", "lc_win_rate", "lc_ci", "consistency", "n",
-                                                  "n_failed", "n_ties")}
+                                                  "n_failed", "n_ties", "n_identical")}
         entries[arm.name]["judge"] = {"vs": base.name, "backend": cfg.judge.backend, **summary}
         result.save(arm.directory / "judge.json")
         log.info("%s", result.summary())

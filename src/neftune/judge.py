@@ -16,8 +16,8 @@ shown first, and the judge answers ``A`` (first answer better), ``B`` (second be
 two answers, translated back to "baseline"/"candidate"/"tie", give the pair's score for the
 candidate: 1 if both orders prefer the candidate, 0 if both prefer the baseline, 0.5 otherwise (a tie
 in either order, or the two orders disagreeing -- the signature of position bias).  Position
-consistency is the share of pairs whose two orders agree.  Two identical outputs are scored 0.5
-without asking the judge.
+consistency is the share of *judged* pairs whose two orders agree.  Two identical outputs are scored
+0.5 without asking the judge and are left out of the consistency (they would inflate it).
 
 Backends (:data:`JUDGES`, built by :func:`make_judge`):
 
@@ -785,13 +785,15 @@ class PairVerdict:
     score: float | None = None
     consistent: bool | None = None
     error: str | None = None
+    identical: bool = False
 
 
 @dataclass
 class JudgeResult:
     """Everything :func:`judge_pairs` measured.  Rates are NaN when no pair could be scored.
 
-    ``n`` counts scored pairs, ``n_failed`` pairs left out because a verdict was unavailable;
+    ``n`` counts scored pairs, ``n_failed`` pairs left out because a verdict was unavailable,
+    ``n_identical`` pairs with identical answers (tied without asking, excluded from ``consistency``);
     ``n_wins``/``n_losses``/``n_ties`` split the scored pairs by score 1/0/0.5 (``n_ties`` includes
     pairs whose two orders disagreed).  ``lc`` is the full :func:`length_controlled_win_rate` dict;
     lengths are in characters.
@@ -810,6 +812,7 @@ class JudgeResult:
     lc_ci: tuple[float, float]
     consistency: float
     level: float
+    n_identical: int = 0
     lc: dict[str, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
 
@@ -848,7 +851,8 @@ class JudgeResult:
             f"pairs scored: {self.n} (wins {self.n_wins}, ties/disagreements {self.n_ties}, losses {self.n_losses})",
             f"win rate of B over A: {rate(self.win_rate, self.ci)}",
             f"length-controlled win rate: {rate(self.lc_win_rate, self.lc_ci)}",
-            "position consistency: " + ("n/a" if math.isnan(self.consistency) else f"{100 * self.consistency:.1f}%"),
+            "position consistency: " + ("n/a" if math.isnan(self.consistency) else f"{100 * self.consistency:.1f}%")
+            + f" of {self.n - self.n_identical} judged pairs ({self.n_identical} identical pairs scored as ties unasked)",
         ]
         if self.n_failed:
             lines.append(f"failed pairs: {self.n_failed} (excluded from all rates)")
@@ -933,6 +937,7 @@ def judge_pairs(
         pairs.append(PairVerdict(index=index, instruction=ra["instruction"], len_a=len(out_a), len_b=len(out_b)))
         if out_a == out_b:
             labels[(index, True)] = labels[(index, False)] = "tie"
+            pairs[-1].identical = True
             continue
         reference = ra.get("reference") if ra.get("reference") is not None else rb.get("reference")
         for baseline_first in (True, False):
@@ -973,7 +978,7 @@ def judge_pairs(
     scores: list[float] = []
     len_a: list[int] = []
     len_b: list[int] = []
-    consistent = 0
+    consistent = judged = 0
     for pair in pairs:
         ab = labels.get((pair.index, True))
         ba = labels.get((pair.index, False))
@@ -989,7 +994,9 @@ def judge_pairs(
             pair.score = 0.0
         else:
             pair.score = 0.5
-        consistent += int(pair.consistent)
+        if not pair.identical:
+            consistent += int(pair.consistent)
+            judged += 1
         scores.append(pair.score)
         len_a.append(pair.len_a)
         len_b.append(pair.len_b)
@@ -1015,7 +1022,8 @@ def judge_pairs(
         ci=bootstrap_ci(scores, n_boot=n_boot, seed=seed, level=level),
         lc_win_rate=lc["win_rate"],
         lc_ci=lc["ci"],
-        consistency=consistent / n if n else float("nan"),
+        consistency=consistent / judged if judged else float("nan"),
+        n_identical=sum(p.identical for p in pairs),
         level=level,
         lc=lc,
         notes=notes,

@@ -88,6 +88,7 @@ def run_arm(cfg: CompareConfig, arm: Arm, eval_examples: list, eval_name: str) -
     from neftune.generate import generate_outputs, write_outputs
     from neftune.train import run_training
 
+    started = time.perf_counter()
     train_cfg = cfg.train_config(arm.alpha, arm.seed, output=str(arm.directory))
     # a half-finished arm continues from its last checkpoint
     train_cfg.train.resume = (arm.directory / "checkpoints").is_dir()
@@ -135,6 +136,7 @@ def run_arm(cfg: CompareConfig, arm: Arm, eval_examples: list, eval_name: str) -
             },
         },
         "judge": None,
+        "wall_time_s": time.perf_counter() - started,
     }
     atomic_write_text(arm.directory / ARM_FILE, json.dumps(entry, indent=2))
     return entry
@@ -244,11 +246,13 @@ def run_compare(cfg: CompareConfig) -> dict[str, Path]:
     arms = plan_arms(cfg)
 
     entries: dict[str, dict] = {}
+    reused_time = 0.0  # wall time of arms finished by earlier, interrupted invocations
     for index, arm in enumerate(arms, 1):
         done = arm.directory / ARM_FILE
         if done.exists():
             log.info("[%d/%d] %s: already finished, reusing %s", index, len(arms), arm.name, done)
             entries[arm.name] = json.loads(done.read_text(encoding="utf-8"))
+            reused_time += float(entries[arm.name].get("wall_time_s") or 0.0)
             continue
         log.info("[%d/%d] %s: training (alpha=%g, seed=%d)", index, len(arms), arm.name, arm.alpha, arm.seed)
         entries[arm.name] = run_arm(cfg, arm, eval_examples, eval_name)
@@ -261,7 +265,7 @@ def run_compare(cfg: CompareConfig) -> dict[str, Path]:
     results = {
         "title": f"NEFTune on {cfg.model.name}: alpha in {{0, {', '.join(f'{a:g}' for a in cfg.compare.alphas)}}}",
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "wall_time_s": time.perf_counter() - started,
+        "wall_time_s": time.perf_counter() - started + reused_time,
         "model": model_info,
         "data": {"train": cfg.data.train, "eval": eval_name, "n_train": _first_summary(arms).get("train_examples"),
                  "n_eval": len(eval_examples)},

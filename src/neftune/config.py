@@ -329,13 +329,12 @@ class CompareSection:
 
 
 @dataclass
-class CompareConfig:
-    """Everything ``neftune compare`` needs: the shared training setup plus the experiment grid."""
+class CompareConfig(Config):
+    """Everything ``neftune compare`` needs: the shared training setup plus the experiment grid.
 
-    model: ModelConfig = field(default_factory=ModelConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    noise: NoiseConfig = field(default_factory=NoiseConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
+    ``noise.alpha`` is ignored (the arms' alphas are ``compare.alphas`` and the 0 baseline).
+    """
+
     generate: GenerateConfig = field(default_factory=GenerateConfig)
     judge: JudgeConfig = field(default_factory=JudgeConfig)
     compare: CompareSection = field(default_factory=CompareSection)

@@ -47,7 +47,7 @@ def add_config_flags(parser: argparse.ArgumentParser, flags: list[tuple[str, str
     from neftune.config import iter_fields
 
     parser.add_argument("--config", metavar="FILE.yaml", help="YAML config file (sections as in the list below)")
-    parser.usage = f"%(prog)s [options] [key=value ...]"
+    parser.usage = "%(prog)s [options] [key=value ...]"
     for flag, key, help_text, kind in flags:
         if kind == "value":
             parser.add_argument(flag, dest=f"set:{key}", metavar="X", help=help_text)
@@ -76,10 +76,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     from neftune.config import Config
 
     cfg = config_from_args(args, Config)  # before importing torch: a bad flag fails in a second
-    from neftune.train import run_training
+    from neftune.train import is_main_process, run_training
 
     result = run_training(cfg)
-    if int(os.environ.get("RANK", "0")) == 0:
+    if is_main_process():
         m = result.metrics
         line = f"done: {m.get('real_tokens', 0):,} tokens at {m.get('tokens_per_s', 0):.0f} tokens/s in {m.get('train_time_s', 0):.0f}s"
         if "heldout_loss" in m:
@@ -200,24 +200,17 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def cmd_judge(args: argparse.Namespace) -> int:
     from neftune.generate import read_outputs
-    from neftune.judge import judge_pairs, make_judge
+    from neftune.judge import build_judge, judge_pairs
 
     a, b = read_outputs(args.baseline), read_outputs(args.candidate)
     if args.limit:
         a, b = a[: args.limit], b[: args.limit]
-    if args.backend == "http":
-        if not (args.base_url and args.judge_model):
-            raise NeftuneError("--backend http needs --base-url and --judge-model")
-        judge = make_judge("http", base_url=args.base_url, model=args.judge_model, api_key_env=args.api_key_env)
-    elif args.backend == "local":
-        if not args.judge_model:
-            raise NeftuneError("--backend local needs --judge-model (a model directory, alias or hub id)")
-        from neftune.models import load_model_and_tokenizer
-
-        model, tokenizer = load_model_and_tokenizer(args.judge_model, for_training=False)
-        judge = make_judge("local", model=model, tokenizer=tokenizer)
-    else:
-        judge = make_judge(args.backend)
+    if args.backend == "http" and not (args.base_url and args.judge_model):
+        raise NeftuneError("--backend http needs --base-url and --judge-model")
+    if args.backend == "local" and not args.judge_model:
+        raise NeftuneError("--backend local needs --judge-model (a model directory, alias or hub id)")
+    judge = build_judge(args.backend, model=args.judge_model or "", base_url=args.base_url or "",
+                        api_key_env=args.api_key_env)
     result = judge_pairs(a, b, judge, cache_dir=args.cache, seed=args.seed, progress=not args.no_progress)
     if args.output:
         result.save(args.output)

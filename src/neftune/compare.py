@@ -109,6 +109,7 @@ def run_arm(cfg: CompareConfig, arm: Arm, eval_examples: list, eval_name: str) -
     metrics = evaluate_outputs(records, eval_examples, tokenizer)
     del model, result
     gc.collect()
+    summary = _summary(arm.directory)
 
     em = metrics.get("exact_match")
     rouge = metrics.get("rouge_l")
@@ -117,8 +118,8 @@ def run_arm(cfg: CompareConfig, arm: Arm, eval_examples: list, eval_name: str) -
         "train": {
             "loss_curve": [list(p) for p in _curve(arm.directory, "loss")],
             "heldout_curve": [list(p) for p in _curve(arm.directory, "eval_loss")],
-            "train_time_s": _summary(arm.directory).get("train_time_s"),
-            "tokens_per_s": _summary(arm.directory).get("tokens_per_s"),
+            "train_time_s": summary.get("train_time_s"),
+            "tokens_per_s": summary.get("tokens_per_s"),
         },
         "eval": {
             "heldout_loss": loss["loss"], "perplexity": loss["perplexity"],
@@ -172,34 +173,17 @@ def _as_ints(flags: list | None) -> list | None:
     return None if flags is None else [None if f is None else int(bool(f)) for f in flags]
 
 
-def build_judge(cfg: CompareConfig) -> Any:
-    """The judge backend named in the config, or None."""
-    from neftune.judge import make_judge
-
-    backend = cfg.judge.backend
-    if backend == "none":
-        return None
-    if backend == "http":
-        return make_judge("http", base_url=cfg.judge.base_url, model=cfg.judge.model, api_key_env=cfg.judge.api_key_env)
-    if backend == "local":
-        from neftune.models import load_model_and_tokenizer
-
-        model, tokenizer = load_model_and_tokenizer(cfg.judge.model or cfg.model.name, for_training=False,
-                                                    trust_remote_code=cfg.model.trust_remote_code)
-        return make_judge("local", model=model, tokenizer=tokenizer)
-    return make_judge(backend)
-
-
 def judge_arms(cfg: CompareConfig, arms: list[Arm], entries: dict[str, dict]) -> None:
     """Judge every NEFTune arm against the baseline of its seed; fill ``entry['judge']``."""
     from neftune.generate import read_outputs
-    from neftune.judge import judge_pairs
+    from neftune.judge import build_judge, judge_pairs
 
     pairs = [(a, next(b for b in arms if b.seed == a.seed and b.alpha == 0.0)) for a in arms if a.alpha > 0]
     pairs = [(a, b) for a, b in pairs if a.name in entries and b.name in entries]
     if not pairs:
         return
-    judge = build_judge(cfg)
+    judge = build_judge(cfg.judge.backend, model=cfg.judge.model or cfg.model.name, base_url=cfg.judge.base_url,
+                        api_key_env=cfg.judge.api_key_env, trust_remote_code=cfg.model.trust_remote_code)
     if judge is None:
         return
     cache = Path(cfg.compare.output) / "judge-cache"
@@ -234,7 +218,6 @@ def versions() -> dict[str, str]:
 
 def run_compare(cfg: CompareConfig) -> dict[str, Path]:
     """Run the whole experiment described by ``cfg``; return the report's file paths."""
-    from neftune.models import describe_model, load_model_and_tokenizer
     from neftune.report import write_report
 
     cfg.validate()
@@ -258,23 +241,20 @@ def run_compare(cfg: CompareConfig) -> dict[str, Path]:
         entries[arm.name] = run_arm(cfg, arm, eval_examples, eval_name)
     judge_arms(cfg, arms, entries)
 
-    base_model, _ = load_model_and_tokenizer(cfg.model.name, for_training=False,
-                                             trust_remote_code=cfg.model.trust_remote_code)
-    model_info = {"spec": cfg.model.name, **describe_model(base_model)}
-    del base_model
+    baseline = _summary(arms[0].directory)  # model description and resolved settings of the run
     results = {
         "title": f"NEFTune on {cfg.model.name}: alpha in {{0, {', '.join(f'{a:g}' for a in cfg.compare.alphas)}}}",
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "wall_time_s": time.perf_counter() - started + reused_time,
-        "model": model_info,
-        "data": {"train": cfg.data.train, "eval": eval_name, "n_train": _first_summary(arms).get("train_examples"),
+        "model": {"spec": cfg.model.name, **baseline.get("model", {})},
+        "data": {"train": cfg.data.train, "eval": eval_name, "n_train": baseline.get("train_examples"),
                  "n_eval": len(eval_examples)},
         "seeds": list(cfg.compare.seeds),
         "versions": versions(),
         "settings": {
             "lora": cfg.model.lora, "lora_r": cfg.model.lora_r if cfg.model.lora else None,
-            "lr": _first_summary(arms).get("learning_rate_used"), "batch_size": cfg.train.batch_size,
-            "max_steps": _first_summary(arms).get("max_steps"), "max_length": cfg.data.max_length,
+            "lr": baseline.get("learning_rate_used"), "batch_size": cfg.train.batch_size,
+            "max_steps": baseline.get("max_steps"), "max_length": cfg.data.max_length,
             "packing": cfg.data.packing, "noise": cfg.noise.distribution,
             "generation": {"greedy": True, "repetition_penalty": default_repetition_penalty(cfg),
                            "max_new_tokens": default_max_new_tokens(cfg)},
@@ -285,10 +265,6 @@ def run_compare(cfg: CompareConfig) -> dict[str, Path]:
         "examples": _examples(arms, entries),
     }
     return write_report(results, out)
-
-
-def _first_summary(arms: list[Arm]) -> dict[str, Any]:
-    return _summary(arms[0].directory)
 
 
 def _examples(arms: list[Arm], entries: dict[str, dict], n: int = 6) -> list[dict[str, Any]]:

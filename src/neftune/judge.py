@@ -552,6 +552,27 @@ def make_judge(name: str, **options: Any) -> Judge:
         raise ConfigError(f"judge {name!r}: {exc}") from None
 
 
+def build_judge(
+    backend: str, *, model: str = "", base_url: str = "", api_key_env: str = "OPENAI_API_KEY",
+    trust_remote_code: bool = False,
+) -> Judge | None:
+    """The judge for a backend name and its settings (``"none"`` gives None).
+
+    ``local`` loads ``model`` (a directory, alias or hub id) through :mod:`neftune.models`; ``http``
+    takes ``model`` as the endpoint's model name.
+    """
+    if backend == "none":
+        return None
+    if backend == "http":
+        return make_judge("http", base_url=base_url, model=model, api_key_env=api_key_env)
+    if backend == "local":
+        from neftune.models import load_model_and_tokenizer
+
+        loaded, tokenizer = load_model_and_tokenizer(model, for_training=False, trust_remote_code=trust_remote_code)
+        return make_judge("local", model=loaded, tokenizer=tokenizer)
+    return make_judge(backend)
+
+
 # --------------------------------------------------------------------------------------------------
 # Statistics
 # --------------------------------------------------------------------------------------------------

@@ -20,7 +20,6 @@ import os
 import shutil
 import time
 import uuid
-from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,7 +30,7 @@ from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 from neftune.callback import NEFTuneCallback
 from neftune.config import Config, write_config
-from neftune.errors import ConfigError, DataError, NeftuneError, NeftuneError
+from neftune.errors import ConfigError, DataError, NeftuneError
 
 log = logging.getLogger("neftune")
 
@@ -54,7 +53,9 @@ class TrainResult:
 
 def is_main_process() -> bool:
     """True on the process that writes files (rank 0, or the only process)."""
-    return int(os.environ.get("RANK", "0")) == 0
+    from neftune.attach import distributed_rank
+
+    return distributed_rank() == 0
 
 
 def check_output_dir(path: Path) -> None:
@@ -106,6 +107,7 @@ def read_training_data(cfg: Config) -> tuple[Any, Any]:
 
 def tokenize_training_data(cfg: Config, tokenizer: Any, train: Any, held: Any) -> tuple[list[dict], list[dict], dict[str, Any]]:
     """Tokenize with assistant-only labels; return (train rows, held-out rows, data report)."""
+    from neftune.data.formats import describe_counts
     from neftune.data.template import encode_examples
 
     train_rows, train_dropped = encode_examples(tokenizer, train.examples, cfg.data.max_length)
@@ -114,7 +116,7 @@ def tokenize_training_data(cfg: Config, tokenizer: Any, train: Any, held: Any) -
         "train_skipped": dict(train.skipped), "train_dropped": dict(train_dropped),
     }
     if train_dropped:
-        log.warning("dropped %s", _reasons(train_dropped))
+        log.warning("dropped %s", describe_counts(train_dropped))
     if not train_rows:
         raise DataError(f"{cfg.data.train}: no example has a trainable response token within max_length={cfg.data.max_length}")
     eval_rows: list[dict] = []
@@ -123,10 +125,6 @@ def tokenize_training_data(cfg: Config, tokenizer: Any, train: Any, held: Any) -
         report.update({"eval": held.source, "eval_examples": len(eval_rows), "eval_skipped": dict(held.skipped),
                        "eval_dropped": dict(eval_dropped)})
     return train_rows, eval_rows, report
-
-
-def _reasons(counter: Counter | dict) -> str:
-    return ", ".join(f"{n} {reason}" for reason, n in sorted(counter.items(), key=lambda kv: -kv[1]))
 
 
 def last_complete_checkpoint(directory: Path) -> Path | None:

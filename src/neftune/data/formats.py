@@ -112,7 +112,7 @@ class LoadResult:
         """
         line = f"loaded {len(self.examples)} of {self.total} records from {self.source}"
         if self.skipped:
-            line += " (skipped: " + _count_list(self.skipped) + ")"
+            line += " (skipped: " + describe_counts(self.skipped) + ")"
         return line
 
 
@@ -432,7 +432,7 @@ def _collect(
         fixes = ", ".join(f"{reason} in {n} records" for reason, n in repairs.most_common())
         notes.append(f"{label}: {fixes}")
     if not examples:
-        why = f" (skipped: {_count_list(skipped)})" if skipped else ""
+        why = f" (skipped: {describe_counts(skipped)})" if skipped else ""
         raise DataError(f"{label}: no usable records{why}")
     return LoadResult(examples, total, skipped, label, notes)
 
@@ -575,5 +575,6 @@ def _messages(record: dict[str, Any], require_response: bool, repairs: Counter[s
 _NORMALIZERS = {"alpaca": _alpaca, "sharegpt": _sharegpt, "messages": _messages}
 
 
-def _count_list(counts: Counter[str]) -> str:
+def describe_counts(counts: Counter[str]) -> str:
+    """``Counter({"empty response": 3, "unknown role": 1})`` -> ``"3 empty response, 1 unknown role"``."""
     return ", ".join(f"{n} {reason}" for reason, n in counts.most_common())

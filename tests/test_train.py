@@ -24,7 +24,8 @@ from neftune.data.collate import PaddingCollator, packing_collator
 from neftune.data.formats import Example
 from neftune.data.template import IGNORE_INDEX, encode_examples
 from neftune.models import resolve_model
-from neftune.train import EMBEDDED_DEFAULT_STEPS, atomic_save, run_training, training_arguments
+from neftune.io import atomic_save_dir
+from neftune.train import EMBEDDED_DEFAULT_STEPS, run_training, training_arguments
 from tests.helpers import record_noise
 
 OFFLINE = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
@@ -400,12 +401,12 @@ def test_atomic_save_keeps_the_previous_directory_when_writing_fails(tmp_path):
     target = tmp_path / "model"
     before = _previous_model(target)
     with pytest.raises(OSError) as caught:
-        atomic_save(target, _disk_full)
+        atomic_save_dir(target, _disk_full)
     assert caught.value.errno == errno.ENOSPC
     assert _contents(target) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
 
-    atomic_save(target, lambda tmp: (tmp / "model.safetensors").write_bytes(b"new"))
+    atomic_save_dir(target, lambda tmp: (tmp / "model.safetensors").write_bytes(b"new"))
     assert _contents(target) == {"model.safetensors": b"new"}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
 
@@ -424,7 +425,7 @@ def test_atomic_save_restores_the_previous_directory_when_the_swap_fails(tmp_pat
 
     monkeypatch.setattr(os, "replace", replace)
     with pytest.raises(OSError):
-        atomic_save(target, lambda tmp: (tmp / "model.safetensors").write_bytes(b"new"))
+        atomic_save_dir(target, lambda tmp: (tmp / "model.safetensors").write_bytes(b"new"))
     assert calls[0][0] == "model"  # the failure really happened after the previous model was moved
     monkeypatch.setattr(os, "replace", real_replace)
     assert _contents(target) == before

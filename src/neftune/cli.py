@@ -189,9 +189,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     report["outputs"] = evaluate_outputs(records, examples, tokenizer)
     text = json.dumps(report, indent=2, default=str)
     if args.output:
-        from neftune.train import atomic_write_text
+        from neftune.io import atomic_write_text
 
-        atomic_write_text(__import__("pathlib").Path(args.output), text)
+        atomic_write_text(args.output, text)
         print(f"metrics written to {args.output}")
     else:
         print(text)

@@ -27,7 +27,8 @@ from typing import Any
 
 from neftune.config import CompareConfig, write_config
 from neftune.errors import NeftuneError
-from neftune.train import atomic_write_text, bad_record_policy, check_output_dir, resolve_eval_spec
+from neftune.io import atomic_write_text, check_output_dir
+from neftune.train import bad_record_policy, resolve_eval_spec
 
 log = logging.getLogger("neftune")
 

@@ -26,7 +26,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -34,6 +33,7 @@ from typing import Any
 import torch
 
 from neftune.errors import DataError
+from neftune.io import atomic_write_json
 
 logger = logging.getLogger(__name__)
 
@@ -361,18 +361,9 @@ def write_outputs(path: str | os.PathLike[str], records: Iterable[Mapping[str, A
     """
     path = Path(path)
     data = _validate_records([dict(r) for r in records], str(path))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # Write to a sibling temp file then rename, so an interrupted run never leaves half a file that
-    # a later `judge` would read as a shorter outputs list.
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            json.dump(data, handle, ensure_ascii=False, indent=2)
-            handle.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    # Atomic: an interrupted run never leaves half a file that a later `judge` would read as a
+    # shorter outputs list.
+    atomic_write_json(path, data)
     return path
 
 

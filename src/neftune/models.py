@@ -29,7 +29,6 @@ Every failure caused by the spec (no such path, no config, no tokenizer, hub unr
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import importlib.util
 import json
@@ -39,7 +38,7 @@ import re
 import shutil
 import time
 import uuid
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +46,7 @@ import torch
 from torch import nn
 
 from neftune.errors import ConfigError, ModelError
+from neftune.io import file_lock
 from neftune.tiny import save_tiny
 
 logger = logging.getLogger(__name__)
@@ -496,73 +496,40 @@ def _cached_entry(name: str, build: Callable[[Path], object], source: str) -> Pa
         raise ModelError(
             f"cannot create the model cache {root}: {_one_line(error)} (set NEFTUNE_CACHE to a writable directory)"
         ) from error
-    with _file_lock(root / f".{name}.lock") as exclusive:
-        if (final / MANIFEST).is_file():
-            return final
-        if exclusive:
-            # Holding the lock, nobody else is writing this entry: whatever is here is debris
-            # from a killed process.
+    try:
+        with file_lock(root / f".{name}.lock"):
+            if (final / MANIFEST).is_file():
+                return final
+            # Holding the lock, nobody else is writing this entry: whatever is here is debris from a
+            # killed process.
             shutil.rmtree(final, ignore_errors=True)
             for stale in root.glob(f".tmp-{name}-*"):
                 shutil.rmtree(stale, ignore_errors=True)
-        logger.info("building model cache entry %s from %s (once)", final, source)
-        started = time.perf_counter()
-        # mkdir rather than mkdtemp: the entry should get the umask's permissions, not 0700, so a
-        # cache shared through NEFTUNE_CACHE stays readable by the group.
-        tmp = root / f".tmp-{name}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        try:
-            tmp.mkdir()
-            build(tmp)
-            manifest = {
-                "format": CACHE_FORMAT,
-                "source": source,
-                "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                "seconds": round(time.perf_counter() - started, 2),
-            }
-            (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+            logger.info("building model cache entry %s from %s (once)", final, source)
+            started = time.perf_counter()
+            # mkdir rather than mkdtemp: the entry should get the umask's permissions, not 0700, so a
+            # cache shared through NEFTUNE_CACHE stays readable by the group.
+            tmp = root / f".tmp-{name}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
             try:
+                tmp.mkdir()
+                build(tmp)
+                manifest = {
+                    "format": CACHE_FORMAT,
+                    "source": source,
+                    "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                    "seconds": round(time.perf_counter() - started, 2),
+                }
+                (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
                 os.rename(tmp, final)
-            except OSError:
-                # Without a lock another process may have renamed its copy first; theirs wins.
-                if not (final / MANIFEST).is_file():
-                    raise
+            except OSError as error:
                 shutil.rmtree(tmp, ignore_errors=True)
-        except OSError as error:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise ModelError(f"cannot write the model cache entry {final}: {_one_line(error)}") from error
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+                raise ModelError(f"cannot write the model cache entry {final}: {_one_line(error)}") from error
+            except BaseException:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
+    except OSError as error:  # the lock file itself; the steps inside raise ModelError
+        raise ModelError(f"cannot lock the model cache entry {final}: {_one_line(error)}") from error
     return final
-
-
-@contextlib.contextmanager
-def _file_lock(path: Path) -> Iterator[bool]:
-    """Hold an exclusive advisory lock on ``path``; yields whether a lock is actually held.
-
-    POSIX ``flock``; elsewhere, or where the filesystem refuses it, no lock is taken and the rename
-    in :func:`_cached_entry` decides.
-    """
-    try:
-        import fcntl
-    except ImportError:  # pragma: no cover - Windows
-        yield False
-        return
-    try:
-        handle = open(path, "a+b")  # noqa: SIM115 - closed below, after the lock is released
-    except OSError as error:
-        raise ModelError(f"cannot write to the model cache {path.parent}: {_one_line(error)}") from error
-    with handle:
-        try:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
-        except OSError:
-            # Some network filesystems refuse flock; fall back to the rename deciding.
-            yield False
-            return
-        try:
-            yield True
-        finally:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
 
 
 def _check_model_dir(directory: Path) -> bool:

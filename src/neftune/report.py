@@ -55,9 +55,7 @@ import html
 import io
 import json
 import math
-import os
 import re
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -69,7 +67,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from neftune.errors import DataError
-from neftune.judge import bootstrap_ci
+from neftune.io import atomic_write_bytes, atomic_write_text
+from neftune.stats import bootstrap_ci
 
 __all__ = ["LOW_CONSISTENCY", "PLOT_NAMES", "compute_effects", "write_report"]
 
@@ -1367,20 +1366,6 @@ def _render_markdown(doc: Document) -> str:
 # --------------------------------------------------------------------------------------------
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temp file and rename, so readers never see a partial file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; a report is meant to be shared
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-
-
 def _jsonable(obj: Any) -> Any:
     """``obj`` as strict JSON values: NaN/inf become null, numpy scalars and paths plain values."""
     if isinstance(obj, Mapping):
@@ -1431,7 +1416,7 @@ def write_report(
                 path.unlink()
             continue
         pngs[name] = _png(fig)
-        _atomic_write(path, pngs[name])
+        atomic_write_bytes(path, pngs[name])
         paths[name] = path
 
     doc = _build_document(analysis, pngs)
@@ -1440,6 +1425,6 @@ def write_report(
                                 ("markdown", "report.md", _render_markdown(doc)),
                                 ("html", "report.html", _render_html(doc))):
         path = out_dir / filename
-        _atomic_write(path, text.encode("utf-8"))
+        atomic_write_text(path, text)
         paths[key] = path
     return {k: paths[k] for k in ("results", "markdown", "html", *PLOT_NAMES) if k in paths}

@@ -16,10 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
-import shutil
 import time
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,6 +28,7 @@ from transformers.trainer_callback import PrinterCallback, ProgressCallback
 from neftune.callback import NEFTuneCallback
 from neftune.config import Config, write_config
 from neftune.errors import ConfigError, DataError, NeftuneError
+from neftune.io import atomic_save_dir, atomic_write_text, check_output_dir
 
 log = logging.getLogger("neftune")
 
@@ -56,19 +54,6 @@ def is_main_process() -> bool:
     from neftune.attach import distributed_rank
 
     return distributed_rank() == 0
-
-
-def check_output_dir(path: Path) -> None:
-    """Fail before any training if ``path`` cannot be created or written."""
-    if path.exists() and not path.is_dir():
-        raise ConfigError(f"output {path} exists and is a file, not a directory")
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        probe = path / f".write-test-{uuid.uuid4().hex}"
-        probe.write_text("ok")
-        probe.unlink()
-    except OSError as e:
-        raise ConfigError(f"output directory {path} is not writable ({e.strerror or e})") from None
 
 
 def resolve_eval_spec(cfg: Config) -> str | None:
@@ -390,7 +375,7 @@ def run_training(cfg: Config, *, keep_model: bool = False, extra_callbacks: list
 def _save_model(target: Path, model: Any, tokenizer: Any) -> None:
     """Atomically write model + tokenizer to ``target``; a full disk etc. becomes a one-line error."""
     try:
-        atomic_save(target, lambda tmp: _save(model, tokenizer, tmp))
+        atomic_save_dir(target, lambda tmp: _save(model, tokenizer, tmp))
     except OSError as e:
         raise NeftuneError(f"could not write the model to {target}: {e.strerror or e}") from e
 
@@ -398,35 +383,3 @@ def _save_model(target: Path, model: Any, tokenizer: Any) -> None:
 def _save(model: Any, tokenizer: Any, directory: Path) -> None:
     model.save_pretrained(directory, safe_serialization=True)
     tokenizer.save_pretrained(directory)
-
-
-def atomic_save(target: Path, write: Any) -> None:
-    """Write a directory via ``write(tmp_dir)`` next to ``target``, then swap it into place.
-
-    A crash or a full disk during ``write`` leaves any previous ``target`` untouched and removes the
-    partial temporary directory.
-    """
-    tmp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"
-    old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
-    try:
-        tmp.mkdir(parents=True)
-        write(tmp)
-        if target.exists():
-            os.replace(target, old)
-        os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if old.exists() and not target.exists():
-            os.replace(old, target)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write a text file through a temporary file and ``os.replace``."""
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)

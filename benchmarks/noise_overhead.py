@@ -26,8 +26,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-import neftune  # noqa: E402
-from neftune.tiny import build_tiny_model  # noqa: E402
+import neftune
+from neftune.tiny import build_tiny_model
 
 
 def _sync(device: str) -> None:
@@ -58,8 +58,13 @@ def bench_op(device: str, dtype: torch.dtype, batch: int, seq: int, width: int, 
     copy = _median_time(lambda: x.clone(), device, repeats)
     padded = _median_time(lambda: neftune.noisy_embeddings(x, 5.0, attention_mask=mask, generator=gen), device, repeats)
     packed = _median_time(lambda: neftune.noisy_embeddings(flat, 5.0, position_ids=pos, generator=gen), device, repeats)
-    return {"shape": [batch, seq, width], "dtype": str(dtype), "copy_ms": copy * 1e3,
-            "noise_padded_ms": padded * 1e3, "noise_packed_ms": packed * 1e3}
+    return {
+        "shape": [batch, seq, width],
+        "dtype": str(dtype),
+        "copy_ms": copy * 1e3,
+        "noise_padded_ms": padded * 1e3,
+        "noise_packed_ms": packed * 1e3,
+    }
 
 
 def _packed_batch(device: str, n_examples: int, vocab: int, seed: int = 0):
@@ -108,9 +113,18 @@ def bench_step(device: str, dtype: torch.dtype, width: int, layers: int, n_examp
         handle.remove()
     p, n, h = statistics.median(plain), statistics.median(noisy), statistics.median(in_hooks)
     spread = (statistics.quantiles(plain, n=4)[2] - statistics.quantiles(plain, n=4)[0]) / p * 100
-    return {"width": width, "layers": layers, "tokens": int(batch["input_ids"].shape[1]), "dtype": str(dtype),
-            "step_ms_plain": p * 1e3, "step_ms_neftune": n * 1e3, "step_diff_pct": (n - p) / p * 100,
-            "plain_iqr_pct": spread, "hook_ms": h * 1e3, "overhead_pct": h / p * 100}
+    return {
+        "width": width,
+        "layers": layers,
+        "tokens": int(batch["input_ids"].shape[1]),
+        "dtype": str(dtype),
+        "step_ms_plain": p * 1e3,
+        "step_ms_neftune": n * 1e3,
+        "step_diff_pct": (n - p) / p * 100,
+        "plain_iqr_pct": spread,
+        "hook_ms": h * 1e3,
+        "overhead_pct": h / p * 100,
+    }
 
 
 def _time_hooks(handle, device: str) -> list[float]:
@@ -151,7 +165,7 @@ def saved_bytes(device: str, with_noise: bool) -> int:
 
     handle = neftune.attach(model, alpha=5.0) if with_noise else None
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        model(**batch).loss
+        model(**batch)
     if handle:
         handle.remove()
     return total
@@ -165,10 +179,14 @@ def main() -> None:
 
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     results: dict = {
-        "date": time.strftime("%Y-%m-%d"), "python": platform.python_version(), "torch": torch.__version__,
+        "date": time.strftime("%Y-%m-%d"),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
         "machine": f"{platform.machine()}, {torch.get_num_threads()} threads"
         + (f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""),
-        "op": [], "step": [], "saved_bytes": {},
+        "op": [],
+        "step": [],
+        "saved_bytes": {},
     }
     for device in devices:
         if device == "cpu":
@@ -183,13 +201,17 @@ def main() -> None:
     print("| device | op shape | dtype | copy ms | noise (padded) ms | noise (packed) ms |")
     print("|---|---|---|---|---|---|")
     for r in results["op"]:
-        print(f"| {r['device']} | {r['shape']} | {r['dtype']} | {r['copy_ms']:.2f} | {r['noise_padded_ms']:.2f} | {r['noise_packed_ms']:.2f} |")
+        print(
+            f"| {r['device']} | {r['shape']} | {r['dtype']} | {r['copy_ms']:.2f} | {r['noise_padded_ms']:.2f} | {r['noise_packed_ms']:.2f} |"
+        )
     print("\n| device | model | tokens/step | step ms (plain) | step ms (NEFTune) | time in NEFTune hooks | overhead |")
     print("|---|---|---|---|---|---|---|")
     for r in results["step"]:
-        print(f"| {r['device']} | Llama {r['layers']}x{r['width']} {r['dtype']} | {r['tokens']} | {r['step_ms_plain']:.1f} "
-              f"(IQR {r['plain_iqr_pct']:.1f}%) | {r['step_ms_neftune']:.1f} ({r['step_diff_pct']:+.1f}%) "
-              f"| {r['hook_ms']:.2f} ms | {r['overhead_pct']:.2f}% |")
+        print(
+            f"| {r['device']} | Llama {r['layers']}x{r['width']} {r['dtype']} | {r['tokens']} | {r['step_ms_plain']:.1f} "
+            f"(IQR {r['plain_iqr_pct']:.1f}%) | {r['step_ms_neftune']:.1f} ({r['step_diff_pct']:+.1f}%) "
+            f"| {r['hook_ms']:.2f} ms | {r['overhead_pct']:.2f}% |"
+        )
     print("\nbytes saved for backward:", json.dumps(results["saved_bytes"]))
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))

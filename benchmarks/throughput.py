@@ -44,6 +44,7 @@ machine, versions and settings.  Run on an otherwise idle machine.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
 import dataclasses
 import gc
@@ -69,8 +70,8 @@ from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-import neftune  # noqa: E402
-from neftune.data.template import IGNORE_INDEX  # noqa: E402
+import neftune
+from neftune.data.template import IGNORE_INDEX
 
 RANDOM_LLAMA = "random-llama-1b"
 ARMS = ("a", "b", "c", "d", "e", "f", "ceiling")
@@ -113,16 +114,47 @@ class Settings:
 
 PRESETS: dict[str, Settings] = {
     "smoke": Settings(
-        preset="smoke", model="tiny-random", data="alpaca-like", batch_sizes=[4], max_length=256, warmup=1, steps=2,
-        arms=list(ARMS), ceiling_length=256, gen_prompts=16, gen_max_new_tokens=8, gen_batch_size=4, gen_prompt_max=64,
+        preset="smoke",
+        model="tiny-random",
+        data="alpaca-like",
+        batch_sizes=[4],
+        max_length=256,
+        warmup=1,
+        steps=2,
+        arms=list(ARMS),
+        ceiling_length=256,
+        gen_prompts=16,
+        gen_max_new_tokens=8,
+        gen_batch_size=4,
+        gen_prompt_max=64,
     ),
     "cpu": Settings(
-        preset="cpu", model="smollm2-135m", data="sharegpt", batch_sizes=[8], max_length=1024, warmup=2, steps=4,
-        arms=["a", "b", "c", "d", "e", "f"], gen_prompts=64, gen_max_new_tokens=32, gen_batch_size=16, gen_prompt_max=256,
+        preset="cpu",
+        model="smollm2-135m",
+        data="sharegpt",
+        batch_sizes=[8],
+        max_length=1024,
+        warmup=2,
+        steps=4,
+        arms=["a", "b", "c", "d", "e", "f"],
+        gen_prompts=64,
+        gen_max_new_tokens=32,
+        gen_batch_size=16,
+        gen_prompt_max=256,
     ),
     "gpu": Settings(
-        preset="gpu", model=RANDOM_LLAMA, data="alpaca-like", batch_sizes=[8, 32], max_length=1024, warmup=3, steps=10,
-        arms=list(ARMS), ceiling_length=2048, gen_prompts=64, gen_max_new_tokens=128, gen_batch_size=16,
+        preset="gpu",
+        model=RANDOM_LLAMA,
+        data="alpaca-like",
+        batch_sizes=[8, 32],
+        max_length=1024,
+        warmup=3,
+        steps=10,
+        arms=list(ARMS),
+        ceiling_length=2048,
+        gen_prompts=64,
+        gen_max_new_tokens=128,
+        gen_batch_size=16,
         gen_prompt_max=1024,
     ),
 }
@@ -217,10 +249,8 @@ def release_memory() -> None:
     if cuda():
         torch.cuda.empty_cache()
     else:
-        try:
+        with contextlib.suppress(OSError, AttributeError):
             ctypes.CDLL("libc.so.6").malloc_trim(0)  # hand freed arenas back, so the next arm's RSS starts low
-        except (OSError, AttributeError):
-            pass
 
 
 # -- models ----------------------------------------------------------------------------------
@@ -246,10 +276,19 @@ def random_llama(settings: Settings, tokenizer: Any) -> Any:
     from neftune.models import resolve_dtype
 
     config = LlamaConfig(
-        vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=16, num_attention_heads=32,
-        num_key_value_heads=32, max_position_embeddings=max(4096, settings.ceiling_length),
-        bos_token_id=None, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=False, attn_implementation=settings.attn, use_cache=False,
+        vocab_size=32000,
+        hidden_size=2048,
+        intermediate_size=5632,
+        num_hidden_layers=16,
+        num_attention_heads=32,
+        num_key_value_heads=32,
+        max_position_embeddings=max(4096, settings.ceiling_length),
+        bos_token_id=None,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False,
+        attn_implementation=settings.attn,
+        use_cache=False,
     )
     with torch.device(device()):
         model = LlamaForCausalLM(config)
@@ -276,10 +315,16 @@ def build_model(settings: Settings, tokenizer: Any, *, for_training: bool = True
         from neftune.config import ModelConfig
 
         defaults = ModelConfig()
-        model = get_peft_model(model, LoraConfig(
-            r=settings.lora_r, lora_alpha=defaults.lora_alpha, lora_dropout=defaults.lora_dropout,
-            target_modules=default_lora_targets(model), task_type="CAUSAL_LM",
-        ))
+        model = get_peft_model(
+            model,
+            LoraConfig(
+                r=settings.lora_r,
+                lora_alpha=defaults.lora_alpha,
+                lora_dropout=defaults.lora_dropout,
+                target_modules=default_lora_targets(model),
+                task_type="CAUSAL_LM",
+            ),
+        )
     return model
 
 
@@ -323,8 +368,12 @@ def sharegpt_data(settings: Settings, tokenizer: Any, n_rows: int) -> BenchData:
             prompts.append(ids)
         if len(prompts) == settings.gen_prompts:
             break
-    notes = {"source": "builtin:sharegpt first turns", "conversations": len(loaded.examples),
-             "encoded": used, "dropped_all_prompt_after_truncation_or_template": dropped}
+    notes = {
+        "source": "builtin:sharegpt first turns",
+        "conversations": len(loaded.examples),
+        "encoded": used,
+        "dropped_all_prompt_after_truncation_or_template": dropped,
+    }
     return BenchData(rows[:n_rows], prompts, notes)
 
 
@@ -342,11 +391,13 @@ def alpaca_like_data(settings: Settings, tokenizer: Any, n_rows: int) -> BenchDa
         n_prompt = prompt_len(settings.max_length // 2)
         n_answer = max(1, min(settings.max_length - n_prompt - 1, round(rng.lognormvariate(math.log(80), 0.9))))
         prompt = rng.choices(vocab, k=n_prompt)
-        answer = rng.choices(vocab, k=n_answer) + [eos]
+        answer = [*rng.choices(vocab, k=n_answer), eos]
         rows.append({"input_ids": prompt + answer, "labels": [IGNORE_INDEX] * n_prompt + answer})
     prompts = [rng.choices(vocab, k=prompt_len(settings.gen_prompt_max)) for _ in range(settings.gen_prompts)]
-    notes = {"source": "synthetic: prompt ~ lognormal(median 20, sigma 0.8), response ~ lognormal(median 80, sigma 0.9)"
-                       " + eos, random token ids"}
+    notes = {
+        "source": "synthetic: prompt ~ lognormal(median 20, sigma 0.8), response ~ lognormal(median 80, sigma 0.9)"
+        " + eos, random token ids"
+    }
     return BenchData(rows, prompts, notes)
 
 
@@ -359,9 +410,13 @@ def plain_token_ids(tokenizer: Any) -> list[int]:
 def describe_lengths(rows: Sequence[dict[str, list[int]]], max_length: int) -> dict[str, Any]:
     """Length statistics of the training examples, in tokens."""
     lengths = [len(r["input_ids"]) for r in rows]
-    return {"examples": len(lengths), "mean_tokens": round(statistics.mean(lengths), 1),
-            "median_tokens": statistics.median(lengths), "max_tokens": max(lengths),
-            "share_at_max_length": round(sum(n >= max_length for n in lengths) / len(lengths), 3)}
+    return {
+        "examples": len(lengths),
+        "mean_tokens": round(statistics.mean(lengths), 1),
+        "median_tokens": statistics.median(lengths),
+        "max_tokens": max(lengths),
+        "share_at_max_length": round(sum(n >= max_length for n in lengths) / len(lengths), 3),
+    }
 
 
 # -- measuring -------------------------------------------------------------------------------
@@ -445,8 +500,9 @@ def trl_pack_rows(settings: Settings, batch: int, rows: Sequence[dict[str, list[
     return max(1, round(batch * mean / settings.max_length))
 
 
-def make_trainer(arm: str, settings: Settings, batch: int, rows: list[dict], tokenizer: Any, model: Any,
-                 out: str) -> tuple[Trainer, TokenCounter]:
+def make_trainer(
+    arm: str, settings: Settings, batch: int, rows: list[dict], tokenizer: Any, model: Any, out: str
+) -> tuple[Trainer, TokenCounter]:
     """The trainer of one arm, its collator wrapped in a :class:`TokenCounter`."""
     args = common_arguments(settings, batch, out)
     if arm in ("a", "b"):
@@ -457,8 +513,9 @@ def make_trainer(arm: str, settings: Settings, batch: int, rows: list[dict], tok
         if packing:
             args["per_device_train_batch_size"] = trl_pack_rows(settings, batch, rows)
         config = SFTConfig(**args, max_length=settings.max_length, packing=packing, neftune_noise_alpha=settings.alpha)
-        trainer: Trainer = SFTTrainer(model=model, args=config, train_dataset=Dataset.from_list(rows),
-                                      processing_class=tokenizer)
+        trainer: Trainer = SFTTrainer(
+            model=model, args=config, train_dataset=Dataset.from_list(rows), processing_class=tokenizer
+        )
         counter = TokenCounter(trainer.data_collator)
         trainer.data_collator = counter
     else:
@@ -477,8 +534,14 @@ def make_trainer(arm: str, settings: Settings, batch: int, rows: list[dict], tok
             use_neftune_attention(model)
         counter = TokenCounter(inner)
         callbacks = [NEFTuneCallback(alpha=settings.alpha, seed=settings.seed)] if arm in ("c", "d", "f") else []
-        trainer = Trainer(model=model, args=TrainingArguments(**args, remove_unused_columns=False), train_dataset=rows,
-                          data_collator=counter, processing_class=tokenizer, callbacks=callbacks)
+        trainer = Trainer(
+            model=model,
+            args=TrainingArguments(**args, remove_unused_columns=False),
+            train_dataset=rows,
+            data_collator=counter,
+            processing_class=tokenizer,
+            callbacks=callbacks,
+        )
     trainer.remove_callback(PrinterCallback)
     trainer.remove_callback(ProgressCallback)
     return trainer, counter
@@ -539,9 +602,15 @@ def run_arm(arm: str, settings: Settings, batch: int, data: BenchData, tokenizer
         "batch_layout": counter.layout,
     }
     if arm in ("a", "b"):
-        result["trl"] = {"packing": trainer.args.packing, "packing_strategy": trainer.args.packing_strategy,
-                         "padding_free": trainer.padding_free, "neftune_noise_alpha": trainer.args.neftune_noise_alpha}
-    log(f"  [{arm} b={batch}] {result['tokens_per_s']:.1f} real tokens/s, median step {result['step_ms_median']:.0f} ms")
+        result["trl"] = {
+            "packing": trainer.args.packing,
+            "packing_strategy": trainer.args.packing_strategy,
+            "padding_free": trainer.padding_free,
+            "neftune_noise_alpha": trainer.args.neftune_noise_alpha,
+        }
+    log(
+        f"  [{arm} b={batch}] {result['tokens_per_s']:.1f} real tokens/s, median step {result['step_ms_median']:.0f} ms"
+    )
     return result
 
 
@@ -558,14 +627,25 @@ def run_generation(settings: Settings, data: BenchData, tokenizer: Any) -> dict[
     batch_size, max_new = settings.gen_batch_size, settings.gen_max_new_tokens
     # warm-up, so neither order pays for first-call initialisation
     generate_token_ids(model, tokenizer, prompts[:batch_size], max_new_tokens=4, batch_size=batch_size, progress=False)
-    result: dict[str, Any] = {"prompts": len(prompts), "prompt_tokens_min": min(map(len, prompts)),
-                              "prompt_tokens_max": max(map(len, prompts)),
-                              "prompt_tokens_mean": round(statistics.mean(map(len, prompts)), 1),
-                              "batch_size": batch_size, "max_new_tokens": max_new}
+    result: dict[str, Any] = {
+        "prompts": len(prompts),
+        "prompt_tokens_min": min(map(len, prompts)),
+        "prompt_tokens_max": max(map(len, prompts)),
+        "prompt_tokens_mean": round(statistics.mean(map(len, prompts)), 1),
+        "batch_size": batch_size,
+        "max_new_tokens": max_new,
+    }
     for name, sort in (("sorted", True), ("unsorted", False)):
         start = time.perf_counter()
-        out = generate_token_ids(model, tokenizer, prompts, max_new_tokens=max_new, batch_size=batch_size,
-                                 sort_by_length=sort, progress=False)
+        out = generate_token_ids(
+            model,
+            tokenizer,
+            prompts,
+            max_new_tokens=max_new,
+            batch_size=batch_size,
+            sort_by_length=sort,
+            progress=False,
+        )
         seconds = time.perf_counter() - start
         tokens = sum(map(len, out))
         result[name] = {"seconds": seconds, "generated_tokens": tokens, "tokens_per_s": tokens / seconds}
@@ -585,14 +665,19 @@ def add_ratios(arms: dict[str, dict[str, Any]]) -> dict[str, float]:
         return arms.get(arm, {}).get("tokens_per_s")
 
     ratios: dict[str, float] = {}
-    for name, (num, den) in {"c_over_a": ("c", "a"), "c_over_b": ("c", "b"), "b_over_a": ("b", "a"),
-                             "c_over_d": ("c", "d"), "c_over_f": ("c", "f"),
-                             "packed_over_ceiling": ("c", "ceiling")}.items():
+    for name, (num, den) in {
+        "c_over_a": ("c", "a"),
+        "c_over_b": ("c", "b"),
+        "b_over_a": ("b", "a"),
+        "c_over_d": ("c", "d"),
+        "c_over_f": ("c", "f"),
+        "packed_over_ceiling": ("c", "ceiling"),
+    }.items():
         if tps(num) and tps(den):
             ratios[name] = tps(num) / tps(den)
     if tps("c") and tps("e"):
         ratios["neftune_overhead_pct"] = (tps("e") / tps("c") - 1) * 100  # extra time per token with the noise
-    for arm, result in arms.items():
+    for _arm, result in arms.items():
         if tps("a") and "tokens_per_s" in result:
             result["vs_a"] = result["tokens_per_s"] / tps("a")
     return ratios
@@ -608,33 +693,50 @@ def markdown(report: dict[str, Any]) -> str:
     s = report["settings"]
     machine = report["machine"]
     where = machine.get("gpu") or f"{machine['cpu']}, {machine['torch_threads']} threads"
-    model = f"{s['model']} ({'LoRA r=' + str(s['lora_r']) if s['lora'] else 'all weights'}), {report['dtype']}, {s['attn']}"
-    lines = [f"Throughput ({report['date']}, {where}): {model}, data {s['data']} "
-             f"(mean {report['data']['mean_tokens']} tokens/example), max_length {s['max_length']}, "
-             f"{s['warmup']} warm-up + {s['steps']} measured steps; "
-             f"torch {report['versions']['torch']}, transformers {report['versions']['transformers']}, "
-             f"trl {report['versions']['trl']}, peft {report['versions']['peft']}.", ""]
+    model = (
+        f"{s['model']} ({'LoRA r=' + str(s['lora_r']) if s['lora'] else 'all weights'}), {report['dtype']}, {s['attn']}"
+    )
+    lines = [
+        f"Throughput ({report['date']}, {where}): {model}, data {s['data']} "
+        f"(mean {report['data']['mean_tokens']} tokens/example), max_length {s['max_length']}, "
+        f"{s['warmup']} warm-up + {s['steps']} measured steps; "
+        f"torch {report['versions']['torch']}, transformers {report['versions']['transformers']}, "
+        f"trl {report['versions']['trl']}, peft {report['versions']['peft']}.",
+        "",
+    ]
     memory = "peak CUDA memory" if machine.get("gpu") else "peak RSS"
     for batch, arms in report["results"].items():
-        lines += [f"**Batch {batch}**", "",
-                  f"| arm | setup | real tokens/s | step ms (median) | real tokens/step | padding | {memory} | vs (a) |",
-                  "|---|---|---:|---:|---:|---:|---:|---:|"]
+        lines += [
+            f"**Batch {batch}**",
+            "",
+            f"| arm | setup | real tokens/s | step ms (median) | real tokens/step | padding | {memory} | vs (a) |",
+            "|---|---|---:|---:|---:|---:|---:|---:|",
+        ]
         for arm, r in arms.items():
             if "error" in r:
                 lines.append(f"| {arm} | {ARM_LABELS[arm]} | failed: {r['error'][:120]} | | | | | |")
                 continue
-            setup = r["label"] + (f" ({r['per_device_train_batch_size']} rows of {s['max_length']})" if arm == "b" else "")
+            setup = r["label"] + (
+                f" ({r['per_device_train_batch_size']} rows of {s['max_length']})" if arm == "b" else ""
+            )
             if arm == "ceiling":
                 setup += f" ({r['per_device_train_batch_size']}x{s['ceiling_length']})"
             vs_a = f"{r['vs_a']:.2f}x" if "vs_a" in r else "-"
-            lines.append(f"| {arm} | {setup} | {r['tokens_per_s']:,.0f} | {r['step_ms_median']:,.0f} "
-                         f"| {r['real_tokens_per_step']:,.0f} | {r['padding_share']:.0%} | {gib(r['peak_memory_bytes'])} "
-                         f"| {vs_a} |")
+            lines.append(
+                f"| {arm} | {setup} | {r['tokens_per_s']:,.0f} | {r['step_ms_median']:,.0f} "
+                f"| {r['real_tokens_per_step']:,.0f} | {r['padding_share']:.0%} | {gib(r['peak_memory_bytes'])} "
+                f"| {vs_a} |"
+            )
         ratios = report["ratios"][batch]
         parts = []
-        for key, text in (("c_over_a", "(c)/(a)"), ("c_over_b", "(c)/(b)"), ("b_over_a", "(b)/(a)"),
-                          ("c_over_d", "(c)/(d)"), ("c_over_f", "(c)/(f) varlen vs SDPA"),
-                          ("packed_over_ceiling", "packed (c)/ceiling")):
+        for key, text in (
+            ("c_over_a", "(c)/(a)"),
+            ("c_over_b", "(c)/(b)"),
+            ("b_over_a", "(b)/(a)"),
+            ("c_over_d", "(c)/(d)"),
+            ("c_over_f", "(c)/(f) varlen vs SDPA"),
+            ("packed_over_ceiling", "packed (c)/ceiling"),
+        ):
             if key in ratios:
                 parts.append(f"{text} = {ratios[key]:.2f}x")
         if "neftune_overhead_pct" in ratios:
@@ -644,9 +746,13 @@ def markdown(report: dict[str, Any]) -> str:
     if gen and "error" in gen:
         lines += [f"Generation benchmark failed: {gen['error']}", ""]
     elif gen:
-        lines += [f"**neftune generate** (greedy, {gen['prompts']} prompts of {gen['prompt_tokens_min']}-"
-                  f"{gen['prompt_tokens_max']} tokens, batch {gen['batch_size']}, max_new_tokens {gen['max_new_tokens']})",
-                  "", "| prompt order | generated tokens/s | seconds | generated tokens |", "|---|---:|---:|---:|"]
+        lines += [
+            f"**neftune generate** (greedy, {gen['prompts']} prompts of {gen['prompt_tokens_min']}-"
+            f"{gen['prompt_tokens_max']} tokens, batch {gen['batch_size']}, max_new_tokens {gen['max_new_tokens']})",
+            "",
+            "| prompt order | generated tokens/s | seconds | generated tokens |",
+            "|---|---:|---:|---:|",
+        ]
         for name, text in (("sorted", "sorted by length"), ("unsorted", "unsorted")):
             g = gen[name]
             lines.append(f"| {text} | {g['tokens_per_s']:,.1f} | {g['seconds']:.1f} | {g['generated_tokens']:,} |")
@@ -659,11 +765,14 @@ def markdown(report: dict[str, Any]) -> str:
 
 def parse_settings(argv: Sequence[str] | None = None) -> tuple[Settings, Path | None]:
     """The preset named by ``--preset`` with every other flag applied; and the ``--json`` path."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__
+    )
     parser.add_argument("--preset", choices=sorted(PRESETS), default="smoke")
     parser.add_argument("--json", type=Path, help="write all results here")
-    parser.add_argument("--model", help=f"neftune model spec (smollm2-135m, tiny-random, a directory) or {RANDOM_LLAMA}")
+    parser.add_argument(
+        "--model", help=f"neftune model spec (smollm2-135m, tiny-random, a directory) or {RANDOM_LLAMA}"
+    )
     parser.add_argument("--data", choices=["sharegpt", "alpaca-like"])
     parser.add_argument("--batch-sizes", type=lambda v: [int(x) for x in v.split(",")], help="e.g. 8,32")
     parser.add_argument("--max-length", type=int)
@@ -673,11 +782,16 @@ def parse_settings(argv: Sequence[str] | None = None) -> tuple[Settings, Path | 
     parser.add_argument("--full", action="store_true", help="train all weights instead of LoRA")
     parser.add_argument("--lora-r", type=int)
     parser.add_argument("--alpha", type=float, help="NEFTune alpha of arms a-d")
-    parser.add_argument("--trl-pack-rows", help="rows of max_length per step for arm b: 'match' or a number (8 = TRL default)")
+    parser.add_argument(
+        "--trl-pack-rows", help="rows of max_length per step for arm b: 'match' or a number (8 = TRL default)"
+    )
     parser.add_argument("--ceiling-length", type=int)
     parser.add_argument("--attn", choices=["sdpa", "eager", "flash_attention_2"])
-    parser.add_argument("--gradient-checkpointing", choices=["auto", "on", "off"],
-                        help="auto: on for CUDA, off for CPU (neftune's default), for every arm")
+    parser.add_argument(
+        "--gradient-checkpointing",
+        choices=["auto", "on", "off"],
+        help="auto: on for CUDA, off for CPU (neftune's default), for every arm",
+    )
     parser.add_argument("--gen-prompts", type=int, help="prompts for the generation benchmark (0 skips it)")
     parser.add_argument("--gen-max-new-tokens", type=int)
     parser.add_argument("--gen-batch-size", type=int)
@@ -685,9 +799,25 @@ def parse_settings(argv: Sequence[str] | None = None) -> tuple[Settings, Path | 
     parser.add_argument("--seed", type=int)
     ns = parser.parse_args(argv)
     settings = dataclasses.replace(PRESETS[ns.preset])
-    for name in ("model", "data", "batch_sizes", "max_length", "warmup", "steps", "arms", "lora_r", "alpha",
-                 "trl_pack_rows", "ceiling_length", "attn", "gen_prompts", "gen_max_new_tokens", "gen_batch_size",
-                 "gen_prompt_max", "seed"):
+    for name in (
+        "model",
+        "data",
+        "batch_sizes",
+        "max_length",
+        "warmup",
+        "steps",
+        "arms",
+        "lora_r",
+        "alpha",
+        "trl_pack_rows",
+        "ceiling_length",
+        "attn",
+        "gen_prompts",
+        "gen_max_new_tokens",
+        "gen_batch_size",
+        "gen_prompt_max",
+        "seed",
+    ):
         value = getattr(ns, name)
         if value is not None:
             setattr(settings, name, value)
@@ -726,10 +856,15 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     lengths = describe_lengths(data.rows, settings.max_length)
     log(f"data: {lengths}")
     report: dict[str, Any] = {
-        "benchmark": "throughput", "date": time.strftime("%Y-%m-%d %H:%M"), "machine": machine_info(),
-        "versions": versions(), "settings": dataclasses.asdict(settings),
+        "benchmark": "throughput",
+        "date": time.strftime("%Y-%m-%d %H:%M"),
+        "machine": machine_info(),
+        "versions": versions(),
+        "settings": dataclasses.asdict(settings),
         "dtype": str(resolve_dtype("auto", device())).removeprefix("torch."),
-        "data": {**lengths, **data.notes}, "results": {}, "ratios": {},
+        "data": {**lengths, **data.notes},
+        "results": {},
+        "ratios": {},
     }
     for batch in settings.batch_sizes:
         arms: dict[str, dict[str, Any]] = {}

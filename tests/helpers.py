@@ -41,7 +41,9 @@ def record_noise(model: nn.Module) -> Iterator[list[dict]]:
         ids = current["input_ids"]
         with torch.no_grad():
             clean = embedding.weight[ids].to(hidden.dtype)
-            records.append({"noise": (hidden.detach() - clean).float(), "input_ids": ids, "training": current["training"]})
+            records.append(
+                {"noise": (hidden.detach() - clean).float(), "input_ids": ids, "training": current["training"]}
+            )
 
     handles = [
         embedding.register_forward_pre_hook(capture_ids, with_kwargs=True),
@@ -110,5 +112,10 @@ class OpenAIStyleServer:
 
 
 def chat_reply(content: str) -> str:
-    return json.dumps({"id": "x", "object": "chat.completion", "choices": [
-        {"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": "stop"}]})
+    return json.dumps(
+        {
+            "id": "x",
+            "object": "chat.completion",
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": "stop"}],
+        }
+    )

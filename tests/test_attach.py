@@ -6,11 +6,11 @@ import math
 
 import pytest
 import torch
+from tests.helpers import hook_count, record_noise
 from torch import nn
 
 import neftune
 from neftune.tiny import build_tiny_model
-from tests.helpers import hook_count, record_noise
 
 D = 64  # tiny model width
 
@@ -80,7 +80,9 @@ def test_eval_mode_and_after_remove_are_bit_identical_to_untouched(tiny_tokenize
     handle = neftune.attach(model, alpha=15.0)
     model.eval(), untouched.eval()
     with torch.no_grad():
-        assert torch.equal(model(input_ids=ids, attention_mask=mask).logits, untouched(input_ids=ids, attention_mask=mask).logits)
+        assert torch.equal(
+            model(input_ids=ids, attention_mask=mask).logits, untouched(input_ids=ids, attention_mask=mask).logits
+        )
     model.train(), untouched.train()
     with torch.no_grad():
         noisy = model(input_ids=ids, attention_mask=mask).logits
@@ -95,10 +97,9 @@ def test_eval_mode_and_after_remove_are_bit_identical_to_untouched(tiny_tokenize
 
 def test_context_manager_removes_on_exception(tiny_model):
     before = hook_count(tiny_model)
-    with pytest.raises(RuntimeError, match="boom"):
-        with neftune.attach(tiny_model, alpha=5.0):
-            assert hook_count(tiny_model) > before
-            raise RuntimeError("boom")
+    with pytest.raises(RuntimeError, match="boom"), neftune.attach(tiny_model, alpha=5.0):
+        assert hook_count(tiny_model) > before
+        raise RuntimeError("boom")
     assert hook_count(tiny_model) == before
 
 
@@ -230,9 +231,8 @@ def test_non_float_embedding_output_is_a_type_error():
             return self.e(ids)
 
     m = M().train()
-    with neftune.attach(m, alpha=5.0, embedding=m.e):
-        with pytest.raises(TypeError, match="return a float tensor"):
-            m(torch.zeros(1, 3, dtype=torch.long))
+    with neftune.attach(m, alpha=5.0, embedding=m.e), pytest.raises(TypeError, match="return a float tensor"):
+        m(torch.zeros(1, 3, dtype=torch.long))
     assert hook_count(m) == 0
 
 

@@ -24,8 +24,18 @@ from neftune.models import resolve_model
 
 BAD = Path(__file__).parent / "data" / "bad"
 CASES = yaml.safe_load((BAD / "cases.yaml").read_text(encoding="utf-8"))
-BASE = ["train", "--model", "tiny-random", "--data", "{d}/ok.jsonl", "--output", "{tmp}/out", "--max-steps", "1",
-        "--no-progress"]
+BASE = [
+    "train",
+    "--model",
+    "tiny-random",
+    "--data",
+    "{d}/ok.jsonl",
+    "--output",
+    "{tmp}/out",
+    "--max-steps",
+    "1",
+    "--no-progress",
+]
 MAX_LINE = 300
 HUGE = 5 * 1024 * 1024
 
@@ -59,14 +69,19 @@ def places(cache, tmp_path_factory) -> dict[str, str]:
     good = json.dumps({"instruction": "Say hi", "output": "hi"})
     big = "x" * HUGE
     (root / "huge.jsonl").write_text(f'{good}\n{{"instruction": "{big}", "output": 5, }}\n{good}\n')
-    (root / "huge_role.jsonl").write_text(json.dumps(
-        {"messages": [{"role": "user", "content": "hi"}, {"role": big, "content": "x"}]}) + "\n")
+    (root / "huge_role.jsonl").write_text(
+        json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": big, "content": "x"}]}) + "\n"
+    )
     (root / "huge_key.jsonl").write_text(json.dumps({big: "x"}) + "\n")
     (root / "newline_key.jsonl").write_text(json.dumps({"prompt\nresponse": "x"}) + "\n")
     return {
-        "d": str(d), "file": str(root / "a-file"), "huge": str(root / "huge.jsonl"),
-        "huge_role": str(root / "huge_role.jsonl"), "huge_key": str(root / "huge_key.jsonl"),
-        "newline_key": str(root / "newline_key.jsonl"), "no_tokenizer": str(no_tokenizer),
+        "d": str(d),
+        "file": str(root / "a-file"),
+        "huge": str(root / "huge.jsonl"),
+        "huge_role": str(root / "huge_role.jsonl"),
+        "huge_key": str(root / "huge_key.jsonl"),
+        "newline_key": str(root / "newline_key.jsonl"),
+        "no_tokenizer": str(no_tokenizer),
         "no_weights": str(no_weights),
     }
 
@@ -141,8 +156,15 @@ SUBPROCESS_CASES = [c for c in CASES if c.get("subprocess")]
 
 def test_a_fresh_process_prints_one_line_and_no_traceback(places, cache, tmp_path):
     """The same cases as a user runs them: ``python -m neftune -q train ...``, several at once."""
-    env = {**os.environ, "NEFTUNE_CACHE": str(cache), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-           "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
+    env = {
+        **os.environ,
+        "NEFTUNE_CACHE": str(cache),
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "OMP_NUM_THREADS": "1",
+    }
     running = []
     for case in SUBPROCESS_CASES:
         work = tmp_path / case["id"]

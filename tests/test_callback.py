@@ -6,21 +6,29 @@ import math
 
 import pytest
 import torch
+from tests.helpers import hook_count, record_noise
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 import neftune
 from neftune import NEFTuneCallback
-from tests.helpers import hook_count, record_noise
 
 D = 64
 
 
 def _args(tmp_path, **kw):
-    base = dict(
-        output_dir=str(tmp_path / "out"), per_device_train_batch_size=3, max_steps=4, learning_rate=1e-3,
-        report_to=[], save_strategy="no", logging_strategy="no", disable_tqdm=True, use_cpu=True, seed=0,
-        remove_unused_columns=False,
-    )
+    base = {
+        "output_dir": str(tmp_path / "out"),
+        "per_device_train_batch_size": 3,
+        "max_steps": 4,
+        "learning_rate": 1e-3,
+        "report_to": [],
+        "save_strategy": "no",
+        "logging_strategy": "no",
+        "disable_tqdm": True,
+        "use_cpu": True,
+        "seed": 0,
+        "remove_unused_columns": False,
+    }
     base.update(kw)
     return TrainingArguments(**base)
 
@@ -54,8 +62,12 @@ def test_trainer_noise_in_training_none_in_evaluate(tiny_model, tmp_path):
     data = _examples([5, 12, 40, 7, 30, 9])
     before = hook_count(tiny_model)
     trainer = Trainer(
-        model=tiny_model, args=_args(tmp_path), train_dataset=data, eval_dataset=data,
-        data_collator=_pad_collate, callbacks=[NEFTuneCallback(alpha=5.0)],
+        model=tiny_model,
+        args=_args(tmp_path),
+        train_dataset=data,
+        eval_dataset=data,
+        data_collator=_pad_collate,
+        callbacks=[NEFTuneCallback(alpha=5.0)],
     )
     with record_noise(tiny_model) as rec:
         trainer.train()
@@ -80,8 +92,11 @@ def test_no_hook_remains_after_train_raises(tiny_model, tmp_path):
     before = hook_count(tiny_model)
     cb = NEFTuneCallback(alpha=5.0)
     trainer = Trainer(
-        model=tiny_model, args=_args(tmp_path), train_dataset=_examples([5, 9, 13] * 3),
-        data_collator=_pad_collate, callbacks=[cb, _Boom()],
+        model=tiny_model,
+        args=_args(tmp_path),
+        train_dataset=_examples([5, 9, 13] * 3),
+        data_collator=_pad_collate,
+        callbacks=[cb, _Boom()],
     )
     with pytest.raises(RuntimeError, match="boom at step 2"):
         trainer.train()
@@ -91,8 +106,11 @@ def test_no_hook_remains_after_train_raises(tiny_model, tmp_path):
 
 def test_callback_refuses_to_double_transformers_builtin_noise(tiny_model, tmp_path):
     trainer = Trainer(
-        model=tiny_model, args=_args(tmp_path, neftune_noise_alpha=5.0), train_dataset=_examples([5, 9, 13]),
-        data_collator=_pad_collate, callbacks=[NEFTuneCallback(alpha=5.0)],
+        model=tiny_model,
+        args=_args(tmp_path, neftune_noise_alpha=5.0),
+        train_dataset=_examples([5, 9, 13]),
+        data_collator=_pad_collate,
+        callbacks=[NEFTuneCallback(alpha=5.0)],
     )
     with pytest.raises(ValueError, match="transformers' own NEFTune hook"):
         trainer.train()
@@ -105,12 +123,24 @@ def test_trl_sft_trainer_packing_gets_per_example_magnitudes(tiny_model, tiny_to
     lengths = [5, 12, 40, 7, 30, 9]
     ds = Dataset.from_list(_examples(lengths))
     config = SFTConfig(
-        output_dir=str(tmp_path / "sft"), packing=True, max_length=128, per_device_train_batch_size=3, max_steps=2,
-        report_to=[], save_strategy="no", logging_strategy="no", disable_tqdm=True, use_cpu=True, bf16=False,
+        output_dir=str(tmp_path / "sft"),
+        packing=True,
+        max_length=128,
+        per_device_train_batch_size=3,
+        max_steps=2,
+        report_to=[],
+        save_strategy="no",
+        logging_strategy="no",
+        disable_tqdm=True,
+        use_cpu=True,
+        bf16=False,
         dataset_num_proc=None,
     )
     trainer = SFTTrainer(
-        model=tiny_model, args=config, train_dataset=ds, processing_class=tiny_tokenizer,
+        model=tiny_model,
+        args=config,
+        train_dataset=ds,
+        processing_class=tiny_tokenizer,
         callbacks=[NEFTuneCallback(alpha=5.0)],
     )
     with record_noise(tiny_model) as rec:
@@ -162,7 +192,9 @@ def test_transformers_builtin_hook_uses_padded_and_packed_length(tiny_model):
             out["packed"].append(packed[:, starts[i] : starts[i] + n].abs().max().item())
         return out
 
-    builtin = max_noise_per_example(lambda: activate_neftune(tiny_model, 5.0), lambda h: deactivate_neftune(tiny_model, h))
+    builtin = max_noise_per_example(
+        lambda: activate_neftune(tiny_model, 5.0), lambda h: deactivate_neftune(tiny_model, h)
+    )
     ours = max_noise_per_example(lambda: neftune.attach(tiny_model, 5.0, seed=0), lambda h: h.remove())
     for i, n in enumerate(lengths):
         assert builtin["padded"][i] == pytest.approx(5 / math.sqrt(60 * D), rel=0.01)

@@ -6,16 +6,27 @@ import json
 import logging
 import re
 from html.parser import HTMLParser
-from pathlib import Path
 
 import pytest
-
-from neftune.cli import main
 from tests.helpers import OpenAIStyleServer, chat_reply
 
+from neftune.cli import main
+
 SECRET = "sk-test-DO-NOT-LEAK-8c1f2e"
-SMALL = ["--model", "tiny-random", "--max-steps", "6", "--eval-limit", "8", "--max-new-tokens", "8",
-         "data.limit=64", "train.save_steps=3", "train.eval_steps=3", "--no-progress"]
+SMALL = [
+    "--model",
+    "tiny-random",
+    "--max-steps",
+    "6",
+    "--eval-limit",
+    "8",
+    "--max-new-tokens",
+    "8",
+    "data.limit=64",
+    "train.save_steps=3",
+    "train.eval_steps=3",
+    "--no-progress",
+]
 
 
 @pytest.fixture(autouse=True)
@@ -42,8 +53,18 @@ def test_compare_end_to_end_resumes_and_never_writes_the_key(tmp_path, monkeypat
     monkeypatch.setenv("OPENAI_API_KEY", SECRET)
     out = tmp_path / "exp"
     with OpenAIStyleServer(_prefer_b) as server:
-        args = ["compare", *SMALL, "--output", str(out), "--judge", "http", "--judge-url", server.url,
-                "--judge-model", "judge-model"]
+        args = [
+            "compare",
+            *SMALL,
+            "--output",
+            str(out),
+            "--judge",
+            "http",
+            "--judge-url",
+            server.url,
+            "--judge-model",
+            "judge-model",
+        ]
         assert main(args) == 0
         n_requests = len(server.requests)
         assert n_requests > 0
@@ -94,7 +115,9 @@ def test_generate_eval_judge_commands(tmp_path, tiny_model_dir, capsys):
     b.write_text(json.dumps([{**r, "output": r["output"] + " and more words"} for r in records]))
 
     metrics_path = tmp_path / "m.json"
-    assert main(["eval", "--model", str(tiny_model_dir), "--outputs", str(a), "--output", str(metrics_path), *common]) == 0
+    assert (
+        main(["eval", "--model", str(tiny_model_dir), "--outputs", str(a), "--output", str(metrics_path), *common]) == 0
+    )
     metrics = json.loads(metrics_path.read_text())
     assert metrics["heldout"]["loss"] > 0 and "exact_match" in metrics["outputs"]
 

@@ -63,7 +63,10 @@ def test_secrets_are_redacted_but_env_var_names_are_kept(tmp_path):
     from neftune.config import _redact
 
     assert _redact({"api_key": "sk-secret", "hf_token": "hf_x", "name": "ok"}) == {
-        "api_key": "***", "hf_token": "***", "name": "ok"}
+        "api_key": "***",
+        "hf_token": "***",
+        "name": "ok",
+    }
     write_config(cfg, tmp_path / "c.yaml")
     assert "sk-" not in (tmp_path / "c.yaml").read_text()
 
@@ -75,9 +78,9 @@ def test_shipped_configs_load(path):
 
 
 def test_compare_validation():
-    with pytest.raises(ConfigError, match="compare.alphas must be finite numbers > 0"):
+    with pytest.raises(ConfigError, match=r"compare\.alphas must be finite numbers > 0"):
         load_config(CompareConfig, None, ["compare.alphas=[0, 5]"])
-    with pytest.raises(ConfigError, match="judge.backend=http needs"):
+    with pytest.raises(ConfigError, match=r"judge\.backend=http needs"):
         load_config(CompareConfig, None, ["judge.backend=http"])
     cfg = load_config(CompareConfig, None, ["compare.alphas=5,15", "compare.seeds=[0, 1]"])
     assert cfg.compare.alphas == [5.0, 15.0] and cfg.compare.seeds == [0, 1]

@@ -26,9 +26,16 @@ def _sentence(text: str) -> str:
     return quoted[0] if quoted else text.split(": ", 1)[1]
 
 
-_FACTORS = {("kilometers", "meters"): 1000, ("meters", "centimeters"): 100,
-            ("hours", "minutes"): 60, ("minutes", "seconds"): 60, ("days", "hours"): 24,
-            ("weeks", "days"): 7, ("kilograms", "grams"): 1000, ("liters", "milliliters"): 1000}
+_FACTORS = {
+    ("kilometers", "meters"): 1000,
+    ("meters", "centimeters"): 100,
+    ("hours", "minutes"): 60,
+    ("minutes", "seconds"): 60,
+    ("days", "hours"): 24,
+    ("weeks", "days"): 7,
+    ("kilograms", "grams"): 1000,
+    ("liters", "milliliters"): 1000,
+}
 
 
 def _convert(text: str) -> str:
@@ -51,8 +58,9 @@ SOLVERS = {
     "sort_numbers": lambda t: ", ".join(str(n) for n in sorted(_numbers(t))),
     "max_number": lambda t: str(max(_numbers(t))),
     "count_items": lambda t: str(len(re.split(r",\s*", t.split(": ")[-1] if ": " in t else t.split("list ")[1]))),
-    "count_letter": lambda t: str(_quoted(t)[1].count(_quoted(t)[0]) if len(_quoted(t)[0]) == 1
-                                  else _quoted(t)[0].count(_quoted(t)[1])),
+    "count_letter": lambda t: str(
+        _quoted(t)[1].count(_quoted(t)[0]) if len(_quoted(t)[0]) == 1 else _quoted(t)[0].count(_quoted(t)[1])
+    ),
     "unit_conversion": _convert,
     "extract_email": lambda t: re.search(r"[\w.]+@[\w.]+\w", t).group(0),
     "extract_number": lambda t: str(_numbers(t)[0]),
@@ -81,7 +89,7 @@ def test_same_seed_same_data_other_seed_other_data():
     a, b = skills_examples("train", 300, seed=3), skills_examples("train", 300, seed=3)
     assert [(e.messages, e.meta) for e in a] == [(e.messages, e.meta) for e in b]
     other = skills_examples("train", 300, seed=4)
-    assert sum(x.messages != y.messages for x, y in zip(a, other)) > 250
+    assert sum(x.messages != y.messages for x, y in zip(a, other, strict=False)) > 250
     # A shorter list is a prefix of a longer one.
     assert [e.messages for e in skills_examples("train", 50, seed=3)] == [e.messages for e in a[:50]]
 
@@ -93,16 +101,14 @@ def test_test_split_only_uses_held_out_phrasings():
         for example in examples:
             family = by_family[example.meta["family"]]
             assert example.meta["phrasing_id"] in phrasing_ids(split)
-            assert _template_regex(family.phrasings[example.meta["phrasing_id"]]).match(
-                example.messages[0]["content"]
-            )
+            assert _template_regex(family.phrasings[example.meta["phrasing_id"]]).match(example.messages[0]["content"])
     # No test instruction can be produced by a train phrasing of its family.
     for example in test:
         family = by_family[example.meta["family"]]
         for pid in phrasing_ids("train"):
-            assert not _template_regex(family.phrasings[pid]).match(example.messages[0]["content"]), (
-                example.messages[0]["content"]
-            )
+            assert not _template_regex(family.phrasings[pid]).match(example.messages[0]["content"]), example.messages[
+                0
+            ]["content"]
     used = Counter((e.meta["family"], e.meta["phrasing_id"]) for e in train)
     assert len(used) == len(FAMILIES) * len(phrasing_ids("train"))  # every train phrasing appears
     train_texts = {e.messages[0]["content"] for e in train}
@@ -143,35 +149,41 @@ def test_load_examples_sizes_and_limit():
         load_examples("builtin:skills", split="validation")
 
 
-@pytest.mark.parametrize(("expected", "output"), [
-    ("42", "42"),
-    ("42", "  42.  "),
-    ("42", "\n\n42\nBecause 40 + 2 = 42."),
-    ("42", '"42"'),
-    ("42", "`42`."),
-    ("42", "**42**"),
-    ("olleh", "OLLEH"),
-    ("3, 5, 9", "3,5,9"),
-    ("3, 5, 9", "3 ,  5, 9."),
-    ("anna.river@mail.org", "Anna.River@mail.org"),
-    ("05/03/2024", "'05/03/2024'"),
-    ("red lamp", "red   lamp"),
-])
+@pytest.mark.parametrize(
+    ("expected", "output"),
+    [
+        ("42", "42"),
+        ("42", "  42.  "),
+        ("42", "\n\n42\nBecause 40 + 2 = 42."),
+        ("42", '"42"'),
+        ("42", "`42`."),
+        ("42", "**42**"),
+        ("olleh", "OLLEH"),
+        ("3, 5, 9", "3,5,9"),
+        ("3, 5, 9", "3 ,  5, 9."),
+        ("anna.river@mail.org", "Anna.River@mail.org"),
+        ("05/03/2024", "'05/03/2024'"),
+        ("red lamp", "red   lamp"),
+    ],
+)
 def test_check_answer_accepts(expected, output):
     assert check_answer(expected, output)
 
 
-@pytest.mark.parametrize(("expected", "output"), [
-    ("42", "43"),
-    ("42", "The answer is 42."),
-    ("42", "42 apples"),
-    ("42", ""),
-    ("42", "\n  \n"),
-    ("42", "4 2"),
-    ("3, 5, 9", "3, 9, 5"),
-    ("05/03/2024", "5/3/2024"),
-    ("even", "odd\neven"),
-])
+@pytest.mark.parametrize(
+    ("expected", "output"),
+    [
+        ("42", "43"),
+        ("42", "The answer is 42."),
+        ("42", "42 apples"),
+        ("42", ""),
+        ("42", "\n  \n"),
+        ("42", "4 2"),
+        ("3, 5, 9", "3, 9, 5"),
+        ("05/03/2024", "5/3/2024"),
+        ("even", "odd\neven"),
+    ],
+)
 def test_check_answer_rejects(expected, output):
     assert not check_answer(expected, output)
 

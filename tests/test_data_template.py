@@ -19,14 +19,13 @@ from neftune.data import (
     prompt_and_target_lengths,
     render_prompt,
     skills_examples,
+    template,
 )
-from neftune.data import template
 from neftune.errors import DataError
 from neftune.tiny import CHATML_TEMPLATE, SPECIAL_TOKENS, build_tiny_tokenizer
 
 ALPACA_HEAD = (
-    "Below is an instruction that describes a task. "
-    "Write a response that appropriately completes the request.\n\n"
+    "Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n"
 )
 ALPACA_HEAD_INPUT = (
     "Below is an instruction that describes a task, paired with an input that provides further "
@@ -34,17 +33,21 @@ ALPACA_HEAD_INPUT = (
 )
 
 SINGLE = Example([{"role": "user", "content": "Add 2 and 3."}, {"role": "assistant", "content": "5"}])
-MULTI = Example([
-    {"role": "system", "content": "Be brief."},
-    {"role": "user", "content": "hi"},
-    {"role": "assistant", "content": "yo ü"},
-    {"role": "user", "content": "again"},
-    {"role": "assistant", "content": "ok"},
-])
-WITH_INPUT = Example([
-    {"role": "user", "content": "Translate.\n\ncheese", "instruction": "Translate.", "input": "cheese"},
-    {"role": "assistant", "content": "fromage"},
-])
+MULTI = Example(
+    [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": "yo ü"},
+        {"role": "user", "content": "again"},
+        {"role": "assistant", "content": "ok"},
+    ]
+)
+WITH_INPUT = Example(
+    [
+        {"role": "user", "content": "Translate.\n\ncheese", "instruction": "Translate.", "input": "cheese"},
+        {"role": "assistant", "content": "fromage"},
+    ]
+)
 
 
 @pytest.fixture(scope="module")
@@ -120,7 +123,7 @@ def test_system_turn_is_folded_when_the_template_rejects_it():
 
 def test_broken_template_is_a_data_error_or_a_drop_reason():
     tokenizer = tokenizer_with_template("{{ raise_exception('nope') }}")
-    with pytest.raises(DataError, match="^chat template failed: nope$"):
+    with pytest.raises(DataError, match=r"^chat template failed: nope$"):
         render_prompt(tokenizer, SINGLE.messages)
     assert encode_example(tokenizer, SINGLE, 100) == "chat template error"
 
@@ -139,7 +142,7 @@ def test_labels_are_exactly_the_answer_and_im_end(tiny_tokenizer):
     prompt_ids = encode_prompt(tiny_tokenizer, SINGLE.prompt_messages)
     assert encoded["input_ids"][: len(prompt_ids)] == prompt_ids
     assert encoded["labels"][: len(prompt_ids)] == [IGNORE_INDEX] * len(prompt_ids)
-    assert encoded["labels"][len(prompt_ids):] == encoded["input_ids"][len(prompt_ids): -1] + [IGNORE_INDEX]
+    assert encoded["labels"][len(prompt_ids) :] == [*encoded["input_ids"][len(prompt_ids) : -1], IGNORE_INDEX]
     assert prompt_and_target_lengths(tiny_tokenizer, SINGLE) == (len(prompt_ids) + 1, 2)
 
 
@@ -176,19 +179,21 @@ def test_batched_encoding_matches_single_encoding(tiny_tokenizer):
     examples = skills_examples("train", 60)
     kept, dropped = encode_examples(tiny_tokenizer, examples, 256)
     assert not dropped
-    for example, encoded in zip(examples, kept):
+    for example, encoded in zip(examples, kept, strict=False):
         assert encoded == encode_example(tiny_tokenizer, example, 256)
         answer = [x for x in encoded["labels"] if x != IGNORE_INDEX]
         assert tiny_tokenizer.decode(answer) == example.meta["answer"] + "<|im_end|>"
 
 
 def test_long_texts_are_windowed_without_changing_the_result(tiny_tokenizer):
-    long = Example([
-        {"role": "user", "content": "tell me a story " * 100},
-        {"role": "assistant", "content": "once upon a time " * 200},
-        {"role": "user", "content": "more " * 300},
-        {"role": "assistant", "content": "the end " * 100},
-    ])
+    long = Example(
+        [
+            {"role": "user", "content": "tell me a story " * 100},
+            {"role": "assistant", "content": "once upon a time " * 200},
+            {"role": "user", "content": "more " * 300},
+            {"role": "assistant", "content": "the end " * 100},
+        ]
+    )
     text = tiny_tokenizer.apply_chat_template(long.messages, tokenize=False)
     ids = tiny_tokenizer(text, add_special_tokens=False)["input_ids"]
     prompt_len = len(encode_prompt(tiny_tokenizer, long.messages[:1]))
@@ -199,7 +204,8 @@ def test_long_texts_are_windowed_without_changing_the_result(tiny_tokenizer):
         assert encoded["labels"][prompt_len] == ids[prompt_len]
     runs = labelled_runs(encode_example(tiny_tokenizer, long, 10_000))
     assert [tiny_tokenizer.decode(r) for r in runs] == [
-        "once upon a time " * 200 + "<|im_end|>", "the end " * 100 + "<|im_end|>",
+        "once upon a time " * 200 + "<|im_end|>",
+        "the end " * 100 + "<|im_end|>",
     ]
 
 
@@ -227,9 +233,7 @@ def test_template_that_decorates_earlier_answers_labels_only_the_answers():
 
 
 def test_template_whose_prompts_are_not_prefixes_falls_back_to_search():
-    tokenizer = tokenizer_with_template(
-        "{{ messages | length }} messages\n" + CHATML_TEMPLATE
-    )
+    tokenizer = tokenizer_with_template("{{ messages | length }} messages\n" + CHATML_TEMPLATE)
     encoded = encode_example(tokenizer, MULTI, 200)
     assert tokenizer.decode(encoded["input_ids"]).startswith("5 messages\n<|im_start|>system")
     assert [tokenizer.decode(r) for r in labelled_runs(encoded)] == ["yo ü<|im_end|>", "ok<|im_end|>"]
@@ -304,8 +308,7 @@ def test_alpaca_fallback_labels_response_and_eos(plain_tokenizer, caplog):
         encoded = encode_example(plain_tokenizer, WITH_INPUT, 512)
         encode_example(plain_tokenizer, SINGLE, 512)
     assert caplog.text.count("has no chat template: using the Alpaca prompt template") == 1
-    prompt = (ALPACA_HEAD_INPUT + "### Instruction:\nTranslate.\n\n### Input:\ncheese\n\n"
-              "### Response:\n")
+    prompt = ALPACA_HEAD_INPUT + "### Instruction:\nTranslate.\n\n### Input:\ncheese\n\n### Response:\n"
     assert plain_tokenizer.decode(encoded["input_ids"]) == prompt + "fromage<|im_end|>"
     assert plain_tokenizer.decode([x for x in encoded["labels"] if x != IGNORE_INDEX]) == "fromage<|im_end|>"
     prompt_ids = encode_prompt(plain_tokenizer, WITH_INPUT.prompt_messages)
@@ -343,5 +346,5 @@ def test_packing_collator_restarts_positions(tiny_tokenizer):
     assert batch["position_ids"].tolist() == [list(range(lengths[0])) + list(range(lengths[1]))]
     labels = batch["labels"][0].tolist()
     assert labels[0] == labels[lengths[0]] == IGNORE_INDEX
-    assert labels[1:] == kept[0]["labels"][1:] + [IGNORE_INDEX] + kept[1]["labels"][1:]
+    assert labels[1:] == [*kept[0]["labels"][1:], IGNORE_INDEX, *kept[1]["labels"][1:]]
     assert "attention_mask" not in batch

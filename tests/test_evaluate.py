@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from functools import lru_cache
+from functools import cache
 
 import pytest
 import torch
@@ -49,7 +49,7 @@ def test_rouge_l_by_hand():
     assert rouge_l("", "a") == 0.0 and rouge_l("a", "") == 0.0
 
 
-@lru_cache(maxsize=None)
+@cache
 def _lcs_reference(a: tuple[str, ...], b: tuple[str, ...]) -> int:
     if not a or not b:
         return 0
@@ -113,10 +113,15 @@ def test_exact_match_per_family():
 
 
 def test_evaluate_outputs_with_answers():
-    examples = [_skill("2+2?", "4", "arithmetic"), _skill("3+3?", "6", "arithmetic"),
-                Example(messages=[{"role": "user", "content": "free"}])]
-    records = [{"instruction": q, "output": o, "generator": "g", "dataset": "d"}
-               for q, o in (("2+2?", "4"), ("3+3?", "five"), ("free", "whatever"))]
+    examples = [
+        _skill("2+2?", "4", "arithmetic"),
+        _skill("3+3?", "6", "arithmetic"),
+        Example(messages=[{"role": "user", "content": "free"}]),
+    ]
+    records = [
+        {"instruction": q, "output": o, "generator": "g", "dataset": "d"}
+        for q, o in (("2+2?", "4"), ("3+3?", "five"), ("free", "whatever"))
+    ]
     report = evaluate_outputs(records, examples)
     assert report["exact_match"]["accuracy"] == 0.5
     assert report["per_example"]["correct"] == [True, False, None]
@@ -127,8 +132,12 @@ def test_evaluate_outputs_with_answers():
 def _chat_examples() -> list[Example]:
     return [
         Example(messages=[{"role": "user", "content": "hello"}, {"role": "assistant", "content": "hi there"}]),
-        Example(messages=[{"role": "user", "content": "a much longer question about things"},
-                          {"role": "assistant", "content": "and a much longer answer, too"}]),
+        Example(
+            messages=[
+                {"role": "user", "content": "a much longer question about things"},
+                {"role": "assistant", "content": "and a much longer answer, too"},
+            ]
+        ),
         Example(messages=[{"role": "user", "content": "q"}, {"role": "assistant", "content": "ok"}]),
     ]
 
@@ -162,16 +171,26 @@ def test_heldout_loss_matches_model_loss(tiny_model, tiny_tokenizer):
 
 def test_heldout_loss_without_assistant_tokens(tiny_model, tiny_tokenizer):
     with pytest.raises(DataError, match="no assistant tokens"):
-        heldout_loss(tiny_model, tiny_tokenizer, [Example(messages=[{"role": "user", "content": "x"}])],
-                     max_length=64, batch_size=2)
+        heldout_loss(
+            tiny_model,
+            tiny_tokenizer,
+            [Example(messages=[{"role": "user", "content": "x"}])],
+            max_length=64,
+            batch_size=2,
+        )
 
 
 def test_evaluate_outputs_combines_metrics(tiny_tokenizer):
     examples = _chat_examples()
     records = [
         {"instruction": "hello", "output": "hi there", "generator": "g", "dataset": "d"},
-        {"instruction": "a much longer question about things", "output": "an answer", "generator": "g",
-         "dataset": "d", "reference": "an answer"},
+        {
+            "instruction": "a much longer question about things",
+            "output": "an answer",
+            "generator": "g",
+            "dataset": "d",
+            "reference": "an answer",
+        },
         {"instruction": "q", "output": "no no no no no no", "generator": "g", "dataset": "d"},
     ]
     report = evaluate_outputs(records, examples, tiny_tokenizer)

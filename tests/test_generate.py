@@ -162,8 +162,12 @@ def test_generate_outputs_alpaca_eval_format(loaded, tmp_path):
 
 
 def test_instruction_of_requires_user_turn():
-    assert instruction_of([{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
-                           {"role": "user", "content": "c"}]) == "c"
+    assert (
+        instruction_of(
+            [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}, {"role": "user", "content": "c"}]
+        )
+        == "c"
+    )
     with pytest.raises(ValueError):
         instruction_of([{"role": "system", "content": "s"}])
 
@@ -174,10 +178,14 @@ def test_instruction_of_requires_user_turn():
         ('{"instruction": "a"}', "expected a JSON list"),
         ('[{"instruction": "a", "output": "b", "generator": "g"}]', "record 0 has no 'dataset'"),
         ('[{"instruction": "a", "output": "b", "generator": "g", "dataset": "d"}, 3]', "record 1 is int"),
-        ('[{"instruction": "a", "output": 5, "generator": "g", "dataset": "d"}]',
-         "record 0 field 'output' must be a string"),
-        ('[{"instruction": "a", "output": "b", "generator": "g", "dataset": "d", "meta": []}]',
-         "'meta' must be an object"),
+        (
+            '[{"instruction": "a", "output": 5, "generator": "g", "dataset": "d"}]',
+            "record 0 field 'output' must be a string",
+        ),
+        (
+            '[{"instruction": "a", "output": "b", "generator": "g", "dataset": "d", "meta": []}]',
+            "'meta' must be an object",
+        ),
         ("[{]", "not valid JSON (line 1"),
     ],
 )

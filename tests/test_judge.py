@@ -10,6 +10,7 @@ import re
 import numpy as np
 import pytest
 import torch
+from tests.helpers import OpenAIStyleServer, chat_reply
 
 from neftune.errors import ConfigError, JudgeError
 from neftune.judge import (
@@ -28,7 +29,6 @@ from neftune.judge import (
     parse_verdict,
     win_rate,
 )
-from tests.helpers import OpenAIStyleServer, chat_reply
 
 # --------------------------------------------------------------------------------------------------
 # helpers
@@ -38,7 +38,7 @@ def _records(outputs, generator="g", instructions=None):
     instructions = instructions or [f"instruction {i}" for i in range(len(outputs))]
     return [
         {"instruction": ins, "output": out, "generator": generator, "dataset": "d"}
-        for ins, out in zip(instructions, outputs)
+        for ins, out in zip(instructions, outputs, strict=False)
     ]
 
 
@@ -69,11 +69,27 @@ class _AlwaysFirst(Judge):
 @pytest.mark.parametrize(
     ("reply", "expected"),
     [
-        ("A", "A"), ("b", "B"), ("Tie", "tie"), (" **B**.", "B"), ("[[A]]", "A"), ("'tie'", "tie"),
-        ("Answer: B", "B"), ("Verdict - A", "A"), ("Answer A\nbecause it is better", "A"), ("Draw", "tie"),
-        ("B. It is more complete.", "B"), ("Tie: both are fine", "tie"), ("**A** - clearer", "A"),
-        ("", None), ("I think both are good", None), ("A or B", None), ("Answers", None), ("AB", None),
-        ("A good answer would be shorter", None), ("B.C. history", None), ("\n\n", None),
+        ("A", "A"),
+        ("b", "B"),
+        ("Tie", "tie"),
+        (" **B**.", "B"),
+        ("[[A]]", "A"),
+        ("'tie'", "tie"),
+        ("Answer: B", "B"),
+        ("Verdict - A", "A"),
+        ("Answer A\nbecause it is better", "A"),
+        ("Draw", "tie"),
+        ("B. It is more complete.", "B"),
+        ("Tie: both are fine", "tie"),
+        ("**A** - clearer", "A"),
+        ("", None),
+        ("I think both are good", None),
+        ("A or B", None),
+        ("Answers", None),
+        ("AB", None),
+        ("A good answer would be shorter", None),
+        ("B.C. history", None),
+        ("\n\n", None),
     ],
 )
 def test_parse_verdict(reply, expected):
@@ -220,8 +236,11 @@ def test_mismatched_files_are_rejected():
     with pytest.raises(JudgeError, match="differ in instruction at index 2"):
         judge_pairs(_records(["x", "y", "z"]), b, "length")
     with pytest.raises(JudgeError, match="record 1 has no string 'output'"):
-        judge_pairs(_records(["x", "y"]), [{"instruction": "instruction 0", "output": "x"},
-                                           {"instruction": "instruction 1"}], "length")
+        judge_pairs(
+            _records(["x", "y"]),
+            [{"instruction": "instruction 0", "output": "x"}, {"instruction": "instruction 1"}],
+            "length",
+        )
 
 
 def test_make_judge_errors():
@@ -324,9 +343,11 @@ def test_http_judge_always_failing_is_counted_not_scored(tmp_path, monkeypatch):
 
 def test_http_judge_aborts_on_dead_endpoint():
     a, b = _good_bad_pairs(n_good_b=5, n_good_a=5)
-    with OpenAIStyleServer(lambda *_: (502, "bad gateway")) as server:
-        with pytest.raises(JudgeError, match="failed on 4 queries in a row"):
-            judge_pairs(a, b, _http(server.url, max_retries=0, workers=1), max_consecutive_failures=4)
+    with (
+        OpenAIStyleServer(lambda *_: (502, "bad gateway")) as server,
+        pytest.raises(JudgeError, match="failed on 4 queries in a row"),
+    ):
+        judge_pairs(a, b, _http(server.url, max_retries=0, workers=1), max_consecutive_failures=4)
 
 
 def test_http_judge_bad_key_and_bad_url_are_fatal():
@@ -335,9 +356,8 @@ def test_http_judge_bad_key_and_bad_url_are_fatal():
         with pytest.raises(JudgeError, match=r"HTTP 401\): check \$OPENAI_API_KEY"):
             judge_pairs(a, b, _http(server.url, workers=1))
         assert len(server.requests) == 1  # no retries, no further queries on a refused key
-    with OpenAIStyleServer(_correct) as server:
-        with pytest.raises(JudgeError, match="HTTP 404"):
-            judge_pairs(a, b, _http(server.url.replace("/v1", "/v2")))
+    with OpenAIStyleServer(_correct) as server, pytest.raises(JudgeError, match="HTTP 404"):
+        judge_pairs(a, b, _http(server.url.replace("/v1", "/v2")))
 
 
 def test_http_judge_cache_makes_rerun_free(tmp_path):
@@ -425,7 +445,7 @@ def test_local_judge_with_tiny_model(tiny_model_dir, tmp_path):
     assert result.n == 4 and result.n_failed == 0
     assert {p.verdict_ab for p in result.pairs} | {p.verdict_ba for p in result.pairs} <= {"A", "B", "tie"}
     # Batched (left-padded) scoring equals scoring each query alone.
-    queries = [Query(r["instruction"], x["output"], y["output"]) for r, x, y in zip(a, a, b)]
+    queries = [Query(r["instruction"], x["output"], y["output"]) for r, x, y in zip(a, a, b, strict=False)]
     batched = judge.judge_batch(queries)
     alone = [judge.judge(q) for q in queries]
     assert [v.label for v in batched] == [v.label for v in alone]

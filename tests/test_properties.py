@@ -3,6 +3,7 @@ dtype; and the data loaders' account of every record of any mix of good and bad 
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 from pathlib import Path
@@ -28,15 +29,16 @@ def _split(draw, total: int) -> list[int]:
         return []
     cuts = sorted(draw(st.sets(st.integers(1, total - 1), max_size=min(total - 1, 6))) if total > 1 else [])
     bounds = [0, *cuts, total]
-    return [b - a for a, b in zip(bounds, bounds[1:])]
+    return [b - a for a, b in itertools.pairwise(bounds)]
 
 
 @st.composite
 def noise_cases(draw):
     """Embeddings plus the mask/position ids/cu_seq_lens of a layout, and each token's example id (-1: padding)."""
     batch, seq, width = draw(st.integers(1, 4)), draw(st.integers(1, 20)), draw(st.integers(1, 40))
-    layout = draw(st.sampled_from(["whole rows", "right", "left", "random mask", "packed", "packed + padding",
-                                   "cu_seq_lens"]))
+    layout = draw(
+        st.sampled_from(["whole rows", "right", "left", "random mask", "packed", "packed + padding", "cu_seq_lens"])
+    )
     example = torch.full((batch, seq), -1, dtype=torch.long)
     mask = position_ids = cu_seq_lens = None
     next_id = 0
@@ -53,7 +55,7 @@ def noise_cases(draw):
                 if layout == "right":
                     mask[b, :n] = 1
                 else:
-                    mask[b, seq - n:] = 1
+                    mask[b, seq - n :] = 1
             example[b][mask[b] == 1] = b
     elif layout in ("packed", "packed + padding"):
         position_ids = torch.zeros(batch, seq, dtype=torch.long)
@@ -64,8 +66,8 @@ def noise_cases(draw):
             real = seq if layout == "packed" else draw(st.integers(0, seq))
             t = 0
             for n in _split(draw, real):
-                position_ids[b, t:t + n] = torch.arange(n)
-                example[b, t:t + n] = next_id
+                position_ids[b, t : t + n] = torch.arange(n)
+                example[b, t : t + n] = next_id
                 next_id, t = next_id + 1, t + n
             if mask is not None:
                 mask[b, :real] = 1
@@ -77,7 +79,7 @@ def noise_cases(draw):
         parts = _split(draw, real)
         cu_seq_lens = torch.tensor([0, *torch.tensor(parts, dtype=torch.long).cumsum(0).tolist()], dtype=torch.int32)
         flat = example.view(-1)
-        for k, (a, b) in enumerate(zip(cu_seq_lens[:-1].tolist(), cu_seq_lens[1:].tolist())):
+        for k, (a, b) in enumerate(zip(cu_seq_lens[:-1].tolist(), cu_seq_lens[1:].tolist(), strict=False)):
             flat[a:b] = k
 
     dtype = draw(st.sampled_from(DTYPES))
@@ -93,8 +95,14 @@ def noise_cases(draw):
 @given(noise_cases())
 def test_noise_is_bounded_per_example_and_zero_on_padding(case):
     x, alpha, mask, position_ids, cu_seq_lens, example, seed = case
-    out = noisy_embeddings(x, alpha, attention_mask=mask, position_ids=position_ids, cu_seq_lens=cu_seq_lens,
-                           generator=torch.Generator().manual_seed(seed))
+    out = noisy_embeddings(
+        x,
+        alpha,
+        attention_mask=mask,
+        position_ids=position_ids,
+        cu_seq_lens=cu_seq_lens,
+        generator=torch.Generator().manual_seed(seed),
+    )
     assert out.dtype == x.dtype and out.shape == x.shape
     padding = example < 0
     assert torch.count_nonzero(out[padding]) == 0
@@ -105,7 +113,7 @@ def test_noise_is_bounded_per_example_and_zero_on_padding(case):
     width = x.shape[-1]
     ids, counts = torch.unique(example[~padding], return_counts=True)
     length = torch.zeros(example.shape, dtype=torch.float64)
-    for i, n in zip(ids.tolist(), counts.tolist()):
+    for i, n in zip(ids.tolist(), counts.tolist(), strict=False):
         length[example == i] = n
     bound = torch.where(padding, 0.0, alpha / torch.sqrt(length.clamp(min=1) * width))[..., None]
     noise = out.double() - x.double()
@@ -118,7 +126,7 @@ def test_noise_is_bounded_per_example_and_zero_on_padding(case):
 
     # and it reaches the bound's order: per example, of L*d >= 40 uniform draws one exceeds bound/2
     # (a chance of 2^-40 to fail), wherever rounding is small against the bound
-    for i, n in zip(ids.tolist(), counts.tolist()):
+    for i, n in zip(ids.tolist(), counts.tolist(), strict=False):
         where = example == i
         b = alpha / math.sqrt(n * width)
         if n * width >= 40 and tolerance[where].max() <= 0.05 * b:
@@ -129,8 +137,15 @@ def test_noise_is_bounded_per_example_and_zero_on_padding(case):
 @given(st.data())
 def test_gaussian_noise_is_zero_on_padding(data):
     x, alpha, mask, position_ids, cu_seq_lens, example, seed = data.draw(noise_cases())
-    out = noisy_embeddings(x, alpha, attention_mask=mask, position_ids=position_ids, cu_seq_lens=cu_seq_lens,
-                           distribution="gaussian", generator=torch.Generator().manual_seed(seed))
+    out = noisy_embeddings(
+        x,
+        alpha,
+        attention_mask=mask,
+        position_ids=position_ids,
+        cu_seq_lens=cu_seq_lens,
+        distribution="gaussian",
+        generator=torch.Generator().manual_seed(seed),
+    )
     assert out.dtype == x.dtype and torch.count_nonzero(out[example < 0]) == 0
 
 
@@ -146,10 +161,15 @@ def turns(roles: list[str]) -> st.SearchStrategy:
 
 
 good_alpaca = st.fixed_dictionaries(
-    {"instruction": filled, "output": filled}, optional={"input": text, "system": text, "id": st.integers()})
-good_messages = st.sampled_from([["user", "assistant"], ["system", "user", "assistant"],
-                                 ["user", "assistant", "user", "assistant"]]).flatmap(turns).map(
-    lambda m: {"messages": m})
+    {"instruction": filled, "output": filled}, optional={"input": text, "system": text, "id": st.integers()}
+)
+good_messages = (
+    st.sampled_from(
+        [["user", "assistant"], ["system", "user", "assistant"], ["user", "assistant", "user", "assistant"]]
+    )
+    .flatmap(turns)
+    .map(lambda m: {"messages": m})
+)
 bad_alpaca = st.one_of(
     st.fixed_dictionaries({"instruction": filled}),  # missing output
     st.fixed_dictionaries({"instruction": filled, "output": blank}),
@@ -162,19 +182,33 @@ bad_messages = st.one_of(
     turns(["user", "assistant", "user"]).map(lambda m: {"messages": m}),
     st.just({"messages": []}),
     st.fixed_dictionaries({"messages": st.one_of(text, st.integers())}),
-    st.tuples(filled, filled.filter(lambda r: r.strip().lower() not in
-                                    {"system", "human", "user", "gpt", "assistant", "chatgpt", "bard", "bing", "model"}))
-    .map(lambda pair: {"messages": [{"role": "user", "content": "hi"}, {"role": pair[1], "content": pair[0]}]}),
+    st.tuples(
+        filled,
+        filled.filter(
+            lambda r: (
+                r.strip().lower()
+                not in {"system", "human", "user", "gpt", "assistant", "chatgpt", "bard", "bing", "model"}
+            )
+        ),
+    ).map(lambda pair: {"messages": [{"role": "user", "content": "hi"}, {"role": pair[1], "content": pair[0]}]}),
     st.just({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "   "}]}),
     st.just({"messages": [{"role": "user", "content": "hi"}, "not a turn"]}),
     st.just({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": 3}]}),
 )
 not_objects = st.one_of(st.integers(), st.lists(st.integers(), max_size=3), text, st.none(), st.booleans())
 records = st.one_of(good_alpaca, good_messages, bad_alpaca, bad_messages, not_objects)
-raw_lines = st.sampled_from([b'{"instruction": "cut', b'{"instruction": "caf\xe9", "output": "x"}', b"[1, 2",
-                             b"not json at all", b'{"instruction": "a", "output": "b"} trailing'])
-lines = st.lists(st.one_of(records.map(lambda r: json.dumps(r).encode()), raw_lines, blank.map(str.encode)),
-                 min_size=1, max_size=12)
+raw_lines = st.sampled_from(
+    [
+        b'{"instruction": "cut',
+        b'{"instruction": "caf\xe9", "output": "x"}',
+        b"[1, 2",
+        b"not json at all",
+        b'{"instruction": "a", "output": "b"} trailing',
+    ]
+)
+lines = st.lists(
+    st.one_of(records.map(lambda r: json.dumps(r).encode()), raw_lines, blank.map(str.encode)), min_size=1, max_size=12
+)
 
 
 def _check(result, total: int) -> None:

@@ -16,12 +16,12 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from tests.helpers import hook_count
 from transformers import Trainer, TrainerCallback
 
 from neftune.config import Config, load_config
 from neftune.errors import NeftuneError
 from neftune.train import last_complete_checkpoint, run_training
-from tests.helpers import hook_count
 
 ROOT = Path(__file__).resolve().parents[1]
 SRC = ROOT / "src"
@@ -30,15 +30,41 @@ SRC = ROOT / "src"
 @pytest.fixture
 def env(tmp_path_factory):
     cache = tmp_path_factory.getbasetemp() / "neftune-cache"
-    return {**os.environ, "NEFTUNE_CACHE": str(cache), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-            "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1",
-            "PYTHONPATH": os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")])}
+    return {
+        **os.environ,
+        "NEFTUNE_CACHE": str(cache),
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")]),
+    }
 
 
 def _train_cmd(output: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "neftune", "train", "--model", "tiny-random", "--full", "--alpha", "5",
-            "--output", str(output), "--max-steps", "30", "--batch-size", "4", "--no-progress",
-            "data.limit=96", "train.save_steps=3", "train.eval_steps=100", "train.logging_steps=1", *extra]
+    return [
+        sys.executable,
+        "-m",
+        "neftune",
+        "train",
+        "--model",
+        "tiny-random",
+        "--full",
+        "--alpha",
+        "5",
+        "--output",
+        str(output),
+        "--max-steps",
+        "30",
+        "--batch-size",
+        "4",
+        "--no-progress",
+        "data.limit=96",
+        "train.save_steps=3",
+        "train.eval_steps=100",
+        "train.logging_steps=1",
+        *extra,
+    ]
 
 
 def _weights(directory: Path) -> dict[str, torch.Tensor]:
@@ -75,8 +101,16 @@ def test_sigkill_then_resume_matches_the_uninterrupted_run(tmp_path, env):
 
 
 def _small_config(output: Path, **train) -> Config:
-    overrides = ["model.name=tiny-random", "model.lora=false", f"train.output={output}", "train.max_steps=9",
-                 "train.batch_size=4", "train.save_steps=3", "train.progress=false", "data.limit=64"]
+    overrides = [
+        "model.name=tiny-random",
+        "model.lora=false",
+        f"train.output={output}",
+        "train.max_steps=9",
+        "train.batch_size=4",
+        "train.save_steps=3",
+        "train.progress=false",
+        "data.limit=64",
+    ]
     overrides += [f"train.{k}={v}" for k, v in train.items()]
     return load_config(Config, None, overrides)
 
@@ -147,8 +181,23 @@ def test_no_hook_remains_after_an_exception_inside_compare_evaluation(tmp_path, 
 
     monkeypatch.setattr(neftune.evaluate, "heldout_loss", exploding_heldout_loss)
     with pytest.raises(RuntimeError, match="evaluation failed"):
-        main(["compare", "--model", "tiny-random", "--max-steps", "2", "--eval-limit", "4", "--judge", "none",
-              "data.limit=16", "--no-progress", "--output", str(tmp_path / "exp")])
+        main(
+            [
+                "compare",
+                "--model",
+                "tiny-random",
+                "--max-steps",
+                "2",
+                "--eval-limit",
+                "4",
+                "--judge",
+                "none",
+                "data.limit=16",
+                "--no-progress",
+                "--output",
+                str(tmp_path / "exp"),
+            ]
+        )
     assert seen == {"neftune_hooks": 0, "hooks": 0}
 
 
@@ -163,9 +212,29 @@ def test_no_unsafe_deserialisation_or_remote_code_in_the_package():
 
 
 def _compare_cmd(output: Path) -> list[str]:
-    return [sys.executable, "-m", "neftune", "compare", "--model", "tiny-random", "--output", str(output),
-            "--max-steps", "30", "--eval-limit", "4", "--max-new-tokens", "4", "--judge", "length", "--no-progress",
-            "data.limit=96", "train.save_steps=3", "train.eval_steps=100", "train.batch_size=4"]
+    return [
+        sys.executable,
+        "-m",
+        "neftune",
+        "compare",
+        "--model",
+        "tiny-random",
+        "--output",
+        str(output),
+        "--max-steps",
+        "30",
+        "--eval-limit",
+        "4",
+        "--max-new-tokens",
+        "4",
+        "--judge",
+        "length",
+        "--no-progress",
+        "data.limit=96",
+        "train.save_steps=3",
+        "train.eval_steps=100",
+        "train.batch_size=4",
+    ]
 
 
 def test_compare_killed_mid_arm_resumes_without_retraining_finished_arms(tmp_path, env):

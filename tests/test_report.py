@@ -99,8 +99,8 @@ def make_results(n_eval: int = 200, seed: int = 0) -> dict[str, Any]:
             "alpha": alpha,
             "seed": 0,
             "train": {
-                "loss_curve": [[int(s), float(v)] for s, v in zip(steps, train_loss)],
-                "heldout_curve": [[int(s), float(v)] for s, v in zip(held_steps, held)],
+                "loss_curve": [[int(s), float(v)] for s, v in zip(steps, train_loss, strict=False)],
+                "heldout_curve": [[int(s), float(v)] for s, v in zip(held_steps, held, strict=False)],
                 "train_time_s": 611.0 + 3 * alpha,
                 "tokens_per_s": 5210.0 - 4 * alpha,
             },
@@ -113,10 +113,16 @@ def make_results(n_eval: int = 200, seed: int = 0) -> dict[str, Any]:
                 "distinct_2": 0.78 - 0.01 * alpha,
                 "repetition_rate": 0.031 + 0.002 * alpha,
                 "rouge_l": float(rouge.mean()),
-                "length_chars": {"mean": float(length.mean()), "median": float(np.median(length)),
-                                 "p90": float(np.percentile(length, 90))},
-                "length_tokens": {"mean": float(lengths_tok.mean()), "median": float(np.median(lengths_tok)),
-                                  "p90": float(np.percentile(lengths_tok, 90))},
+                "length_chars": {
+                    "mean": float(length.mean()),
+                    "median": float(np.median(length)),
+                    "p90": float(np.percentile(length, 90)),
+                },
+                "length_tokens": {
+                    "mean": float(lengths_tok.mean()),
+                    "median": float(np.median(lengths_tok)),
+                    "p90": float(np.percentile(lengths_tok, 90)),
+                },
                 "per_example": {
                     "correct": [int(c) for c in correct],
                     "length_chars": [int(v) for v in length],
@@ -127,25 +133,46 @@ def make_results(n_eval: int = 200, seed: int = 0) -> dict[str, Any]:
         }
         if win is not None:
             arm["judge"] = {
-                "vs": "alpha=0", "backend": "openai-compatible (Qwen2.5-7B-Instruct)",
-                "win_rate": win, "ci": [win - 0.068, win + 0.066],
-                "lc_win_rate": lc, "lc_ci": [lc - 0.071, lc + 0.07],
-                "consistency": consistency, "n": n_eval, "n_failed": 2, "n_ties": 13,
+                "vs": "alpha=0",
+                "backend": "openai-compatible (Qwen2.5-7B-Instruct)",
+                "win_rate": win,
+                "ci": [win - 0.068, win + 0.066],
+                "lc_win_rate": lc,
+                "lc_ci": [lc - 0.071, lc + 0.07],
+                "consistency": consistency,
+                "n": n_eval,
+                "n_failed": 2,
+                "n_ties": 13,
             }
         arms.append(arm)
     return {
         "title": "NEFTune on SmolLM2-135M-Instruct: \u03b1 \u2208 {0, 5, 10}",
         "created": "2025-11-26T15:42:07+00:00",
         "wall_time_s": 2017.4,
-        "model": {"spec": "HuggingFaceTB/SmolLM2-135M-Instruct", "n_params": 134_515_008,
-                  "trainable_params": 1_843_200, "dtype": "bfloat16", "chat_template": "chatml"},
-        "data": {"train": "yahma/alpaca-cleaned[:2000]", "eval": "eval/mixed-200.jsonl",
-                 "n_train": 2000, "n_eval": n_eval},
+        "model": {
+            "spec": "HuggingFaceTB/SmolLM2-135M-Instruct",
+            "n_params": 134_515_008,
+            "trainable_params": 1_843_200,
+            "dtype": "bfloat16",
+            "chat_template": "chatml",
+        },
+        "data": {
+            "train": "yahma/alpaca-cleaned[:2000]",
+            "eval": "eval/mixed-200.jsonl",
+            "n_train": 2000,
+            "n_eval": n_eval,
+        },
         "seeds": [0],
         "versions": {"neftune": "0.1.0", "torch": "2.5.1", "transformers": "5.0.0", "python": "3.11.9"},
-        "settings": {"lr": 2e-4, "steps": 300, "batch": 16, "max_length": 512, "warmup_ratio": 0.03,
-                     "lora": {"r": 16, "alpha": 32, "dropout": 0.05, "targets": ["q_proj", "v_proj"]},
-                     "noise": {"distribution": "uniform", "per_example": True}},
+        "settings": {
+            "lr": 2e-4,
+            "steps": 300,
+            "batch": 16,
+            "max_length": 512,
+            "warmup_ratio": 0.03,
+            "lora": {"r": 16, "alpha": 32, "dropout": 0.05, "targets": ["q_proj", "v_proj"]},
+            "noise": {"distribution": "uniform", "per_example": True},
+        },
         "baseline": "alpha=0",
         "arms": arms,
         "examples": copy.deepcopy(EXAMPLES),
@@ -185,12 +212,17 @@ def parse(path: Path) -> _Page:
 @pytest.fixture(scope="module")
 def full_report(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any], dict[str, Path]]:
     results = make_results()
-    results["examples"].append({
-        "instruction": "Show an HTML snippet & explain it.",
-        "reference": "<b>bold</b>",
-        "outputs": {"alpha=0": "<script>alert('pwned')</script>", "alpha=5": "Use <b>bold</b> & \"quotes\"",
-                    "alpha=10": "```\n<img src=x onerror=alert(1)>\n```"},
-    })
+    results["examples"].append(
+        {
+            "instruction": "Show an HTML snippet & explain it.",
+            "reference": "<b>bold</b>",
+            "outputs": {
+                "alpha=0": "<script>alert('pwned')</script>",
+                "alpha=5": 'Use <b>bold</b> & "quotes"',
+                "alpha=10": "```\n<img src=x onerror=alert(1)>\n```",
+            },
+        }
+    )
     results["examples"].insert(0, results["examples"].pop())  # within the examples the report shows
     out = tmp_path_factory.mktemp("report")
     return results, write_report(results, out)
@@ -250,9 +282,15 @@ def test_markdown_mirrors_report_and_links_plots(full_report):
     md = paths["markdown"].read_text(encoding="utf-8")
     for name in PLOT_NAMES:
         assert f"(plots/{name}.png)" in md
-    for heading in ("## Verdict", "## Length and quality", "## Metrics", "## Judge", "## Per-arm metrics",
-                    "## Example answers",
-                    "## Run details"):
+    for heading in (
+        "## Verdict",
+        "## Length and quality",
+        "## Metrics",
+        "## Judge",
+        "## Per-arm metrics",
+        "## Example answers",
+        "## Run details",
+    ):
         assert heading in md
     assert "````text\n```\n<img src=x onerror=alert(1)>\n```\n````" in md  # fence longer than the answer's
     assert "HuggingFaceTB/SmolLM2-135M-Instruct" in md and "lora.r" in md
@@ -265,8 +303,7 @@ def test_headline_states_each_arm_with_ci_and_verdict(full_report):
     effects = compute_effects(results["arms"][0], results["arms"][1])
     em = effects["exact_match"]
     lo, hi = (c * 100 for c in em["ci"])
-    expected = (f"**\u03b1=5:** exact match {em['diff'] * 100:+.1f} points [{lo:+.1f}, {hi:+.1f}]"
-                .replace("-", "\u2212"))
+    expected = f"**\u03b1=5:** exact match {em['diff'] * 100:+.1f} points [{lo:+.1f}, {hi:+.1f}]".replace("-", "\u2212")
     assert expected in verdict
     assert f"answers {effects['length_chars']['ratio']:.1f}\u00d7 longer" in verdict
     html = paths["html"].read_text(encoding="utf-8")
@@ -275,10 +312,26 @@ def test_headline_states_each_arm_with_ci_and_verdict(full_report):
 
 
 def test_compute_effects_hand_computed():
-    base = {"name": "b", "eval": {"per_example": {"correct": [1, 0, 0, 1, 0], "length_chars": [100, 200, 300, 400, 500],
-                                                   "rouge_l": [0.5, None, 0.25, 0.5, 0.75]}}}
-    arm = {"name": "a", "eval": {"per_example": {"correct": [1, 1, 0, 1, 1], "length_chars": [150, 260, 290, 480, 620],
-                                                  "rouge_l": [0.5, 0.9, 0.5, 0.25, 1.0]}}}
+    base = {
+        "name": "b",
+        "eval": {
+            "per_example": {
+                "correct": [1, 0, 0, 1, 0],
+                "length_chars": [100, 200, 300, 400, 500],
+                "rouge_l": [0.5, None, 0.25, 0.5, 0.75],
+            }
+        },
+    }
+    arm = {
+        "name": "a",
+        "eval": {
+            "per_example": {
+                "correct": [1, 1, 0, 1, 1],
+                "length_chars": [150, 260, 290, 480, 620],
+                "rouge_l": [0.5, 0.9, 0.5, 0.25, 1.0],
+            }
+        },
+    }
     effects = compute_effects(base, arm, n_boot=500, seed=3)
     assert set(effects) == {"exact_match", "rouge_l", "length_chars"}
     em = effects["exact_match"]
@@ -305,7 +358,7 @@ def test_within_noise_better_worse_logic():
     n = 60
     base = _arm("b", [i % 2 for i in range(n)], [300] * n, [0.5] * n)
     same = compute_effects(base, _arm("s", [i % 2 for i in range(n)], [300] * n, [0.5] * n), n_boot=300)
-    assert {k: e["verdict"] for k, e in same.items()} == {k: "within noise" for k in same}
+    assert {k: e["verdict"] for k, e in same.items()} == dict.fromkeys(same, "within noise")
     assert same["exact_match"]["ci"] == [0.0, 0.0]  # an interval that touches 0 still contains it
 
     # half the wrong answers fixed and half the right ones broken: no net change
@@ -366,8 +419,12 @@ def _variant(name: str) -> dict[str, Any]:
     elif name == "failed_baseline":
         results["arms"][0] = {"name": "alpha=0", "alpha": 0.0, "error": "diverged: loss is NaN"}
     elif name == "bare":
-        results = {"arms": [{"name": "alpha=0"}, {"name": "alpha=5", "alpha": 5, "eval": {"heldout_loss": float("nan")},
-                                                  "judge": {"win_rate": 0.7}}]}
+        results = {
+            "arms": [
+                {"name": "alpha=0"},
+                {"name": "alpha=5", "alpha": 5, "eval": {"heldout_loss": float("nan")}, "judge": {"win_rate": 0.7}},
+            ]
+        }
     elif name == "no_per_example":
         for arm in results["arms"]:
             arm["eval"].pop("per_example")
@@ -429,9 +486,18 @@ def test_report_renders_in_headless_chromium(full_report, tmp_path):
     _, paths = full_report
     shot = tmp_path / "shot.png"
     cmd = [
-        _chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-        "--disable-component-update", "--disable-sync", "--no-first-run", f"--user-data-dir={tmp_path / 'profile'}",
-        f"--screenshot={shot}", "--window-size=1280,2400", paths["html"].resolve().as_uri(),
+        _chromium(),
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--no-first-run",
+        f"--user-data-dir={tmp_path / 'profile'}",
+        f"--screenshot={shot}",
+        "--window-size=1280,2400",
+        paths["html"].resolve().as_uri(),
     ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=90)
     assert shot.is_file(), f"chromium wrote no screenshot (rc {proc.returncode}): {proc.stderr[-2000:]}"

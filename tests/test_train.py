@@ -4,6 +4,7 @@ formats, packing, exact resume, atomic saves, two CPU processes and the embedded
 from __future__ import annotations
 
 import errno
+import itertools
 import json
 import os
 import subprocess
@@ -15,6 +16,7 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
+from tests.helpers import record_noise
 from transformers import TrainerCallback
 
 import neftune
@@ -23,13 +25,17 @@ from neftune.config import Config, load_config, to_dict
 from neftune.data.collate import PaddingCollator, packing_collator
 from neftune.data.formats import Example
 from neftune.data.template import IGNORE_INDEX, encode_examples
-from neftune.models import resolve_model
 from neftune.io import atomic_save_dir
+from neftune.models import resolve_model
 from neftune.train import EMBEDDED_DEFAULT_STEPS, run_training, training_arguments
-from tests.helpers import record_noise
 
-OFFLINE = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
-           "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
+OFFLINE = {
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+    "OMP_NUM_THREADS": "1",
+}
 SECRET = "sk-test-NEFTUNE-DO-NOT-WRITE-0123456789"
 
 ALPACA = [
@@ -42,15 +48,26 @@ ALPACA = [
 ]
 SHAREGPT = [
     {"conversations": [{"from": "human", "value": "Say hi"}, {"from": "gpt", "value": "hi"}]},
-    {"conversations": [{"from": "system", "value": "Be brief."}, {"from": "human", "value": "2+2?"},
-                       {"from": "gpt", "value": "4"}, {"from": "human", "value": "and 3+3?"},
-                       {"from": "gpt", "value": "6"}]},
+    {
+        "conversations": [
+            {"from": "system", "value": "Be brief."},
+            {"from": "human", "value": "2+2?"},
+            {"from": "gpt", "value": "4"},
+            {"from": "human", "value": "and 3+3?"},
+            {"from": "gpt", "value": "6"},
+        ]
+    },
     {"conversations": [{"from": "human", "value": "Reverse abc"}, {"from": "gpt", "value": "cba"}]},
 ]
 MESSAGES = [
     {"messages": [{"role": "user", "content": "Say hi"}, {"role": "assistant", "content": "hi"}]},
-    {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2?"},
-                  {"role": "assistant", "content": "4"}]},
+    {
+        "messages": [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "2+2?"},
+            {"role": "assistant", "content": "4"},
+        ]
+    },
     {"messages": [{"role": "user", "content": "Reverse abc"}, {"role": "assistant", "content": "cba"}]},
     {"messages": [{"role": "user", "content": "Uppercase dog"}, {"role": "assistant", "content": "DOG"}]},
 ]
@@ -95,8 +112,14 @@ def data_dir(tmp_path_factory):
 
 def cfg_for(out: Path, data: Path, *overrides: str) -> Config:
     base = [
-        "model.name=tiny-random", f"data.train={data}", f"train.output={out}", "train.max_steps=2",
-        "train.batch_size=2", "train.logging_steps=1", "train.progress=false", "train.save_steps=50",
+        "model.name=tiny-random",
+        f"data.train={data}",
+        f"train.output={out}",
+        "train.max_steps=2",
+        "train.batch_size=2",
+        "train.logging_steps=1",
+        "train.progress=false",
+        "train.save_steps=50",
     ]
     return load_config(Config, None, base + list(overrides))
 
@@ -114,10 +137,31 @@ def full_run(cache, data_dir, tmp_path_factory):
     """``neftune train --full`` in-process: 4 steps, eval and checkpoints every 2."""
     out = tmp_path_factory.mktemp("full") / "run"
     argv = [
-        "train", "--model", "tiny-random", "--data", str(data_dir / "alpaca.json"),
-        "--eval-data", str(data_dir / "messages.jsonl"), "--output", str(out), "--full",
-        "--max-steps", "4", "--batch-size", "2", "--alpha", "5", "--seed", "3", "--lr", "1e-3",
-        "--no-progress", "data.limit=4", "train.save_steps=2", "train.eval_steps=2", "train.logging_steps=1",
+        "train",
+        "--model",
+        "tiny-random",
+        "--data",
+        str(data_dir / "alpaca.json"),
+        "--eval-data",
+        str(data_dir / "messages.jsonl"),
+        "--output",
+        str(out),
+        "--full",
+        "--max-steps",
+        "4",
+        "--batch-size",
+        "2",
+        "--alpha",
+        "5",
+        "--seed",
+        "3",
+        "--lr",
+        "1e-3",
+        "--no-progress",
+        "data.limit=4",
+        "train.save_steps=2",
+        "train.eval_steps=2",
+        "train.logging_steps=1",
     ]
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("NEFTUNE_CACHE", str(cache))
@@ -137,8 +181,22 @@ def lora_run(cache, data_dir, tmp_path_factory):
     """``neftune train --lora --merge`` through the CLI on a messages JSONL file."""
     out = tmp_path_factory.mktemp("lora") / "run"
     argv = [
-        "train", "--model", "tiny-random", "--data", str(data_dir / "messages.jsonl"), "--output", str(out),
-        "--lora", "--merge", "--max-steps", "3", "--batch-size", "2", "--lr", "2e-2", "--no-progress",
+        "train",
+        "--model",
+        "tiny-random",
+        "--data",
+        str(data_dir / "messages.jsonl"),
+        "--output",
+        str(out),
+        "--lora",
+        "--merge",
+        "--max-steps",
+        "3",
+        "--batch-size",
+        "2",
+        "--lr",
+        "2e-2",
+        "--no-progress",
     ]
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("NEFTUNE_CACHE", str(cache))
@@ -201,8 +259,13 @@ def test_config_redacts_secret_looking_fields():
         judge: Judge = field(default_factory=Judge)
 
     data = to_dict(Top())["judge"]
-    assert data == {"api_key": "***", "hf_token": "***", "password": "***",
-                    "api_key_env": "OPENAI_API_KEY", "max_new_tokens": 64}
+    assert data == {
+        "api_key": "***",
+        "hf_token": "***",
+        "password": "***",
+        "api_key_env": "OPENAI_API_KEY",
+        "max_new_tokens": 64,
+    }
     assert to_dict(Top(), redact=False)["judge"]["api_key"] == "sk-live-123"
 
 
@@ -258,7 +321,11 @@ def test_saved_models_load_with_plain_transformers_in_a_fresh_process(full_run, 
     env.pop("PYTHONPATH", None)
     proc = subprocess.run(
         [sys.executable, str(script), str(out / "model"), str(adapter), str(merged)],
-        capture_output=True, text=True, timeout=240, env=env, cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=240,
+        env=env,
+        cwd=tmp_path,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -296,17 +363,22 @@ def _per_token_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Te
 
 def test_packed_and_padded_batches_give_the_same_per_example_loss(tiny_model, tiny_tokenizer):
     conversations = [
-        ("Say hi", "hi there"), ("Add 2 and 3, please", "5"), ("Reverse the word apple", "elppa, that is"),
-        ("x", "y" * 30), ("What is the capital of France? Answer in one word.", "Paris"),
+        ("Say hi", "hi there"),
+        ("Add 2 and 3, please", "5"),
+        ("Reverse the word apple", "elppa, that is"),
+        ("x", "y" * 30),
+        ("What is the capital of France? Answer in one word.", "Paris"),
     ]
-    examples = [Example([{"role": "user", "content": u}, {"role": "assistant", "content": a}]) for u, a in conversations]
+    examples = [
+        Example([{"role": "user", "content": u}, {"role": "assistant", "content": a}]) for u, a in conversations
+    ]
     rows, dropped = encode_examples(tiny_tokenizer, examples, 512)
     assert not dropped and len({len(r["input_ids"]) for r in rows}) > 1
     model = tiny_model.eval()
 
     packed = packing_collator()(rows)
     assert packed["input_ids"].shape[0] == 1 and "attention_mask" not in packed
-    starts = (packed["position_ids"][0] == 0).nonzero().flatten().tolist() + [packed["input_ids"].shape[1]]
+    starts = [*(packed["position_ids"][0] == 0).nonzero().flatten().tolist(), packed["input_ids"].shape[1]]
     assert len(starts) == len(rows) + 1
 
     def packed_losses(**kwargs):
@@ -314,7 +386,7 @@ def test_packed_and_padded_batches_give_the_same_per_example_loss(tiny_model, ti
             logits = model(input_ids=packed["input_ids"], use_cache=False, **kwargs).logits[0]
         nll, mask = _per_token_nll(logits, packed["labels"][0])
         # example k owns the predictions made from its own tokens s..e-2 (of labels s+1..e-1)
-        return [nll[s : e - 1][mask[s : e - 1]].mean().item() for s, e in zip(starts[:-1], starts[1:])]
+        return [nll[s : e - 1][mask[s : e - 1]].mean().item() for s, e in itertools.pairwise(starts)]
 
     padded = PaddingCollator(tiny_tokenizer.pad_token_id)(rows)
     with torch.no_grad():
@@ -327,7 +399,7 @@ def test_packed_and_padded_batches_give_the_same_per_example_loss(tiny_model, ti
     assert packed_losses(position_ids=packed["position_ids"]) == pytest.approx(padded_losses, abs=1e-4)
     # without the restarting position ids the examples would attend to each other: the check has teeth
     leaky = packed_losses()
-    assert max(abs(a - b) for a, b in zip(leaky, padded_losses)) > 1e-3
+    assert max(abs(a - b) for a, b in zip(leaky, padded_losses, strict=False)) > 1e-3
 
 
 # -- resume ------------------------------------------------------------------------------------
@@ -367,8 +439,11 @@ def test_resume_after_a_crash_matches_the_uninterrupted_run(data_dir, tmp_path, 
     wa, wb = load_file(a.model_dir / weights), load_file(b.model_dir / weights)
     assert wa.keys() == wb.keys() and wa
     assert max((wa[k] - wb[k]).abs().max().item() for k in wa) <= 1e-6
-    steps = [json.loads(line)["step"] for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()
-             if "loss" in json.loads(line)]
+    steps = [
+        json.loads(line)["step"]
+        for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()
+        if "loss" in json.loads(line)
+    ]
     assert steps == [1, 2, 3, 3, 4, 5]  # the log keeps the crashed run's lines and continues
 
     if lora:  # the noise is part of what has to be restored: without it the weights differ
@@ -438,8 +513,22 @@ def test_full_disk_while_saving_the_final_model(data_dir, tmp_path, monkeypatch,
     import neftune.train
 
     monkeypatch.setattr(neftune.train, "_save", lambda model, tokenizer, directory: _disk_full(directory))
-    rc = main(["train", "--model", "tiny-random", "--data", str(data_dir / "alpaca.jsonl"), "--output", str(out),
-               "--max-steps", "1", "--batch-size", "2", "--no-progress"])
+    rc = main(
+        [
+            "train",
+            "--model",
+            "tiny-random",
+            "--data",
+            str(data_dir / "alpaca.jsonl"),
+            "--output",
+            str(out),
+            "--max-steps",
+            "1",
+            "--batch-size",
+            "2",
+            "--no-progress",
+        ]
+    )
     err = capsys.readouterr().err
     assert rc == 2
     lines = [line for line in err.splitlines() if line.strip()]
@@ -484,10 +573,25 @@ def test_two_cpu_processes_with_torchrun(cache, data_dir, tmp_path):
     driver.write_text(DRIVER)
     torchrun = Path(sys.executable).with_name("torchrun")
     launcher = [str(torchrun)] if torchrun.exists() else [sys.executable, "-m", "torch.distributed.run"]
-    cmd = launcher + [
-        "--standalone", "--nproc_per_node", "2",  # standalone: the rendezvous picks a free port itself
-        str(driver), "train", "--model", "tiny-random", "--data", str(data_dir / "alpaca.jsonl"),
-        "--output", str(out), "--max-steps", "2", "--batch-size", "3", "--no-progress", "train.logging_steps=1",
+    cmd = [
+        *launcher,
+        "--standalone",
+        "--nproc_per_node",
+        "2",  # standalone: the rendezvous picks a free port itself
+        str(driver),
+        "train",
+        "--model",
+        "tiny-random",
+        "--data",
+        str(data_dir / "alpaca.jsonl"),
+        "--output",
+        str(out),
+        "--max-steps",
+        "2",
+        "--batch-size",
+        "3",
+        "--no-progress",
+        "train.logging_steps=1",
     ]
     env = {**os.environ, **OFFLINE, "NEFTUNE_CACHE": str(cache), "DRAWS_DIR": str(tmp_path)}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)

@@ -14,9 +14,16 @@ def _model(kv_heads: int):
     torch.manual_seed(0)
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(vocab_size=260, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=kv_heads, use_cache=False,
-                         attn_implementation="sdpa")
+    config = LlamaConfig(
+        vocab_size=260,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=kv_heads,
+        use_cache=False,
+        attn_implementation="sdpa",
+    )
     return LlamaForCausalLM(config).float().train()
 
 
@@ -29,7 +36,7 @@ def test_packed_row_matches_each_example_alone(kv_heads):
 
     reference_loss = 0.0
     reference_logits = []
-    for s, n in zip(starts, LENGTHS):
+    for s, n in zip(starts, LENGTHS, strict=False):
         out = model(input_ids=ids[:, s : s + n])
         reference_logits.append(out.logits)
     reference = torch.cat(reference_logits, dim=1)
@@ -62,4 +69,3 @@ def test_segment_index():
     assert valid.tolist() == [[True, True, True], [True, True, False], [True, False, False]]
     assert index[valid].tolist() == [0, 1, 2, 3, 4, 5]
     assert varlen.segment_index(torch.arange(7)[None]) is None
-

@@ -1,14 +1,14 @@
 """neftune: instruction finetuning with per-example NEFTune noise.
 
-    import neftune
-    with neftune.attach(model, alpha=5.0):          # noise only while model.training
-        trainer.train()
-    trainer = SFTTrainer(..., callbacks=[neftune.NEFTuneCallback(alpha=5.0)])
-    noisy = neftune.noisy_embeddings(embeds, alpha=5.0, attention_mask=mask)
+import neftune
+with neftune.attach(model, alpha=5.0):          # noise only while model.training
+    trainer.train()
+trainer = SFTTrainer(..., callbacks=[neftune.NEFTuneCallback(alpha=5.0)])
+noisy = neftune.noisy_embeddings(embeds, alpha=5.0, attention_mask=mask)
 
-    cfg = neftune.load_config(neftune.Config, "my.yaml", ["noise.alpha=10"])
-    result = neftune.run_training(cfg)               # what `neftune train` runs
-    paths = neftune.run_compare(neftune.load_config(neftune.CompareConfig))   # `neftune compare`
+cfg = neftune.load_config(neftune.Config, "my.yaml", ["noise.alpha=10"])
+result = neftune.run_training(cfg)               # what `neftune train` runs
+paths = neftune.run_compare(neftune.load_config(neftune.CompareConfig))   # `neftune compare`
 """
 
 from __future__ import annotations

@@ -125,8 +125,13 @@ class NEFTuneHandle:
         generator = self._generator(output.device)
         self.micro_step += 1
         return noisy_embeddings(
-            output, self.alpha, attention_mask=mask, position_ids=ctx.get("position_ids"),
-            cu_seq_lens=cu, distribution=self.distribution, generator=generator,
+            output,
+            self.alpha,
+            attention_mask=mask,
+            position_ids=ctx.get("position_ids"),
+            cu_seq_lens=cu,
+            distribution=self.distribution,
+            generator=generator,
         )
 
     def _generator(self, device: torch.device) -> torch.Generator:

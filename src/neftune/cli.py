@@ -141,11 +141,15 @@ def _answer(args: argparse.Namespace, model, tokenizer, examples) -> list[dict]:
     from neftune.generate import default_repetition_penalty, generate_outputs
 
     return generate_outputs(
-        model, tokenizer, examples,
+        model,
+        tokenizer,
+        examples,
         generator_name=getattr(args, "name", None) or os.path.basename(os.path.normpath(args.model)),
-        dataset_name=args.data, max_new_tokens=args.max_new_tokens,
+        dataset_name=args.data,
+        max_new_tokens=args.max_new_tokens,
         repetition_penalty=default_repetition_penalty(args.data, args.repetition_penalty),
-        batch_size=args.batch_size, progress=not args.no_progress,
+        batch_size=args.batch_size,
+        progress=not args.no_progress,
     )
 
 
@@ -154,7 +158,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from neftune.models import load_model_and_tokenizer
 
     examples = _load_eval_set(args.data, args.format, args.limit, args.on_bad_record)
-    model, tokenizer = load_model_and_tokenizer(args.model, for_training=False, trust_remote_code=args.trust_remote_code)
+    model, tokenizer = load_model_and_tokenizer(
+        args.model, for_training=False, trust_remote_code=args.trust_remote_code
+    )
     records = _answer(args, model, tokenizer, examples)
     path = write_outputs(args.output, records)
     print(f"{len(records)} answers written to {path}")
@@ -173,10 +179,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
     tokenizer = None
     records = read_outputs(args.outputs) if args.outputs else None
     if args.model:
-        model, tokenizer = load_model_and_tokenizer(args.model, for_training=False, trust_remote_code=args.trust_remote_code)
+        model, tokenizer = load_model_and_tokenizer(
+            args.model, for_training=False, trust_remote_code=args.trust_remote_code
+        )
         with_answers = [e for e in examples if e.reference is not None]
         if with_answers:
-            report["heldout"] = heldout_loss(model, tokenizer, with_answers, max_length=args.max_length, batch_size=args.batch_size)
+            report["heldout"] = heldout_loss(
+                model, tokenizer, with_answers, max_length=args.max_length, batch_size=args.batch_size
+            )
         if records is None:
             records = _answer(args, model, tokenizer, examples)
             if args.output:
@@ -184,8 +194,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if records is None:
         raise NeftuneError("eval needs --model (to measure loss and generate) or --outputs (answers to score)")
     if len(records) != len(examples):
-        raise NeftuneError(f"{args.outputs}: {len(records)} answers but {args.data} has {len(examples)} examples "
-                           "(use the same --data and --limit as for generate)")
+        raise NeftuneError(
+            f"{args.outputs}: {len(records)} answers but {args.data} has {len(examples)} examples "
+            "(use the same --data and --limit as for generate)"
+        )
     report["outputs"] = evaluate_outputs(records, examples, tokenizer)
     text = json.dumps(report, indent=2, default=str)
     if args.output:
@@ -209,8 +221,9 @@ def cmd_judge(args: argparse.Namespace) -> int:
         raise NeftuneError("--backend http needs --base-url and --judge-model")
     if args.backend == "local" and not args.judge_model:
         raise NeftuneError("--backend local needs --judge-model (a model directory, alias or hub id)")
-    judge = build_judge(args.backend, model=args.judge_model or "", base_url=args.base_url or "",
-                        api_key_env=args.api_key_env)
+    judge = build_judge(
+        args.backend, model=args.judge_model or "", base_url=args.base_url or "", api_key_env=args.api_key_env
+    )
     result = judge_pairs(a, b, judge, cache_dir=args.cache, seed=args.seed, progress=not args.no_progress)
     if args.output:
         result.save(args.output)
@@ -219,16 +232,26 @@ def cmd_judge(args: argparse.Namespace) -> int:
 
 
 def _add_eval_set_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--data", default="builtin:skills", help="eval set: builtin:skills (held-out split), Alpaca/AlpacaEval JSON, ShareGPT or messages (first turns)")
+    p.add_argument(
+        "--data",
+        default="builtin:skills",
+        help="eval set: builtin:skills (held-out split), Alpaca/AlpacaEval JSON, ShareGPT or messages (first turns)",
+    )
     p.add_argument("--format", default="auto", help="auto, alpaca, sharegpt or messages")
     p.add_argument("--limit", type=int, default=None, help="use the first N examples")
-    p.add_argument("--on-bad-record", default="error", choices=["error", "skip"], help="stop at, or skip and count, bad records")
+    p.add_argument(
+        "--on-bad-record", default="error", choices=["error", "skip"], help="stop at, or skip and count, bad records"
+    )
 
 
 def _add_generation_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-new-tokens", type=int, default=256, help="tokens per answer (default 256)")
-    p.add_argument("--repetition-penalty", type=float, default=None,
-                   help="greedy decoding penalty (default 1.2, the paper's; 1.0 on builtin:skills, whose exact answers copy the prompt)")
+    p.add_argument(
+        "--repetition-penalty",
+        type=float,
+        default=None,
+        help="greedy decoding penalty (default 1.2, the paper's; 1.0 on builtin:skills, whose exact answers copy the prompt)",
+    )
     p.add_argument("--batch-size", type=int, default=16, help="prompts per batch (batches are sorted by length)")
     p.add_argument("--trust-remote-code", action="store_true", help="allow model code from the hub to run")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -246,7 +269,7 @@ def error_line(message: object, limit: int = 280) -> str:
     text = " ".join(str(message).split())
     if len(text) > limit:
         head = limit * 2 // 3
-        text = f"{text[:head]} ... {text[-(limit - head - 5):]}"
+        text = f"{text[:head]} ... {text[-(limit - head - 5) :]}"
     return text
 
 
@@ -261,18 +284,26 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    train = sub.add_parser("train", help="finetune a model with NEFTune", description="Finetune a model with per-example NEFTune noise.")
+    train = sub.add_parser(
+        "train", help="finetune a model with NEFTune", description="Finetune a model with per-example NEFTune noise."
+    )
     add_config_flags(train, TRAIN_FLAGS, Config)
     train.set_defaults(func=cmd_train)
 
-    compare = sub.add_parser("compare", help="train with and without NEFTune and report the difference",
-                             description="Train a baseline (alpha=0) and NEFTune arms on identical data and seed, "
-                                         "evaluate and judge them, and write report.html.")
+    compare = sub.add_parser(
+        "compare",
+        help="train with and without NEFTune and report the difference",
+        description="Train a baseline (alpha=0) and NEFTune arms on identical data and seed, "
+        "evaluate and judge them, and write report.html.",
+    )
     add_config_flags(compare, COMPARE_FLAGS, CompareConfig)
     compare.set_defaults(func=cmd_compare)
 
-    gen = sub.add_parser("generate", help="answer an eval set (AlpacaEval output format)",
-                         description="Batched greedy generation; writes a JSON list of {instruction, output, generator, dataset}.")
+    gen = sub.add_parser(
+        "generate",
+        help="answer an eval set (AlpacaEval output format)",
+        description="Batched greedy generation; writes a JSON list of {instruction, output, generator, dataset}.",
+    )
     gen.add_argument("--model", required=True, help="model directory (a trained output/model), alias or hub id")
     gen.add_argument("--output", required=True, help="outputs JSON file to write")
     gen.add_argument("--name", help="generator name recorded in the outputs (default: the model directory name)")
@@ -280,10 +311,15 @@ def build_parser() -> argparse.ArgumentParser:
     _add_generation_args(gen)
     gen.set_defaults(func=cmd_generate)
 
-    ev = sub.add_parser("eval", help="held-out loss and answer metrics",
-                        description="Held-out loss and perplexity (noise off), answer lengths, distinct-1/2, repetition, "
-                                    "exact match on builtin:skills and ROUGE-L against references.")
-    ev.add_argument("--model", help="model to score (held-out loss) and to generate answers with when --outputs is absent")
+    ev = sub.add_parser(
+        "eval",
+        help="held-out loss and answer metrics",
+        description="Held-out loss and perplexity (noise off), answer lengths, distinct-1/2, repetition, "
+        "exact match on builtin:skills and ROUGE-L against references.",
+    )
+    ev.add_argument(
+        "--model", help="model to score (held-out loss) and to generate answers with when --outputs is absent"
+    )
     ev.add_argument("--outputs", help="answers from neftune generate, aligned with --data")
     ev.add_argument("--output", help="write metrics JSON here (default: print)")
     ev.add_argument("--max-length", type=int, default=512, help="max tokens per example for held-out loss")
@@ -291,16 +327,23 @@ def build_parser() -> argparse.ArgumentParser:
     _add_generation_args(ev)
     ev.set_defaults(func=cmd_eval)
 
-    judge = sub.add_parser("judge", help="pairwise judging of two outputs files (both orders)",
-                           description="Judge CANDIDATE against BASELINE, each pair asked in both orders. Reports the win "
-                                       "rate with a bootstrap 95%% CI, a length-controlled win rate and position consistency.")
+    judge = sub.add_parser(
+        "judge",
+        help="pairwise judging of two outputs files (both orders)",
+        description="Judge CANDIDATE against BASELINE, each pair asked in both orders. Reports the win "
+        "rate with a bootstrap 95%% CI, a length-controlled win rate and position consistency.",
+    )
     judge.add_argument("baseline", help="outputs JSON of the baseline (A)")
     judge.add_argument("candidate", help="outputs JSON of the candidate (B)")
-    judge.add_argument("--backend", default="http", choices=["http", "local", "length"], help="judge backend (default http)")
+    judge.add_argument(
+        "--backend", default="http", choices=["http", "local", "length"], help="judge backend (default http)"
+    )
     judge.add_argument("--base-url", help="http: OpenAI-compatible base URL")
     judge.add_argument("--judge-model", help="http: model name; local: model directory, alias or hub id")
     judge.add_argument("--api-key-env", default="OPENAI_API_KEY", help="http: environment variable holding the API key")
-    judge.add_argument("--cache", default=".neftune-judge-cache", help="verdict cache directory (a rerun costs nothing)")
+    judge.add_argument(
+        "--cache", default=".neftune-judge-cache", help="verdict cache directory (a rerun costs nothing)"
+    )
     judge.add_argument("--output", help="write the full result (per-pair verdicts) as JSON")
     judge.add_argument("--limit", type=int, help="judge only the first N pairs")
     judge.add_argument("--seed", type=int, default=0, help="bootstrap seed")

@@ -15,6 +15,7 @@ half-trained arm resumes from its last checkpoint, and judge verdicts are cached
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import gc
 import json
@@ -77,8 +78,14 @@ def load_eval_examples(cfg: CompareConfig) -> tuple[str, list]:
     spec = resolve_eval_spec(cfg.train_config(0.0, 0))
     if spec is None:
         raise NeftuneError("compare needs held-out data: set --eval-data (or data.eval) for a custom training set")
-    held = load_examples(spec, fmt=cfg.data.format, split="test", on_bad_record=bad_record_policy(spec, cfg.data.on_bad_record),
-                         limit=cfg.data.eval_limit, seed=0)
+    held = load_examples(
+        spec,
+        fmt=cfg.data.format,
+        split="test",
+        on_bad_record=bad_record_policy(spec, cfg.data.on_bad_record),
+        limit=cfg.data.eval_limit,
+        seed=0,
+    )
     log.info("eval: %s", held.summary())
     return spec, held.examples
 
@@ -98,13 +105,20 @@ def run_arm(cfg: CompareConfig, arm: Arm, eval_examples: list, eval_name: str) -
     model.eval()
     tokenizer.padding_side = "left"
 
-    loss = heldout_loss(model, tokenizer, eval_examples, max_length=cfg.data.max_length,
-                        batch_size=cfg.generate.batch_size)
+    loss = heldout_loss(
+        model, tokenizer, eval_examples, max_length=cfg.data.max_length, batch_size=cfg.generate.batch_size
+    )
     log.info("%s: held-out loss %.4f (noise off); generating %d answers", arm.name, loss["loss"], len(eval_examples))
     records = generate_outputs(
-        model, tokenizer, eval_examples, generator_name=f"{cfg.model.name}-neftune-{arm.name}", dataset_name=eval_name,
-        max_new_tokens=default_max_new_tokens(cfg), repetition_penalty=default_repetition_penalty(cfg),
-        batch_size=cfg.generate.batch_size, progress=cfg.train.progress,
+        model,
+        tokenizer,
+        eval_examples,
+        generator_name=f"{cfg.model.name}-neftune-{arm.name}",
+        dataset_name=eval_name,
+        max_new_tokens=default_max_new_tokens(cfg),
+        repetition_penalty=default_repetition_penalty(cfg),
+        batch_size=cfg.generate.batch_size,
+        progress=cfg.train.progress,
     )
     write_outputs(arm.directory / "outputs.json", records)
     metrics = evaluate_outputs(records, eval_examples, tokenizer)
@@ -115,7 +129,9 @@ def run_arm(cfg: CompareConfig, arm: Arm, eval_examples: list, eval_name: str) -
     em = metrics.get("exact_match")
     rouge = metrics.get("rouge_l")
     entry = {
-        "name": arm.name, "alpha": arm.alpha, "seed": arm.seed,
+        "name": arm.name,
+        "alpha": arm.alpha,
+        "seed": arm.seed,
         "train": {
             "loss_curve": [list(p) for p in _curve(arm.directory, "loss")],
             "heldout_curve": [list(p) for p in _curve(arm.directory, "eval_loss")],
@@ -123,10 +139,12 @@ def run_arm(cfg: CompareConfig, arm: Arm, eval_examples: list, eval_name: str) -
             "tokens_per_s": summary.get("tokens_per_s"),
         },
         "eval": {
-            "heldout_loss": loss["loss"], "perplexity": loss["perplexity"],
+            "heldout_loss": loss["loss"],
+            "perplexity": loss["perplexity"],
             "exact_match": em["accuracy"] if em else None,
             "exact_match_by_family": {f: v["accuracy"] for f, v in (em or {}).get("per_family", {}).items()},
-            "distinct_1": metrics["distinct_1"], "distinct_2": metrics["distinct_2"],
+            "distinct_1": metrics["distinct_1"],
+            "distinct_2": metrics["distinct_2"],
             "repetition_rate": metrics["repetition_4"],
             "rouge_l": rouge["mean"] if rouge else None,
             "length_chars": _stats(metrics["lengths"].get("chars")),
@@ -183,8 +201,13 @@ def judge_arms(cfg: CompareConfig, arms: list[Arm], entries: dict[str, dict]) ->
     pairs = [(a, b) for a, b in pairs if a.name in entries and b.name in entries]
     if not pairs:
         return
-    judge = build_judge(cfg.judge.backend, model=cfg.judge.model or cfg.model.name, base_url=cfg.judge.base_url,
-                        api_key_env=cfg.judge.api_key_env, trust_remote_code=cfg.model.trust_remote_code)
+    judge = build_judge(
+        cfg.judge.backend,
+        model=cfg.judge.model or cfg.model.name,
+        base_url=cfg.judge.base_url,
+        api_key_env=cfg.judge.api_key_env,
+        trust_remote_code=cfg.model.trust_remote_code,
+    )
     if judge is None:
         return
     cache = Path(cfg.compare.output) / "judge-cache"
@@ -193,12 +216,19 @@ def judge_arms(cfg: CompareConfig, arms: list[Arm], entries: dict[str, dict]) ->
         records_b = read_outputs(arm.directory / "outputs.json")
         if cfg.judge.max_pairs:
             records_a, records_b = records_a[: cfg.judge.max_pairs], records_b[: cfg.judge.max_pairs]
-        log.info("judging %s against %s (%d pairs, both orders) with the %s judge", arm.name, base.name,
-                 len(records_a), cfg.judge.backend)
+        log.info(
+            "judging %s against %s (%d pairs, both orders) with the %s judge",
+            arm.name,
+            base.name,
+            len(records_a),
+            cfg.judge.backend,
+        )
         result = judge_pairs(records_a, records_b, judge, cache_dir=cache, seed=arm.seed, progress=cfg.train.progress)
         verdict = result.to_dict()
-        summary = {k: verdict.get(k) for k in ("win_rate", "ci", "lc_win_rate", "lc_ci", "consistency", "n",
-                                                  "n_failed", "n_ties", "n_identical")}
+        summary = {
+            k: verdict.get(k)
+            for k in ("win_rate", "ci", "lc_win_rate", "lc_ci", "consistency", "n", "n_failed", "n_ties", "n_identical")
+        }
         entries[arm.name]["judge"] = {"vs": base.name, "backend": cfg.judge.backend, **summary}
         result.save(arm.directory / "judge.json")
         log.info("%s", result.summary())
@@ -210,10 +240,8 @@ def versions() -> dict[str, str]:
 
     found = {"python": platform.python_version()}
     for name in ("neftune", "torch", "transformers", "peft", "accelerate"):
-        try:
+        with contextlib.suppress(PackageNotFoundError):
             found[name] = version(name)
-        except PackageNotFoundError:
-            pass
     return found
 
 
@@ -248,17 +276,28 @@ def run_compare(cfg: CompareConfig) -> dict[str, Path]:
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "wall_time_s": time.perf_counter() - started + reused_time,
         "model": {"spec": cfg.model.name, **baseline.get("model", {})},
-        "data": {"train": cfg.data.train, "eval": eval_name, "n_train": baseline.get("train_examples"),
-                 "n_eval": len(eval_examples)},
+        "data": {
+            "train": cfg.data.train,
+            "eval": eval_name,
+            "n_train": baseline.get("train_examples"),
+            "n_eval": len(eval_examples),
+        },
         "seeds": list(cfg.compare.seeds),
         "versions": versions(),
         "settings": {
-            "lora": cfg.model.lora, "lora_r": cfg.model.lora_r if cfg.model.lora else None,
-            "lr": baseline.get("learning_rate_used"), "batch_size": cfg.train.batch_size,
-            "max_steps": baseline.get("max_steps"), "max_length": cfg.data.max_length,
-            "packing": cfg.data.packing, "noise": cfg.noise.distribution,
-            "generation": {"greedy": True, "repetition_penalty": default_repetition_penalty(cfg),
-                           "max_new_tokens": default_max_new_tokens(cfg)},
+            "lora": cfg.model.lora,
+            "lora_r": cfg.model.lora_r if cfg.model.lora else None,
+            "lr": baseline.get("learning_rate_used"),
+            "batch_size": cfg.train.batch_size,
+            "max_steps": baseline.get("max_steps"),
+            "max_length": cfg.data.max_length,
+            "packing": cfg.data.packing,
+            "noise": cfg.noise.distribution,
+            "generation": {
+                "greedy": True,
+                "repetition_penalty": default_repetition_penalty(cfg),
+                "max_new_tokens": default_max_new_tokens(cfg),
+            },
             "judge": cfg.judge.backend,
         },
         "baseline": arms[0].name,
@@ -272,13 +311,19 @@ def _examples(arms: list[Arm], entries: dict[str, dict], n: int = 6) -> list[dic
     """The first ``n`` eval prompts with every arm's answer side by side (not hand-picked)."""
     from neftune.generate import read_outputs
 
-    outputs = {a.name: read_outputs(a.directory / "outputs.json") for a in arms
-               if a.name in entries and (a.directory / "outputs.json").exists()}
+    outputs = {
+        a.name: read_outputs(a.directory / "outputs.json")
+        for a in arms
+        if a.name in entries and (a.directory / "outputs.json").exists()
+    }
     if not outputs:
         return []
     first = next(iter(outputs.values()))
     return [
-        {"instruction": first[i]["instruction"], "reference": first[i].get("reference"),
-         "outputs": {name: recs[i]["output"] for name, recs in outputs.items() if i < len(recs)}}
+        {
+            "instruction": first[i]["instruction"],
+            "reference": first[i].get("reference"),
+            "outputs": {name: recs[i]["output"] for name, recs in outputs.items() if i < len(recs)},
+        }
         for i in range(min(n, len(first)))
     ]

@@ -24,7 +24,8 @@ from neftune.errors import ConfigError
 SECRET_MARKERS = ("key", "token", "secret", "password")
 
 
-def _f(default: Any, help: str, **kw: Any) -> Any:
+def setting(default: Any, help: str, **kw: Any) -> Any:
+    """A config field with its help text (the single source of the CLI's help); lists/dicts are copied per instance."""
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda d=default: type(d)(d), metadata={"help": help, **kw})
     return field(default=default, metadata={"help": help, **kw})
@@ -32,60 +33,65 @@ def _f(default: Any, help: str, **kw: Any) -> Any:
 
 @dataclass
 class ModelConfig:
-    name: str = _f("smollm2-135m", "hub id, local directory, .gguf file, or alias (smollm2-135m, tiny-random)")
-    dtype: str = _f("auto", "auto (fp32 on CPU, bf16 on CUDA), float32, bfloat16 or float16")
-    trust_remote_code: bool = _f(False, "allow model code from the hub to run; off unless you trust the repo")
-    attention: str = _f(
-        "auto", "auto (varlen for packed rows on CPU, else the model's default), varlen, sdpa, eager, "
-        "flash_attention_2 or flex_attention"
+    name: str = setting("smollm2-135m", "hub id, local directory, .gguf file, or alias (smollm2-135m, tiny-random)")
+    dtype: str = setting("auto", "auto (fp32 on CPU, bf16 on CUDA), float32, bfloat16 or float16")
+    trust_remote_code: bool = setting(False, "allow model code from the hub to run; off unless you trust the repo")
+    attention: str = setting(
+        "auto",
+        "auto (varlen for packed rows on CPU, else the model's default), varlen, sdpa, eager, "
+        "flash_attention_2 or flex_attention",
     )
-    lora: bool = _f(True, "train LoRA adapters (true) or all weights (false)")
-    lora_r: int = _f(16, "LoRA rank")
-    lora_alpha: int = _f(32, "LoRA scaling alpha (not the NEFTune alpha)")
-    lora_dropout: float = _f(0.0, "LoRA dropout")
-    lora_targets: list[str] = _f([], "module names to adapt; empty = sensible default for the architecture")
-    merge: bool = _f(False, "also write LoRA-merged full weights to <output>/merged")
+    lora: bool = setting(True, "train LoRA adapters (true) or all weights (false)")
+    lora_r: int = setting(16, "LoRA rank")
+    lora_alpha: int = setting(32, "LoRA scaling alpha (not the NEFTune alpha)")
+    lora_dropout: float = setting(0.0, "LoRA dropout")
+    lora_targets: list[str] = setting([], "module names to adapt; empty = sensible default for the architecture")
+    merge: bool = setting(False, "also write LoRA-merged full weights to <output>/merged")
 
 
 @dataclass
 class DataConfig:
-    train: str = _f("builtin:skills", "training data: builtin:skills, builtin:sharegpt, or a .json/.jsonl/.parquet/dataset dir")
-    eval: str | None = _f(None, "held-out data (default: builtin:skills test split for builtin:skills, else none)")
-    format: str = _f("auto", "auto, alpaca, sharegpt or messages")
-    max_length: int = _f(512, "tokens per example; longer examples are right-truncated")
-    packing: bool = _f(True, "padding-free packed rows (true) or padded batches (false)")
-    on_bad_record: str = _f("error", "error: stop at the first bad record; skip: skip and count them by reason")
-    limit: int | None = _f(None, "use at most this many training examples")
-    eval_limit: int | None = _f(64, "use at most this many held-out examples")
+    train: str = setting(
+        "builtin:skills", "training data: builtin:skills, builtin:sharegpt, or a .json/.jsonl/.parquet/dataset dir"
+    )
+    eval: str | None = setting(None, "held-out data (default: builtin:skills test split for builtin:skills, else none)")
+    format: str = setting("auto", "auto, alpaca, sharegpt or messages")
+    max_length: int = setting(512, "tokens per example; longer examples are right-truncated")
+    packing: bool = setting(True, "padding-free packed rows (true) or padded batches (false)")
+    on_bad_record: str = setting("error", "error: stop at the first bad record; skip: skip and count them by reason")
+    limit: int | None = setting(None, "use at most this many training examples")
+    eval_limit: int | None = setting(64, "use at most this many held-out examples")
 
 
 @dataclass
 class NoiseConfig:
-    alpha: float = _f(5.0, "NEFTune alpha; 0 disables the noise")
-    distribution: str = _f("uniform", "uniform (the paper) or gaussian")
+    alpha: float = setting(5.0, "NEFTune alpha; 0 disables the noise")
+    distribution: str = setting("uniform", "uniform (the paper) or gaussian")
 
 
 @dataclass
 class TrainConfig:
-    output: str = _f("runs/train", "output directory (model, checkpoints, metrics, config)")
-    epochs: float = _f(1.0, "passes over the training data")
-    max_steps: int | None = _f(
+    output: str = setting("runs/train", "output directory (model, checkpoints, metrics, config)")
+    epochs: float = setting(1.0, "passes over the training data")
+    max_steps: int | None = setting(
         None, "optimizer steps; overrides epochs (the embedded default uses 60 to finish in minutes on a CPU)"
     )
-    lr: float | None = _f(None, "peak learning rate (default 2e-4 for LoRA, 2e-5 for full finetuning)")
-    batch_size: int = _f(8, "examples per optimizer step per process, before accumulation")
-    grad_accum: int = _f(1, "gradient accumulation steps")
-    warmup_ratio: float = _f(0.03, "share of steps used for linear warmup")
-    scheduler: str = _f("cosine", "learning-rate schedule (any transformers scheduler name)")
-    weight_decay: float = _f(0.0, "AdamW weight decay")
-    seed: int = _f(0, "seed for initialisation, data order and noise")
-    save_steps: int = _f(50, "write a checkpoint every N steps")
-    save_total_limit: int = _f(2, "checkpoints kept")
-    eval_steps: int = _f(50, "measure held-out loss (noise off) every N steps")
-    logging_steps: int = _f(5, "log training loss every N steps")
-    resume: bool = _f(False, "continue from the last checkpoint in the output directory")
-    gradient_checkpointing: bool | None = _f(None, "recompute activations to save memory (default: on for CUDA, off for CPU)")
-    progress: bool = _f(True, "show a progress bar")
+    lr: float | None = setting(None, "peak learning rate (default 2e-4 for LoRA, 2e-5 for full finetuning)")
+    batch_size: int = setting(8, "examples per optimizer step per process, before accumulation")
+    grad_accum: int = setting(1, "gradient accumulation steps")
+    warmup_ratio: float = setting(0.03, "share of steps used for linear warmup")
+    scheduler: str = setting("cosine", "learning-rate schedule (any transformers scheduler name)")
+    weight_decay: float = setting(0.0, "AdamW weight decay")
+    seed: int = setting(0, "seed for initialisation, data order and noise")
+    save_steps: int = setting(50, "write a checkpoint every N steps")
+    save_total_limit: int = setting(2, "checkpoints kept")
+    eval_steps: int = setting(50, "measure held-out loss (noise off) every N steps")
+    logging_steps: int = setting(5, "log training loss every N steps")
+    resume: bool = setting(False, "continue from the last checkpoint in the output directory")
+    gradient_checkpointing: bool | None = setting(
+        None, "recompute activations to save memory (default: on for CUDA, off for CPU)"
+    )
+    progress: bool = setting(True, "show a progress bar")
 
 
 @dataclass
@@ -106,17 +112,26 @@ class Config:
         _choice("data.format", self.data.format, ("auto", "alpaca", "sharegpt", "messages"))
         _choice("data.on_bad_record", self.data.on_bad_record, ("error", "skip"))
         _choice("model.dtype", self.model.dtype, ("auto", "float32", "bfloat16", "float16"))
-        _choice("model.attention", self.model.attention,
-                ("auto", "varlen", "sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention"))
+        _choice(
+            "model.attention",
+            self.model.attention,
+            ("auto", "varlen", "sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention"),
+        )
         for name, value in [
-            ("data.max_length", self.data.max_length), ("train.batch_size", self.train.batch_size),
-            ("train.grad_accum", self.train.grad_accum), ("train.save_steps", self.train.save_steps),
-            ("train.eval_steps", self.train.eval_steps), ("train.logging_steps", self.train.logging_steps),
+            ("data.max_length", self.data.max_length),
+            ("train.batch_size", self.train.batch_size),
+            ("train.grad_accum", self.train.grad_accum),
+            ("train.save_steps", self.train.save_steps),
+            ("train.eval_steps", self.train.eval_steps),
+            ("train.logging_steps", self.train.logging_steps),
             ("model.lora_r", self.model.lora_r),
         ]:
             _positive(name, value)
-        for name, value in [("data.limit", self.data.limit), ("data.eval_limit", self.data.eval_limit),
-                            ("train.max_steps", self.train.max_steps)]:
+        for name, value in [
+            ("data.limit", self.data.limit),
+            ("data.eval_limit", self.data.eval_limit),
+            ("train.max_steps", self.train.max_steps),
+        ]:
             if value is not None:
                 _positive(name, value)
         if not self.train.epochs > 0:
@@ -155,7 +170,9 @@ def from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
     for key, value in data.items():
         if key not in fields:
             known = ", ".join(sorted(fields))
-            raise ConfigError(f"unknown setting {prefix}{key} (known under {prefix.rstrip('.') or 'top level'}: {known})")
+            raise ConfigError(
+                f"unknown setting {prefix}{key} (known under {prefix.rstrip('.') or 'top level'}: {known})"
+            )
         kwargs[key] = _coerce(hints[key], value, f"{prefix}{key}")
     return cls(**kwargs)
 
@@ -304,28 +321,33 @@ def iter_fields(cls: type, prefix: str = ""):
 
 @dataclass
 class GenerateConfig:
-    max_new_tokens: int | None = _f(None, "tokens to generate per answer (default 64 for builtin:skills, else 256)")
-    repetition_penalty: float | None = _f(
-        None, "greedy decoding penalty (default 1.2, the paper's setting; 1.0 for builtin:skills, whose exact "
-        "answers copy words and digits from the prompt, which the penalty punishes)"
+    max_new_tokens: int | None = setting(
+        None, "tokens to generate per answer (default 64 for builtin:skills, else 256)"
     )
-    batch_size: int = _f(16, "prompts per generation batch (sorted by length)")
+    repetition_penalty: float | None = setting(
+        None,
+        "greedy decoding penalty (default 1.2, the paper's setting; 1.0 for builtin:skills, whose exact "
+        "answers copy words and digits from the prompt, which the penalty punishes)",
+    )
+    batch_size: int = setting(16, "prompts per generation batch (sorted by length)")
 
 
 @dataclass
 class JudgeConfig:
-    backend: str = _f("local", "none, local (a transformers model scores A vs B), http (OpenAI-compatible), or length")
-    model: str = _f("", "local: judge model (default: the experiment's base model); http: the model name")
-    base_url: str = _f("", "http: base URL of an OpenAI-compatible API, e.g. https://api.openai.com/v1")
-    api_key_env: str = _f("OPENAI_API_KEY", "http: name of the environment variable holding the API key")
-    max_pairs: int | None = _f(None, "judge at most this many eval examples per arm")
+    backend: str = setting(
+        "local", "none, local (a transformers model scores A vs B), http (OpenAI-compatible), or length"
+    )
+    model: str = setting("", "local: judge model (default: the experiment's base model); http: the model name")
+    base_url: str = setting("", "http: base URL of an OpenAI-compatible API, e.g. https://api.openai.com/v1")
+    api_key_env: str = setting("OPENAI_API_KEY", "http: name of the environment variable holding the API key")
+    max_pairs: int | None = setting(None, "judge at most this many eval examples per arm")
 
 
 @dataclass
 class CompareSection:
-    alphas: list[float] = _f([5.0, 10.0], "NEFTune arms; the alpha=0 baseline is always trained")
-    seeds: list[int] = _f([0], "one baseline and one arm per alpha for each seed")
-    output: str = _f("runs/compare", "experiment directory (arms, outputs, report)")
+    alphas: list[float] = setting([5.0, 10.0], "NEFTune arms; the alpha=0 baseline is always trained")
+    seeds: list[int] = setting([0], "one baseline and one arm per alpha for each seed")
+    output: str = setting("runs/compare", "experiment directory (arms, outputs, report)")
 
 
 @dataclass

@@ -167,7 +167,7 @@ def correct_flags(outputs: Sequence[str], examples: Sequence[Any]) -> list[bool 
 
     if len(outputs) != len(examples):
         raise DataError(f"exact match: {len(outputs)} outputs for {len(examples)} examples")
-    return [bool(check_example(e, o)) if _has_answer(e) else None for o, e in zip(outputs, examples)]
+    return [bool(check_example(e, o)) if _has_answer(e) else None for o, e in zip(outputs, examples, strict=False)]
 
 
 def exact_match(outputs: Sequence[str], examples: Sequence[Any]) -> dict[str, Any]:
@@ -179,7 +179,7 @@ def exact_match(outputs: Sequence[str], examples: Sequence[Any]) -> dict[str, An
     """
     flags = correct_flags(outputs, examples)
     tally: dict[str, list[int]] = defaultdict(lambda: [0, 0])
-    for flag, example in zip(flags, examples):
+    for flag, example in zip(flags, examples, strict=False):
         if flag is None:
             continue
         family = str(example.meta.get("family", "unknown"))
@@ -250,9 +250,7 @@ def heldout_loss(
                     input_ids[row, :length] = torch.tensor(feature["input_ids"], dtype=torch.long)
                     labels[row, :length] = torch.tensor(feature["labels"], dtype=torch.long)
                     attention_mask[row, :length] = 1
-                logits = model(
-                    input_ids=input_ids.to(device), attention_mask=attention_mask.to(device)
-                ).logits
+                logits = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device)).logits
                 # Position t predicts token t+1; upcast so bf16/fp16 models give a stable sum.
                 shift_logits = logits[:, :-1, :].float()
                 shift_labels = labels[:, 1:].to(shift_logits.device)
@@ -308,7 +306,7 @@ def evaluate_outputs(
     if examples is not None:
         if len(examples) != len(records):
             raise DataError(f"{len(records)} output records but {len(examples)} examples")
-        for index, (record, example) in enumerate(zip(records, examples)):
+        for index, (record, example) in enumerate(zip(records, examples, strict=False)):
             try:
                 expected = instruction_of(example.prompt_messages)
             except ValueError:

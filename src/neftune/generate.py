@@ -209,7 +209,7 @@ def generate_token_ids(
                     generation_config=gen_config,
                 )
                 new_tokens = output[:, width:].tolist()
-                for i, ids in zip(batch_idx, new_tokens):
+                for i, ids in zip(batch_idx, new_tokens, strict=False):
                     # generate() pads finished rows with pad_id, which need not be special; cut at
                     # the first stop token so nothing after the end of the turn is decoded.
                     for pos, tok in enumerate(ids):
@@ -316,7 +316,7 @@ def generate_outputs(
     outputs = generate_texts(model, tokenizer, prompts, **kw)
 
     records: list[dict[str, Any]] = []
-    for example, instruction, output in zip(examples, instructions, outputs):
+    for example, instruction, output in zip(examples, instructions, outputs, strict=False):
         record: dict[str, Any] = {
             "instruction": instruction,
             "output": output,

@@ -60,7 +60,6 @@ from http.client import HTTPException
 from pathlib import Path
 from typing import Any, ClassVar, NamedTuple
 
-
 from neftune.errors import ConfigError, JudgeError, ModelError
 from neftune.stats import bootstrap_ci, length_controlled_win_rate, win_rate
 
@@ -510,11 +509,15 @@ class LocalJudge(Judge):
                         mask[row, width - len(ids) :] = 1
                     # Explicit positions so a left-padded row is scored exactly as it would be alone.
                     positions = (mask.cumsum(-1) - 1).clamp(min=0)
-                    logits = self.model(
-                        input_ids=input_ids.to(device),
-                        attention_mask=mask.to(device),
-                        position_ids=positions.to(device),
-                    ).logits[:, -1, :].float()
+                    logits = (
+                        self.model(
+                            input_ids=input_ids.to(device),
+                            attention_mask=mask.to(device),
+                            position_ids=positions.to(device),
+                        )
+                        .logits[:, -1, :]
+                        .float()
+                    )
                     logprobs = torch.log_softmax(logits, dim=-1)
                     score_a = torch.logsumexp(logprobs[:, self.choice_ids["A"]], dim=-1)
                     score_b = torch.logsumexp(logprobs[:, self.choice_ids["B"]], dim=-1)
@@ -553,7 +556,11 @@ def make_judge(name: str, **options: Any) -> Judge:
 
 
 def build_judge(
-    backend: str, *, model: str = "", base_url: str = "", api_key_env: str = "OPENAI_API_KEY",
+    backend: str,
+    *,
+    model: str = "",
+    base_url: str = "",
+    api_key_env: str = "OPENAI_API_KEY",
     trust_remote_code: bool = False,
 ) -> Judge | None:
     """The judge for a backend name and its settings (``"none"`` gives None).
@@ -606,8 +613,9 @@ class _VerdictCache:
         return self.entries.get(key)
 
     def put(self, key: str, verdict: Verdict, judge: str) -> None:
-        line = json.dumps({"key": key, "verdict": verdict.label, "judge": judge, "reply": verdict.reply[:200]},
-                          ensure_ascii=False)
+        line = json.dumps(
+            {"key": key, "verdict": verdict.label, "judge": judge, "reply": verdict.reply[:200]}, ensure_ascii=False
+        )
         with self._lock:
             self.entries[key] = verdict.label
             with self.path.open("a", encoding="utf-8") as handle:
@@ -618,9 +626,13 @@ def _cache_key(identity: str, query: Query) -> str:
     # The rendered prompt contains the instruction and both answers in their shown order, so the
     # order is part of the key; the reference is added because some judges read it.
     material = json.dumps(
-        {"judge": identity, "messages": judge_messages(query.instruction, query.first, query.second),
-         "reference": query.reference},
-        ensure_ascii=False, sort_keys=True,
+        {
+            "judge": identity,
+            "messages": judge_messages(query.instruction, query.first, query.second),
+            "reference": query.reference,
+        },
+        ensure_ascii=False,
+        sort_keys=True,
     )
     return hashlib.sha256(material.encode("utf-8")).hexdigest()
 
@@ -696,7 +708,7 @@ class JudgeResult:
 
     def summary(self) -> str:
         """A few human-readable lines: win rate with CI, length-controlled rate, consistency, failures."""
-        pct = int(round(self.level * 100))
+        pct = round(self.level * 100)
 
         def rate(value: float, ci: tuple[float, float]) -> str:
             if math.isnan(value):
@@ -708,7 +720,8 @@ class JudgeResult:
             f"pairs scored: {self.n} (wins {self.n_wins}, ties/disagreements {self.n_ties}, losses {self.n_losses})",
             f"win rate of B over A: {rate(self.win_rate, self.ci)}",
             f"length-controlled win rate: {rate(self.lc_win_rate, self.lc_ci)}",
-            "position consistency: " + ("n/a" if math.isnan(self.consistency) else f"{100 * self.consistency:.1f}%")
+            "position consistency: "
+            + ("n/a" if math.isnan(self.consistency) else f"{100 * self.consistency:.1f}%")
             + f" of {self.n - self.n_identical} judged pairs ({self.n_identical} identical pairs scored as ties unasked)",
         ]
         if self.n_failed:
@@ -768,7 +781,7 @@ def judge_pairs(
     _check_records(records_b, "B")
     if len(records_a) != len(records_b):
         raise JudgeError(f"outputs A has {len(records_a)} records but outputs B has {len(records_b)}")
-    for index, (ra, rb) in enumerate(zip(records_a, records_b)):
+    for index, (ra, rb) in enumerate(zip(records_a, records_b, strict=False)):
         if ra["instruction"] != rb["instruction"]:
             raise JudgeError(
                 f"outputs A and B differ in instruction at index {index}: not the same prompts in the same order"
@@ -789,7 +802,7 @@ def judge_pairs(
     labels: dict[tuple[int, bool], str] = {}
     errors: dict[int, str] = {}
     cached_hits = 0
-    for index, (ra, rb) in enumerate(zip(records_a, records_b)):
+    for index, (ra, rb) in enumerate(zip(records_a, records_b, strict=False)):
         out_a, out_b = ra["output"], rb["output"]
         pairs.append(PairVerdict(index=index, instruction=ra["instruction"], len_a=len(out_a), len_b=len(out_b)))
         if out_a == out_b:
@@ -814,7 +827,7 @@ def judge_pairs(
         for start in range(0, len(pending), chunk):
             batch = pending[start : start + chunk]
             outcomes = judge.judge_batch([q for _, _, q in batch])
-            for (index, baseline_first, query), outcome in zip(batch, outcomes):
+            for (index, baseline_first, query), outcome in zip(batch, outcomes, strict=False):
                 if isinstance(outcome, VerdictUnavailable):
                     consecutive += 1
                     reason = last_reason = str(outcome) or "verdict unavailable"

@@ -218,8 +218,9 @@ def load_model_and_tokenizer(
 
     resolved = resolve_model(spec)
     if os.path.isdir(resolved) and _is_adapter_dir(Path(resolved)):
-        return _load_adapter(Path(resolved), dtype=dtype, device=device,
-                             trust_remote_code=trust_remote_code, for_training=for_training)
+        return _load_adapter(
+            Path(resolved), dtype=dtype, device=device, trust_remote_code=trust_remote_code, for_training=for_training
+        )
     use_safetensors: bool | None = None
     if os.path.isdir(resolved):
         use_safetensors = _check_model_dir(Path(resolved))
@@ -264,8 +265,12 @@ def _is_adapter_dir(directory: Path) -> bool:
 
 
 def _load_adapter(
-    directory: Path, *, dtype: torch.dtype | str, device: torch.device | str | None,
-    trust_remote_code: bool, for_training: bool,
+    directory: Path,
+    *,
+    dtype: torch.dtype | str,
+    device: torch.device | str | None,
+    trust_remote_code: bool,
+    for_training: bool,
 ) -> tuple[Any, Any]:
     """Load a PEFT adapter directory (what ``neftune train --lora`` writes) on top of its base.
 
@@ -278,16 +283,24 @@ def _load_adapter(
     from transformers import AutoTokenizer
 
     try:
-        base = json.loads((directory / "adapter_config.json").read_text(encoding="utf-8")).get("base_model_name_or_path")
+        base = json.loads((directory / "adapter_config.json").read_text(encoding="utf-8")).get(
+            "base_model_name_or_path"
+        )
     except (OSError, ValueError, AttributeError) as error:
-        raise ModelError(f"{directory} holds a PEFT adapter whose adapter_config.json is unreadable ({_one_line(error)})") from None
+        raise ModelError(
+            f"{directory} holds a PEFT adapter whose adapter_config.json is unreadable ({_one_line(error)})"
+        ) from None
     if not base or not isinstance(base, str):
         raise ModelError(
             f"{directory} holds a PEFT adapter whose adapter_config.json does not name its base model "
             "(base_model_name_or_path); load the base model and apply the adapter, or merge it first"
         )
     model, tokenizer = load_model_and_tokenizer(
-        base, dtype=dtype, device=device, trust_remote_code=trust_remote_code, for_training=for_training,
+        base,
+        dtype=dtype,
+        device=device,
+        trust_remote_code=trust_remote_code,
+        for_training=for_training,
     )
     if any((directory / name).is_file() for name in _TOKENIZER_FILES):
         tokenizer = AutoTokenizer.from_pretrained(directory)

@@ -104,9 +104,13 @@ def noisy_embeddings(
         raise TypeError(f"NEFTune needs floating-point embeddings, got {_describe(embeddings)}")
     if embeddings.dim() == 2:  # a single unbatched sequence
         return noisy_embeddings(
-            embeddings[None], alpha, attention_mask=_unsqueeze(attention_mask),
-            position_ids=_unsqueeze(position_ids), cu_seq_lens=cu_seq_lens,
-            distribution=distribution, generator=generator,
+            embeddings[None],
+            alpha,
+            attention_mask=_unsqueeze(attention_mask),
+            position_ids=_unsqueeze(position_ids),
+            cu_seq_lens=cu_seq_lens,
+            distribution=distribution,
+            generator=generator,
         )[0]
     if embeddings.dim() != 3:
         raise ValueError(f"embeddings must have shape (batch, seq, d), got {tuple(embeddings.shape)}")
@@ -115,8 +119,11 @@ def noisy_embeddings(
 
     batch, seq, width = embeddings.shape
     lengths = example_lengths(
-        (batch, seq), attention_mask=attention_mask, position_ids=position_ids,
-        cu_seq_lens=cu_seq_lens, device=embeddings.device,
+        (batch, seq),
+        attention_mask=attention_mask,
+        position_ids=position_ids,
+        cu_seq_lens=cu_seq_lens,
+        device=embeddings.device,
     )
     # alpha / sqrt(L * d) per token; 0 on padding (clamp only avoids dividing by zero there).
     scale = torch.where(lengths > 0, alpha / torch.sqrt(lengths.clamp(min=1) * width), 0.0)

@@ -59,7 +59,7 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 import numpy as np
 from matplotlib.axes import Axes
@@ -189,7 +189,7 @@ def compute_effects(
                 f"arm {_arm_name(arm)!r}: eval.per_example.{key} has {len(other)} values but baseline "
                 f"{_arm_name(baseline_arm)!r} has {len(base)}; paired effects need the same eval examples"
             )
-        pairs = [(b, a) for b, a in zip(base, other) if b is not None and a is not None]
+        pairs = [(b, a) for b, a in zip(base, other, strict=False) if b is not None and a is not None]
         if not pairs:
             continue
         diffs = [a - b for b, a in pairs]
@@ -341,7 +341,7 @@ def _length_phrase(effect: Mapping[str, Any]) -> str:
 # --------------------------------------------------------------------------------------------
 
 Span = tuple[str, str]  # (kind, text): kind "" plain, "b" bold, "v:<verdict>" verdict chip
-Inline = Union[str, list[Span]]
+Inline = str | list[Span]
 
 
 @dataclass
@@ -393,7 +393,7 @@ class KeyValues:
     columns: int = 1
 
 
-Block = Union[Para, Bullets, Notice, Table, Image, Example, KeyValues]
+Block = Para | Bullets | Notice | Table | Image | Example | KeyValues
 
 
 @dataclass
@@ -434,7 +434,7 @@ def _labels(arms: Sequence[Mapping[str, Any]]) -> dict[str, str]:
     """Readable arm labels: ``α=5``; with the seed appended when two arms share an alpha."""
     alphas = [_num(a.get("alpha")) for a in arms]
     labels: dict[str, str] = {}
-    for arm, alpha in zip(arms, alphas):
+    for arm, alpha in zip(arms, alphas, strict=False):
         name = _arm_name(arm)
         if alpha is None:
             labels[name] = name
@@ -603,8 +603,14 @@ def _plot_lengths(a: _Analysis) -> Figure | None:
         clipped = np.clip(values, 0.0, top)
         ax.hist(clipped, bins=bins, histtype="stepfilled", color=color, alpha=0.12)
         median = float(np.median(values))
-        ax.hist(clipped, bins=bins, histtype="step", color=color, linewidth=1.6,
-                label=f"{a.labels[name]} (median {median:,.0f})")
+        ax.hist(
+            clipped,
+            bins=bins,
+            histtype="step",
+            color=color,
+            linewidth=1.6,
+            label=f"{a.labels[name]} (median {median:,.0f})",
+        )
         ax.axvline(median, color=color, linestyle="--", linewidth=1.1)
     folded = "; longest 1% folded into last bin" if everything.size > 20 else ""
     ax.set_xlabel(f"response length (characters; dashed = median{folded})", fontsize=9)
@@ -620,8 +626,11 @@ def _judge(arm: Mapping[str, Any]) -> Mapping[str, Any]:
 
 
 def _plot_winrates(a: _Analysis) -> Figure | None:
-    arms = [arm for arm in a.treatments if _num(_judge(arm).get("win_rate")) is not None
-            or _num(_judge(arm).get("lc_win_rate")) is not None]
+    arms = [
+        arm
+        for arm in a.treatments
+        if _num(_judge(arm).get("win_rate")) is not None or _num(_judge(arm).get("lc_win_rate")) is not None
+    ]
     if not arms:
         return None
     fig = _new_figure(10.0, 3.5)
@@ -644,10 +653,28 @@ def _plot_winrates(a: _Analysis) -> Figure | None:
                 yerr = [[max(0.0, (value - float(ci[0])) * 100)], [max(0.0, (float(ci[1]) - value) * 100)]]
                 reach = max(reach, abs(float(ci[0]) * 100 - 50), abs(float(ci[1]) * 100 - 50))
             reach = max(reach, abs(value * 100 - 50))
-            ax.errorbar([i + offset], [value * 100], yerr=yerr, fmt=marker, color=color, markerfacecolor=fill,
-                        markeredgewidth=1.6, markersize=8, capsize=5, elinewidth=1.6)
-            ax.annotate(f"{value * 100:.1f}%", (i + offset, value * 100), xytext=(9, 0), textcoords="offset points",
-                        va="center", fontsize=8.5, color="#111827", bbox=_LABEL_BOX)
+            ax.errorbar(
+                [i + offset],
+                [value * 100],
+                yerr=yerr,
+                fmt=marker,
+                color=color,
+                markerfacecolor=fill,
+                markeredgewidth=1.6,
+                markersize=8,
+                capsize=5,
+                elinewidth=1.6,
+            )
+            ax.annotate(
+                f"{value * 100:.1f}%",
+                (i + offset, value * 100),
+                xytext=(9, 0),
+                textcoords="offset points",
+                va="center",
+                fontsize=8.5,
+                color="#111827",
+                bbox=_LABEL_BOX,
+            )
         consistency = _num(judge.get("consistency"))
         if consistency is not None and consistency < LOW_CONSISTENCY:
             unreliable.append(i)
@@ -658,8 +685,12 @@ def _plot_winrates(a: _Analysis) -> Figure | None:
     for i in unreliable:
         ax.text(i, 50 - reach * 0.93, "judge unreliable", ha="center", fontsize=8.5, color="#b91c1c", fontweight="bold")
     ax.set_ylabel("win rate (%)", fontsize=9)
-    ax.set_title("Judge win rate vs baseline, 95% CI  (\u25cf raw   \u25a1 length-controlled)",
-                 fontsize=10.5, loc="left", color="#111827")
+    ax.set_title(
+        "Judge win rate vs baseline, 95% CI  (\u25cf raw   \u25a1 length-controlled)",
+        fontsize=10.5,
+        loc="left",
+        color="#111827",
+    )
     return fig
 
 
@@ -670,7 +701,7 @@ def _plot_metrics(a: _Analysis) -> Figure | None:
     fig = _new_figure(10.0, 3.6)
     axes = np.atleast_1d(fig.subplots(1, len(metrics)))
     arms = [arm for arm in a.treatments if arm["name"] in a.effects]
-    for ax, metric in zip(axes, metrics):
+    for ax, metric in zip(axes, metrics, strict=False):
         _style(ax)
         ax.axhline(0, color="#111827", linewidth=1.0)
         shown = []
@@ -685,31 +716,62 @@ def _plot_metrics(a: _Analysis) -> Figure | None:
             color = a.colors[arm["name"]]
             # hollow marker: the CI contains 0, so the difference is indistinguishable from noise
             face = color if effect["significant"] else "white"
-            ax.errorbar([x], [diff], yerr=[[max(0.0, diff - lo)], [max(0.0, hi - diff)]], fmt="o", color=color,
-                        markerfacecolor=face, markeredgewidth=1.6, markersize=8, capsize=5, elinewidth=1.6)
+            ax.errorbar(
+                [x],
+                [diff],
+                yerr=[[max(0.0, diff - lo)], [max(0.0, hi - diff)]],
+                fmt="o",
+                color=color,
+                markerfacecolor=face,
+                markeredgewidth=1.6,
+                markersize=8,
+                capsize=5,
+                elinewidth=1.6,
+            )
             digits = 0 if metric.unit == "chars" else 1
-            ax.annotate(_f(diff, digits, True), (x, diff), xytext=(9, 0), textcoords="offset points",
-                        va="center", fontsize=8.5, color="#111827", bbox=_LABEL_BOX)
+            ax.annotate(
+                _f(diff, digits, True),
+                (x, diff),
+                xytext=(9, 0),
+                textcoords="offset points",
+                va="center",
+                fontsize=8.5,
+                color="#111827",
+                bbox=_LABEL_BOX,
+            )
         ax.set_xticks(range(len(shown)), shown, fontsize=9.5)
         ax.set_xlim(-0.6, max(len(shown) - 0.4, 0.6))
         ax.set_title(f"\u0394 {metric.label} ({metric.unit})", fontsize=10.5, loc="left", color="#111827")
-    fig.suptitle("Effect vs baseline (arm \u2212 baseline, paired per example), 95% CI; hollow = within noise",
-                 fontsize=10.5, x=0.01, ha="left", color="#111827")
+    fig.suptitle(
+        "Effect vs baseline (arm \u2212 baseline, paired per example), 95% CI; hollow = within noise",
+        fontsize=10.5,
+        x=0.01,
+        ha="left",
+        color="#111827",
+    )
     return fig
 
 
 _PLOT_TEXT = {
-    "loss": ("Training and held-out loss per arm",
-             "Training loss is measured on noisy embeddings, so NEFTune arms are expected to sit higher; the "
-             "clean held-out loss is the comparable one."),
-    "lengths": ("Histogram of response lengths per arm",
-                "Response length in characters on the eval set; dashed lines mark each arm's median."),
-    "winrates": ("Judge win rate vs baseline with 95% CI",
-                 "Filled circle: raw win rate; hollow square: length-controlled. Above the dashed 50% line the "
-                 "arm beats the baseline; an interval crossing it is a tie within noise."),
-    "metrics": ("Paired effect of each arm on key metrics with 95% CI",
-                "Mean per-example difference from the baseline with a bootstrap 95% CI; a hollow marker means "
-                "the interval contains 0."),
+    "loss": (
+        "Training and held-out loss per arm",
+        "Training loss is measured on noisy embeddings, so NEFTune arms are expected to sit higher; the "
+        "clean held-out loss is the comparable one.",
+    ),
+    "lengths": (
+        "Histogram of response lengths per arm",
+        "Response length in characters on the eval set; dashed lines mark each arm's median.",
+    ),
+    "winrates": (
+        "Judge win rate vs baseline with 95% CI",
+        "Filled circle: raw win rate; hollow square: length-controlled. Above the dashed 50% line the "
+        "arm beats the baseline; an interval crossing it is a tie within noise.",
+    ),
+    "metrics": (
+        "Paired effect of each arm on key metrics with 95% CI",
+        "Mean per-example difference from the baseline with a bootstrap 95% CI; a hollow marker means "
+        "the interval contains 0.",
+    ),
 }
 
 
@@ -754,7 +816,7 @@ def _arm_headline(a: _Analysis, arm: Mapping[str, Any]) -> list[Span]:
     name = arm["name"]
     spans: list[Span] = [("b", f"{a.labels[name]}: ")]
     if name in a.compare_errors:
-        return spans + [("", "could not be compared with the baseline: " + a.compare_errors[name])]
+        return [*spans, ("", "could not be compared with the baseline: " + a.compare_errors[name])]
     effects = a.effects.get(name, {})
     parts: list[list[Span]] = []
     for key in ("exact_match", "rouge_l"):
@@ -798,8 +860,13 @@ def _summary(a: _Analysis) -> list[Span]:
             return [("", f"The baseline arm {a.baseline_name!r} failed, so nothing can be compared with it.")]
         if a.baseline_name:
             return [("", f"The baseline arm {a.baseline_name!r} is not among the arms, so nothing can be compared.")]
-        return [("", "No baseline was identified (no \u201cbaseline\u201d field and no arm with \u03b1=0), so no "
-                     "arm can be compared with one.")]
+        return [
+            (
+                "",
+                "No baseline was identified (no \u201cbaseline\u201d field and no arm with \u03b1=0), so no "
+                "arm can be compared with one.",
+            )
+        ]
     if not a.treatments:
         return [("", "Only the baseline ran, so there is nothing to compare it with.")]
     better: list[str] = []
@@ -817,14 +884,21 @@ def _summary(a: _Analysis) -> list[Span]:
         if bad:
             worse.append(f"{label} on {' and '.join(bad)}")
     if not n_facts:
-        return [("", "No per-example quality metric or reliable judge result was recorded, so this run cannot "
-                     "say whether NEFTune helped; see the held-out loss below.")]
+        return [
+            (
+                "",
+                "No per-example quality metric or reliable judge result was recorded, so this run cannot "
+                "say whether NEFTune helped; see the held-out loss below.",
+            )
+        ]
     n = _n_eval(a)
     on = f" on this eval set (n = {n})" if n else ""
     rest = " Every other quality difference is within noise." if n_significant < n_facts else ""
     if not better and not worse:
-        text = (f"Every quality difference between NEFTune and the baseline is within noise{on}: this "
-                "experiment does not show that NEFTune helped or hurt.")
+        text = (
+            f"Every quality difference between NEFTune and the baseline is within noise{on}: this "
+            "experiment does not show that NEFTune helped or hurt."
+        )
     elif not worse:
         text = f"NEFTune helped: better than the baseline for {'; '.join(better)}.{rest}"
     elif not better:
@@ -847,25 +921,39 @@ def _headline_section(a: _Analysis) -> Section:
     if a.baseline is not None and a.treatments:
         sec.blocks.append(Bullets([_arm_headline(a, arm) for arm in a.treatments]))
     for arm in a.failed:
-        sec.blocks.append(Notice("error", [("b", f"{a.labels[arm['name']]} failed: "),
-                                           ("", f"{arm['error']} \u2014 left out of every comparison.")]))
+        sec.blocks.append(
+            Notice(
+                "error",
+                [
+                    ("b", f"{a.labels[arm['name']]} failed: "),
+                    ("", f"{arm['error']} \u2014 left out of every comparison."),
+                ],
+            )
+        )
     if a.effects:
-        sec.blocks.append(Para(
-            "Differences are arm \u2212 baseline, paired per eval example, with 95% percentile-bootstrap "
-            "intervals; \u201cwithin noise\u201d means the interval contains 0. The intervals are not corrected "
-            "for multiple comparisons, so with several arms and metrics expect an occasional \u201cbetter\u201d "
-            "or \u201cworse\u201d by chance.", css="note"))
+        sec.blocks.append(
+            Para(
+                "Differences are arm \u2212 baseline, paired per eval example, with 95% percentile-bootstrap "
+                "intervals; \u201cwithin noise\u201d means the interval contains 0. The intervals are not corrected "
+                "for multiple comparisons, so with several arms and metrics expect an occasional \u201cbetter\u201d "
+                "or \u201cworse\u201d by chance.",
+                css="note",
+            )
+        )
     return sec
 
 
 def _length_section(a: _Analysis) -> Section:
     sec = Section("Length and quality", "length")
-    sec.blocks.append(Para(
-        "NEFTune tends to make answers longer. Longer answers are not necessarily better, but LLM judges "
-        "(and readers) tend to prefer them, so a raw win rate mixes quality with length. The "
-        "length-controlled (LC) win rate estimates how often the arm would win if both answers had the same "
-        "length: a raw win that disappears under length control came from length, not quality. Exact match "
-        "is not rewarded for length, but long answers can bury or garble the expected answer."))
+    sec.blocks.append(
+        Para(
+            "NEFTune tends to make answers longer. Longer answers are not necessarily better, but LLM judges "
+            "(and readers) tend to prefer them, so a raw win rate mixes quality with length. The "
+            "length-controlled (LC) win rate estimates how often the arm would win if both answers had the same "
+            "length: a raw win that disappears under length control came from length, not quality. Exact match "
+            "is not rewarded for length, but long answers can bury or garble the expected answer."
+        )
+    )
     items: list[Inline] = []
     for arm in a.treatments:
         name = arm["name"]
@@ -916,8 +1004,16 @@ def _effects_section(a: _Analysis) -> Section:
             value = _effect_value(e, "arm")
             if metric.key == "length_chars" and e.get("ratio"):
                 value += f" ({e['ratio']:.2f}\u00d7)"
-            rows.append([a.labels[name], e["label"], _effect_value(e, "baseline"), value,
-                         _effect_diff_text(e), [_v(e["verdict"])]])
+            rows.append(
+                [
+                    a.labels[name],
+                    e["label"],
+                    _effect_value(e, "baseline"),
+                    value,
+                    _effect_diff_text(e),
+                    [_v(e["verdict"])],
+                ]
+            )
         judge = _judge(arm)
         for key, ci_key, label in (("win_rate", "ci", "judge win rate"), ("lc_win_rate", "lc_ci", "judge LC win rate")):
             value = _num(judge.get(key))
@@ -937,8 +1033,12 @@ def _effects_section(a: _Analysis) -> Section:
         header = ["Arm", "Metric", f"Baseline ({base})", "Arm", "\u0394 vs baseline [95% CI]", "Verdict"]
         sec.blocks.append(Table(header, rows, "llrrrl", "Each arm vs the baseline (means over the same eval examples)"))
     elif a.baseline is not None and a.treatments:
-        sec.blocks.append(Para("No per-example metric or judge result was recorded, so no effect can be given with "
-                               "a confidence interval; per-arm aggregates are below."))
+        sec.blocks.append(
+            Para(
+                "No per-example metric or judge result was recorded, so no effect can be given with "
+                "a confidence interval; per-arm aggregates are below."
+            )
+        )
     else:
         sec.blocks.append(Para("There is no pair of arms to compare; per-arm aggregates are below."))
     return sec
@@ -956,8 +1056,9 @@ def _per_arm_section(a: _Analysis) -> Section | None:
     ]
     for unit in ("chars", "tokens"):
         for stat in ("mean", "median", "p90"):
-            rows_spec.append((f"length ({unit}) {stat}",
-                              lambda ev, tr, u=unit, s=stat: _fmt(_section(ev, f"length_{u}").get(s), 0)))
+            rows_spec.append(
+                (f"length ({unit}) {stat}", lambda ev, tr, u=unit, s=stat: _fmt(_section(ev, f"length_{u}").get(s), 0))
+            )
     rows_spec += [
         ("train time", lambda ev, tr: _duration(tr.get("train_time_s"))),
         ("tokens / s", lambda ev, tr: _fmt(tr.get("tokens_per_s"), 0)),
@@ -976,8 +1077,10 @@ def _per_arm_section(a: _Analysis) -> Section | None:
         sec.blocks.append(Table(header, rows, "l" + "r" * len(a.arms), caption, compact=True))
     families = sorted({f for arm in a.arms for f in _section(_section(arm, "eval"), "exact_match_by_family")})
     if families:
-        rows = [[fam, *[_pct(_section(_section(arm, "eval"), "exact_match_by_family").get(fam)) for arm in a.arms]]
-                for fam in families]
+        rows = [
+            [fam, *[_pct(_section(_section(arm, "eval"), "exact_match_by_family").get(fam)) for arm in a.arms]]
+            for fam in families
+        ]
         caption = "Exact match by task family"
         sec.blocks.append(Table(["Task family", *header[1:]], rows, "l" + "r" * len(a.arms), caption, compact=True))
     return sec if sec.blocks else None
@@ -987,42 +1090,81 @@ def _judge_section(a: _Analysis) -> Section:
     sec = Section("Judge", "judge")
     judged = [arm for arm in a.treatments if _judge(arm)]
     if not judged:
-        sec.blocks.append(Para("No LLM judge was run, so there are no win rates; the verdict rests on the "
-                               "reference-based metrics above."))
+        sec.blocks.append(
+            Para(
+                "No LLM judge was run, so there are no win rates; the verdict rests on the "
+                "reference-based metrics above."
+            )
+        )
         return sec
-    sec.blocks.append(Para(
-        "Each pair of answers is judged twice, once in each order. Position consistency is the share of pairs "
-        "where both orders gave the same verdict: a judge that always picks the same position scores 0, one "
-        f"flipping a coin about 0.5. Below {LOW_CONSISTENCY:.0%} the judge is treated as unreliable. Split "
-        "verdicts count as ties."))
+    sec.blocks.append(
+        Para(
+            "Each pair of answers is judged twice, once in each order. Position consistency is the share of pairs "
+            "where both orders gave the same verdict: a judge that always picks the same position scores 0, one "
+            f"flipping a coin about 0.5. Below {LOW_CONSISTENCY:.0%} the judge is treated as unreliable. Split "
+            "verdicts count as ties."
+        )
+    )
     rows: list[list[Inline]] = []
     for arm in judged:
         j = _judge(arm)
         ci, lc_ci = j.get("ci"), j.get("lc_ci")
         consistency = _num(j.get("consistency"))
-        rows.append([
-            a.labels[arm["name"]],
-            a.labels.get(str(j.get("vs")), str(j.get("vs", "\u2014"))),
-            _pct(j.get("win_rate")) + (f" {_ci_text(ci, 100, 1, '%', False)}" if _is_interval(ci) else ""),
-            _pct(j.get("lc_win_rate")) + (f" {_ci_text(lc_ci, 100, 1, '%', False)}" if _is_interval(lc_ci) else ""),
-            _fmt(consistency, 2),
-            _fmt(j.get("n"), 0), _fmt(j.get("n_failed"), 0), _fmt(j.get("n_ties"), 0),
-            str(j.get("backend", "\u2014")),
-        ])
-    sec.blocks.append(Table(["Arm", "vs", "Win rate [95% CI]", "LC win rate [95% CI]", "Consistency", "n", "Failed",
-                             "Ties/splits", "Backend"], rows, "llrrrrrrl"))
+        rows.append(
+            [
+                a.labels[arm["name"]],
+                a.labels.get(str(j.get("vs")), str(j.get("vs", "\u2014"))),
+                _pct(j.get("win_rate")) + (f" {_ci_text(ci, 100, 1, '%', False)}" if _is_interval(ci) else ""),
+                _pct(j.get("lc_win_rate")) + (f" {_ci_text(lc_ci, 100, 1, '%', False)}" if _is_interval(lc_ci) else ""),
+                _fmt(consistency, 2),
+                _fmt(j.get("n"), 0),
+                _fmt(j.get("n_failed"), 0),
+                _fmt(j.get("n_ties"), 0),
+                str(j.get("backend", "\u2014")),
+            ]
+        )
+    sec.blocks.append(
+        Table(
+            [
+                "Arm",
+                "vs",
+                "Win rate [95% CI]",
+                "LC win rate [95% CI]",
+                "Consistency",
+                "n",
+                "Failed",
+                "Ties/splits",
+                "Backend",
+            ],
+            rows,
+            "llrrrrrrl",
+        )
+    )
     for arm in judged:
         j = _judge(arm)
         consistency = _num(j.get("consistency"))
         label = a.labels[arm["name"]]
         if consistency is None:
-            sec.blocks.append(Notice("info", f"{label}: position consistency was not measured, so the judge's "
-                                             "reliability is unknown."))
+            sec.blocks.append(
+                Notice(
+                    "info", f"{label}: position consistency was not measured, so the judge's reliability is unknown."
+                )
+            )
         elif consistency < LOW_CONSISTENCY:
-            sec.blocks.append(Notice("warn", [("b", f"{label}: the judge is unreliable. "),
-                                              ("", f"Its position consistency is {consistency:.2f} (below "
-                                                   f"{LOW_CONSISTENCY:.2f}): it often changed its verdict when the "
-                                                   "answers swapped places, so treat these win rates as noise.")]))
+            sec.blocks.append(
+                Notice(
+                    "warn",
+                    [
+                        ("b", f"{label}: the judge is unreliable. "),
+                        (
+                            "",
+                            f"Its position consistency is {consistency:.2f} (below "
+                            f"{LOW_CONSISTENCY:.2f}): it often changed its verdict when the "
+                            "answers swapped places, so treat these win rates as noise.",
+                        ),
+                    ],
+                )
+            )
     failures = []
     for arm in judged:
         n, n_failed = _num(_judge(arm).get("n")), _num(_judge(arm).get("n_failed"))
@@ -1040,18 +1182,28 @@ def _examples_section(a: _Analysis) -> Section | None:
         return None
     sec = Section("Example answers", "examples")
     shown = [ex for ex in examples if isinstance(ex, Mapping)][:N_EXAMPLES_SHOWN]
-    sec.blocks.append(Para(f"The first {len(shown)} of {len(examples)} stored examples, in order (not "
-                           "picked for effect), answered by each arm."))
+    sec.blocks.append(
+        Para(
+            f"The first {len(shown)} of {len(examples)} stored examples, in order (not "
+            "picked for effect), answered by each arm."
+        )
+    )
     order = [arm["name"] for arm in a.arms] + [arm["name"] for arm in a.failed]
     for i, ex in enumerate(shown, 1):
         outputs = ex.get("outputs") if isinstance(ex.get("outputs"), Mapping) else {}
         names = [n for n in order if n in outputs] + [n for n in outputs if n not in order]
         reference = ex.get("reference")
-        sec.blocks.append(Example(
-            i, str(ex.get("instruction", "")), None if reference is None else str(reference),
-            [(a.labels.get(str(n), str(n)) + (" (baseline)" if n == a.baseline_name else ""), str(outputs[n]))
-             for n in names],
-        ))
+        sec.blocks.append(
+            Example(
+                i,
+                str(ex.get("instruction", "")),
+                None if reference is None else str(reference),
+                [
+                    (a.labels.get(str(n), str(n)) + (" (baseline)" if n == a.baseline_name else ""), str(outputs[n]))
+                    for n in names
+                ],
+            )
+        )
     return sec
 
 
@@ -1247,12 +1399,16 @@ def _html_block(block: Block) -> str:
         )
         caption = f"<caption>{_e(block.caption)}</caption>" if block.caption else ""
         cls = ' class="compact"' if block.compact else ""
-        return (f'<div class="tablewrap"><table{cls}>{caption}<thead><tr>{head}</tr></thead>'
-                f"<tbody>{body}</tbody></table></div>")
+        return (
+            f'<div class="tablewrap"><table{cls}>{caption}<thead><tr>{head}</tr></thead>'
+            f"<tbody>{body}</tbody></table></div>"
+        )
     if isinstance(block, Image):
         data = base64.b64encode(block.png).decode("ascii")
-        return (f'<figure><img src="data:image/png;base64,{data}" alt="{_e(block.alt)}" '
-                f'data-file="plots/{_e(block.name)}.png"><figcaption>{_e(block.caption)}</figcaption></figure>')
+        return (
+            f'<figure><img src="data:image/png;base64,{data}" alt="{_e(block.alt)}" '
+            f'data-file="plots/{_e(block.name)}.png"><figcaption>{_e(block.caption)}</figcaption></figure>'
+        )
     if isinstance(block, Example):
         ref = ""
         if block.reference is not None:
@@ -1263,14 +1419,19 @@ def _html_block(block: Block) -> str:
             for label, text in block.outputs
         )
         n_cols = max(1, min(len(block.outputs), 4))
-        return (f'<div class="example"><h3>Example {block.index}</h3>'
-                f'<div class="label">Instruction</div><div class="prompt"><pre>{_e(block.instruction)}</pre></div>{ref}'
-                f'<div class="cols" style="grid-template-columns:repeat({n_cols},minmax(0,1fr))">{cols}</div></div>')
+        return (
+            f'<div class="example"><h3>Example {block.index}</h3>'
+            f'<div class="label">Instruction</div><div class="prompt"><pre>{_e(block.instruction)}</pre></div>{ref}'
+            f'<div class="cols" style="grid-template-columns:repeat({n_cols},minmax(0,1fr))">{cols}</div></div>'
+        )
     if isinstance(block, KeyValues):
         title = f"<h3>{_e(block.title)}</h3>" if block.title else ""
         grid = " ".join(["max-content minmax(0,1fr)"] * max(1, block.columns))
-        return (f'{title}<dl class="kv" style="grid-template-columns:{grid}">'
-                + "".join(f"<dt>{_e(k)}</dt><dd>{_e(v)}</dd>" for k, v in block.pairs) + "</dl>")
+        return (
+            f'{title}<dl class="kv" style="grid-template-columns:{grid}">'
+            + "".join(f"<dt>{_e(k)}</dt><dd>{_e(v)}</dd>" for k, v in block.pairs)
+            + "</dl>"
+        )
     raise TypeError(f"unknown block {type(block).__name__}")
 
 
@@ -1284,7 +1445,7 @@ def _render_html(doc: Document) -> str:
         for s in doc.sections
     )
     return (
-        "<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
+        '<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
         '<meta name="viewport" content="width=device-width, initial-scale=1">\n'
         f"<title>{_e(doc.title)}</title>\n<style>{_CSS}</style>\n</head>\n<body>\n<main>\n"
         f'<header><h1>{_e(doc.title)}</h1><div class="meta">{_e(doc.meta)}</div><nav>{nav}</nav></header>\n'
@@ -1308,7 +1469,7 @@ def _md_inline(content: Inline) -> str:
         if kind == "b" or kind.startswith("v:"):
             # emphasis markers must hug the text: "** x**" is not bold, and "**a**** b**" merges
             core = text.strip()
-            lead, trail = text[: len(text) - len(text.lstrip())], text[len(text.rstrip()):]
+            lead, trail = text[: len(text) - len(text.lstrip())], text[len(text.rstrip()) :]
             out.append(f"{lead}**{_md_escape(core)}**{trail}" if core else text)
         else:
             out.append(_md_escape(text))
@@ -1407,8 +1568,12 @@ def write_report(
     analysis = _analyse(results, n_boot=n_boot, seed=seed)
     paths: dict[str, Path] = {}
     pngs: dict[str, bytes] = {}
-    for name, make in (("loss", _plot_loss), ("lengths", _plot_lengths), ("winrates", _plot_winrates),
-                       ("metrics", _plot_metrics)):
+    for name, make in (
+        ("loss", _plot_loss),
+        ("lengths", _plot_lengths),
+        ("winrates", _plot_winrates),
+        ("metrics", _plot_metrics),
+    ):
         path = plots_dir / f"{name}.png"
         fig = make(analysis)
         if fig is None:
@@ -1421,9 +1586,11 @@ def write_report(
 
     doc = _build_document(analysis, pngs)
     json_text = json.dumps(_jsonable(results), indent=2, ensure_ascii=False, allow_nan=False) + "\n"
-    for key, filename, text in (("results", "results.json", json_text),
-                                ("markdown", "report.md", _render_markdown(doc)),
-                                ("html", "report.html", _render_html(doc))):
+    for key, filename, text in (
+        ("results", "results.json", json_text),
+        ("markdown", "report.md", _render_markdown(doc)),
+        ("html", "report.html", _render_html(doc)),
+    ):
         path = out_dir / filename
         atomic_write_text(path, text)
         paths[key] = path

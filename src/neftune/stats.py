@@ -142,8 +142,15 @@ def length_controlled_win_rate(
         raise ValueError("lengths must be non-negative")
     nan = float("nan")
     if y.size == 0:
-        return {"win_rate": nan, "ci": (nan, nan), "intercept": nan, "slope": nan, "scale": nan, "n": 0,
-                "identifiable": False}
+        return {
+            "win_rate": nan,
+            "ci": (nan, nan),
+            "intercept": nan,
+            "slope": nan,
+            "scale": nan,
+            "n": 0,
+            "identifiable": False,
+        }
     x = np.log1p(b_len) - np.log1p(a)
     spread = float(x.std())
     identifiable = spread > 1e-12

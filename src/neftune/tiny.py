@@ -71,8 +71,12 @@ def save_tiny(directory: str | Path, seed: int = 0, hidden_size: int = 64, num_l
     directory.mkdir(parents=True, exist_ok=True)
     tokenizer = build_tiny_tokenizer()
     model = build_tiny_model(
-        vocab_size=len(tokenizer), hidden_size=hidden_size, num_layers=num_layers, seed=seed,
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        vocab_size=len(tokenizer),
+        hidden_size=hidden_size,
+        num_layers=num_layers,
+        seed=seed,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
     )
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id

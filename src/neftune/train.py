@@ -27,7 +27,7 @@ from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 from neftune.callback import NEFTuneCallback
 from neftune.config import Config, write_config
-from neftune.errors import ConfigError, DataError, NeftuneError
+from neftune.errors import DataError, NeftuneError
 from neftune.io import atomic_save_dir, atomic_write_text, check_output_dir
 
 log = logging.getLogger("neftune")
@@ -76,39 +76,60 @@ def read_training_data(cfg: Config) -> tuple[Any, Any]:
     from neftune.data.formats import load_examples
 
     train = load_examples(
-        cfg.data.train, fmt=cfg.data.format, split="train",
-        on_bad_record=bad_record_policy(cfg.data.train, cfg.data.on_bad_record), limit=cfg.data.limit, seed=cfg.train.seed,
+        cfg.data.train,
+        fmt=cfg.data.format,
+        split="train",
+        on_bad_record=bad_record_policy(cfg.data.train, cfg.data.on_bad_record),
+        limit=cfg.data.limit,
+        seed=cfg.train.seed,
     )
     log.info(train.summary())
     held = None
     eval_spec = resolve_eval_spec(cfg)
     if eval_spec:
         held = load_examples(
-            eval_spec, fmt=cfg.data.format, split="test",
-            on_bad_record=bad_record_policy(eval_spec, cfg.data.on_bad_record), limit=cfg.data.eval_limit, seed=cfg.train.seed,
+            eval_spec,
+            fmt=cfg.data.format,
+            split="test",
+            on_bad_record=bad_record_policy(eval_spec, cfg.data.on_bad_record),
+            limit=cfg.data.eval_limit,
+            seed=cfg.train.seed,
         )
     return train, held
 
 
-def tokenize_training_data(cfg: Config, tokenizer: Any, train: Any, held: Any) -> tuple[list[dict], list[dict], dict[str, Any]]:
+def tokenize_training_data(
+    cfg: Config, tokenizer: Any, train: Any, held: Any
+) -> tuple[list[dict], list[dict], dict[str, Any]]:
     """Tokenize with assistant-only labels; return (train rows, held-out rows, data report)."""
     from neftune.data.formats import describe_counts
     from neftune.data.template import encode_examples
 
     train_rows, train_dropped = encode_examples(tokenizer, train.examples, cfg.data.max_length)
     report: dict[str, Any] = {
-        "train": cfg.data.train, "train_records": train.total, "train_examples": len(train_rows),
-        "train_skipped": dict(train.skipped), "train_dropped": dict(train_dropped),
+        "train": cfg.data.train,
+        "train_records": train.total,
+        "train_examples": len(train_rows),
+        "train_skipped": dict(train.skipped),
+        "train_dropped": dict(train_dropped),
     }
     if train_dropped:
         log.warning("dropped %s", describe_counts(train_dropped))
     if not train_rows:
-        raise DataError(f"{cfg.data.train}: no example has a trainable response token within max_length={cfg.data.max_length}")
+        raise DataError(
+            f"{cfg.data.train}: no example has a trainable response token within max_length={cfg.data.max_length}"
+        )
     eval_rows: list[dict] = []
     if held is not None:
         eval_rows, eval_dropped = encode_examples(tokenizer, held.examples, cfg.data.max_length)
-        report.update({"eval": held.source, "eval_examples": len(eval_rows), "eval_skipped": dict(held.skipped),
-                       "eval_dropped": dict(eval_dropped)})
+        report.update(
+            {
+                "eval": held.source,
+                "eval_examples": len(eval_rows),
+                "eval_skipped": dict(held.skipped),
+                "eval_dropped": dict(eval_dropped),
+            }
+        )
     return train_rows, eval_rows, report
 
 
@@ -120,8 +141,11 @@ def last_complete_checkpoint(directory: Path) -> Path | None:
     """
     if not directory.is_dir():
         return None
-    found = [(int(p.name.split("-")[1]), p) for p in directory.glob("checkpoint-*")
-             if p.is_dir() and p.name.split("-")[1].isdigit()]
+    found = [
+        (int(p.name.split("-")[1]), p)
+        for p in directory.glob("checkpoint-*")
+        if p.is_dir() and p.name.split("-")[1].isdigit()
+    ]
     for _, path in sorted(found, reverse=True):
         try:
             json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))
@@ -161,7 +185,9 @@ class MetricsCallback(TrainerCallback):
         if self.progress and state.is_world_process_zero:
             from tqdm.auto import tqdm
 
-            self.bar = tqdm(total=state.max_steps, initial=state.global_step, desc="train", unit="step", dynamic_ncols=True)
+            self.bar = tqdm(
+                total=state.max_steps, initial=state.global_step, desc="train", unit="step", dynamic_ncols=True
+            )
 
     def on_step_end(self, args, state, control, **kwargs):
         elapsed = time.perf_counter() - self._t0
@@ -181,8 +207,13 @@ class MetricsCallback(TrainerCallback):
             return
         if self.bar is not None and "loss" in logs:
             self.bar.set_postfix(loss=f"{logs['loss']:.3f}", tok_s=f"{self.tokens_per_s:.0f}")
-        record = {"step": state.global_step, "epoch": state.epoch, "time": time.time(),
-                  "tokens_per_s": round(self.tokens_per_s, 2), **logs}
+        record = {
+            "step": state.global_step,
+            "epoch": state.epoch,
+            "time": time.time(),
+            "tokens_per_s": round(self.tokens_per_s, 2),
+            **logs,
+        }
         with open(self.path, "a", encoding="utf-8") as fh:
             fh.write(json.dumps(record) + "\n")
 
@@ -213,7 +244,10 @@ def build_model(cfg: Config) -> tuple[Any, Any]:
     from neftune.models import default_lora_targets, load_model_and_tokenizer
 
     model, tokenizer = load_model_and_tokenizer(
-        cfg.model.name, dtype=cfg.model.dtype, trust_remote_code=cfg.model.trust_remote_code, for_training=True,
+        cfg.model.name,
+        dtype=cfg.model.dtype,
+        trust_remote_code=cfg.model.trust_remote_code,
+        for_training=True,
     )
     attention = choose_attention(cfg)
     if attention is not None:
@@ -226,10 +260,16 @@ def build_model(cfg: Config) -> tuple[Any, Any]:
         # two runs with one seed (compare's arms, a crashed run and its rerun) start identical
         set_seed(cfg.train.seed)
         targets = cfg.model.lora_targets or default_lora_targets(model)
-        model = get_peft_model(model, LoraConfig(
-            r=cfg.model.lora_r, lora_alpha=cfg.model.lora_alpha, lora_dropout=cfg.model.lora_dropout,
-            target_modules=targets, task_type="CAUSAL_LM",
-        ))
+        model = get_peft_model(
+            model,
+            LoraConfig(
+                r=cfg.model.lora_r,
+                lora_alpha=cfg.model.lora_alpha,
+                lora_dropout=cfg.model.lora_dropout,
+                target_modules=targets,
+                task_type="CAUSAL_LM",
+            ),
+        )
     return model, tokenizer
 
 
@@ -303,7 +343,9 @@ def run_training(cfg: Config, *, keep_model: bool = False, extra_callbacks: list
     metrics_cb = MetricsCallback(out / "metrics.jsonl", collator, cfg.train.progress)
     callbacks: list[TrainerCallback] = [metrics_cb]
     if cfg.noise.alpha > 0:
-        callbacks.insert(0, NEFTuneCallback(alpha=cfg.noise.alpha, distribution=cfg.noise.distribution, seed=cfg.train.seed))
+        callbacks.insert(
+            0, NEFTuneCallback(alpha=cfg.noise.alpha, distribution=cfg.noise.distribution, seed=cfg.train.seed)
+        )
     if is_main_process():
         from torch.utils.tensorboard import SummaryWriter
         from transformers.integrations import TensorBoardCallback
@@ -319,22 +361,35 @@ def run_training(cfg: Config, *, keep_model: bool = False, extra_callbacks: list
     callbacks.extend(extra_callbacks or [])
 
     trainer = Trainer(
-        model=model, args=args, train_dataset=train_rows, eval_dataset=eval_rows or None,
-        data_collator=collator, processing_class=tokenizer, callbacks=callbacks,
+        model=model,
+        args=args,
+        train_dataset=train_rows,
+        eval_dataset=eval_rows or None,
+        data_collator=collator,
+        processing_class=tokenizer,
+        callbacks=callbacks,
     )
     trainer.remove_callback(ProgressCallback)  # replaced by MetricsCallback's bar (tokens/s, ETA)
     trainer.remove_callback(PrinterCallback)
     info = describe_model(model)
-    log.info("model %s: %s parameters, %s trainable; %d training examples", cfg.model.name,
-             f"{info.get('n_params', 0):,}", f"{info.get('trainable_params', 0):,}", len(train_rows))
+    log.info(
+        "model %s: %s parameters, %s trainable; %d training examples",
+        cfg.model.name,
+        f"{info.get('n_params', 0):,}",
+        f"{info.get('trainable_params', 0):,}",
+        len(train_rows),
+    )
 
     started = time.perf_counter()
     try:
         result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     except OSError as error:  # full disk, quota, read-only file system while writing a checkpoint
         last = last_complete_checkpoint(out / "checkpoints")
-        kept = (f"the last complete checkpoint {last} is intact; free space and rerun with --resume" if last
-                else "no checkpoint had been completed")
+        kept = (
+            f"the last complete checkpoint {last} is intact; free space and rerun with --resume"
+            if last
+            else "no checkpoint had been completed"
+        )
         raise NeftuneError(f"writing to {out} failed ({error.strerror or error}); {kept}") from error
     finally:
         for cb in callbacks:
@@ -342,9 +397,16 @@ def run_training(cfg: Config, *, keep_model: bool = False, extra_callbacks: list
                 cb.remove()
     train_time = time.perf_counter() - started
 
-    metrics: dict[str, Any] = {**result.metrics, "train_time_s": train_time, "tokens_per_s": metrics_cb.tokens_per_s,
-                               "learning_rate_used": args.learning_rate, "max_steps": trainer.state.max_steps,
-                               "real_tokens": collator.tokens, **data_report, "model": info}
+    metrics: dict[str, Any] = {
+        **result.metrics,
+        "train_time_s": train_time,
+        "tokens_per_s": metrics_cb.tokens_per_s,
+        "learning_rate_used": args.learning_rate,
+        "max_steps": trainer.state.max_steps,
+        "real_tokens": collator.tokens,
+        **data_report,
+        "model": info,
+    }
     if eval_rows:
         metrics["heldout_loss"] = trainer.evaluate()["eval_loss"]
         metrics["heldout_perplexity"] = math.exp(min(metrics["heldout_loss"], 50))
@@ -365,8 +427,12 @@ def run_training(cfg: Config, *, keep_model: bool = False, extra_callbacks: list
         atomic_write_text(out / "train_summary.json", json.dumps(summary, indent=2, default=str))
         log.info("model written to %s", model_dir)
     return TrainResult(
-        output_dir=out, model_dir=model_dir, merged_dir=merged_dir, metrics=metrics,
-        loss_curve=metrics_cb.loss_curve, heldout_curve=metrics_cb.heldout_curve,
+        output_dir=out,
+        model_dir=model_dir,
+        merged_dir=merged_dir,
+        metrics=metrics,
+        loss_curve=metrics_cb.loss_curve,
+        heldout_curve=metrics_cb.heldout_curve,
         model=trainer.accelerator.unwrap_model(trainer.model) if keep_model else None,
         tokenizer=tokenizer if keep_model else None,
     )

@@ -54,12 +54,16 @@ def varlen_attention_forward(
     position_ids = kwargs.get("position_ids")
     segments = None
     if (
-        position_ids is not None and query.shape[0] == 1 and query.shape[2] == key.shape[2]
+        position_ids is not None
+        and query.shape[0] == 1
+        and query.shape[2] == key.shape[2]
         and position_ids.shape[-1] == query.shape[2]
     ):
         segments = segment_index(position_ids.reshape(1, -1))
     if segments is None:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+        )
 
     index, valid = segments
     groups = getattr(module, "num_key_value_groups", 1)

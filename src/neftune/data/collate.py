@@ -33,10 +33,7 @@ class PaddingCollator:
         if not features:
             raise ValueError("cannot collate an empty batch")
         ids = [torch.as_tensor(f["input_ids"], dtype=torch.long) for f in features]
-        labels = [
-            torch.as_tensor(f["labels"] if "labels" in f else f["input_ids"], dtype=torch.long)
-            for f in features
-        ]
+        labels = [torch.as_tensor(f["labels"] if "labels" in f else f["input_ids"], dtype=torch.long) for f in features]
         mask = [torch.ones(len(x), dtype=torch.long) for x in ids]
         side = self.padding_side
         return {

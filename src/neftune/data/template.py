@@ -30,7 +30,7 @@ from typing import Any
 
 import jinja2
 
-from neftune.data.formats import Example
+from neftune.data.types import Example
 from neftune.errors import DataError
 
 logger = logging.getLogger(__name__)

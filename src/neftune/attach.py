@@ -94,7 +94,7 @@ class NEFTuneHandle:
 
     # -- hooks -------------------------------------------------------------------------------
 
-    def _capture(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+    def _capture(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         context = {key: kwargs[key] for key in _CONTEXT_KEYS if kwargs.get(key) is not None}
         if args:  # positional call, e.g. model(input_ids, attention_mask): map by signature
             if self._signature is None:
@@ -106,10 +106,10 @@ class NEFTuneHandle:
             context.update({k: bound[k] for k in _CONTEXT_KEYS if bound.get(k) is not None})
         self._context = context
 
-    def _release(self, module: nn.Module, args: tuple, output: Any) -> None:
+    def _release(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
         self._context = {}
 
-    def _add_noise(self, module: nn.Module, args: tuple, output: Any) -> torch.Tensor | None:
+    def _add_noise(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> torch.Tensor | None:
         if not module.training or self.alpha == 0.0:
             return None
         if not torch.is_tensor(output) or not output.is_floating_point():
@@ -193,10 +193,12 @@ def unwrap_model(model: nn.Module) -> nn.Module:
         if isinstance(inner, nn.Module):
             model = inner
             continue
-        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)) or (
-            type(model).__name__ == "FullyShardedDataParallel" and isinstance(getattr(model, "module", None), nn.Module)
+        wrapped = getattr(model, "module", None)
+        if isinstance(wrapped, nn.Module) and (
+            isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel))
+            or type(model).__name__ == "FullyShardedDataParallel"
         ):
-            model = model.module
+            model = wrapped
             continue
         return model
 

@@ -59,10 +59,11 @@ def build_tiny_model(
         pad_token_id=pad_token_id,
         bos_token_id=None,
         tie_word_embeddings=False,
-        attn_implementation="sdpa",
     )
     torch.manual_seed(seed)
-    return LlamaForCausalLM(config).float()
+    model = LlamaForCausalLM(config).float()
+    model.set_attn_implementation("sdpa")
+    return model
 
 
 def save_tiny(directory: str | Path, seed: int = 0, hidden_size: int = 64, num_layers: int = 2) -> Path:

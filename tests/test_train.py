@@ -24,10 +24,11 @@ from neftune.cli import main
 from neftune.config import Config, load_config, to_dict
 from neftune.data.collate import PaddingCollator, packing_collator
 from neftune.data.formats import Example
+from neftune.data.presets import get_preset
 from neftune.data.template import IGNORE_INDEX, encode_examples
 from neftune.io import atomic_save_dir
 from neftune.models import resolve_model
-from neftune.train import EMBEDDED_DEFAULT_STEPS, run_training, training_arguments
+from neftune.train import run_training, training_arguments
 
 OFFLINE = {
     "HF_HUB_OFFLINE": "1",
@@ -642,7 +643,7 @@ def _train_args_for(argv: list[str], tmp_path: Path):
 
 
 def test_embedded_default_is_a_60_step_run_on_builtin_skills(tmp_path):
-    assert EMBEDDED_DEFAULT_STEPS == 60
+    assert get_preset("builtin:skills").default_steps == 60
     cfg, args = _train_args_for([], tmp_path)
     assert cfg.data.train == "builtin:skills" and cfg.model.name == "smollm2-135m" and cfg.train.max_steps is None
     assert args.max_steps == 60

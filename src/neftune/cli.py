@@ -129,16 +129,16 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def _load_eval_set(spec: str, fmt: str, limit: int | None, on_bad_record: str):
-    from neftune.data.formats import load_examples
+    from neftune.data.formats import load_eval_examples
 
-    held = load_examples(spec, fmt=fmt, split="test", on_bad_record=on_bad_record, limit=limit, require_response=False)
+    held = load_eval_examples(spec, fmt=fmt, on_bad_record=on_bad_record, limit=limit, require_response=False)
     logging.getLogger("neftune").info(held.summary())
     return held.examples
 
 
 def _answer(args: argparse.Namespace, model, tokenizer, examples) -> list[dict]:
     """Generate AlpacaEval-format answers with the generation flags of ``args``."""
-    from neftune.generate import default_repetition_penalty, generate_outputs
+    from neftune.generate import default_max_new_tokens, default_repetition_penalty, generate_outputs
 
     return generate_outputs(
         model,
@@ -146,7 +146,7 @@ def _answer(args: argparse.Namespace, model, tokenizer, examples) -> list[dict]:
         examples,
         generator_name=getattr(args, "name", None) or os.path.basename(os.path.normpath(args.model)),
         dataset_name=args.data,
-        max_new_tokens=args.max_new_tokens,
+        max_new_tokens=default_max_new_tokens(args.data, args.max_new_tokens),
         repetition_penalty=default_repetition_penalty(args.data, args.repetition_penalty),
         batch_size=args.batch_size,
         progress=not args.no_progress,
@@ -245,12 +245,14 @@ def _add_eval_set_args(p: argparse.ArgumentParser) -> None:
 
 
 def _add_generation_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--max-new-tokens", type=int, default=256, help="tokens per answer (default 256)")
+    p.add_argument(
+        "--max-new-tokens", type=int, default=None, help="tokens per answer (default: the eval data's, 256 for files)"
+    )
     p.add_argument(
         "--repetition-penalty",
         type=float,
         default=None,
-        help="greedy decoding penalty (default 1.2, the paper's; 1.0 on builtin:skills, whose exact answers copy the prompt)",
+        help="greedy decoding penalty (default: the eval data's; 1.2, the paper's, for files)",
     )
     p.add_argument("--batch-size", type=int, default=16, help="prompts per batch (batches are sorted by length)")
     p.add_argument("--trust-remote-code", action="store_true", help="allow model code from the hub to run")
@@ -349,6 +351,12 @@ def build_parser() -> argparse.ArgumentParser:
     judge.add_argument("--seed", type=int, default=0, help="bootstrap seed")
     judge.add_argument("--no-progress", action="store_true", help="no progress bar")
     judge.set_defaults(func=cmd_judge)
+
+    from neftune.audit import add_audit_parser
+    from neftune.patch import add_run_parser
+
+    add_run_parser(sub)  # neftune run -- CMD: transformers' neftune_noise_alpha made per-example in CMD
+    add_audit_parser(sub)  # neftune audit: the alpha the built-in hook gives each example of a data set
     return parser
 
 

@@ -5,8 +5,9 @@
 
 For every seed it trains a baseline (alpha = 0) and one arm per alpha on identical data, data order
 and initialisation; then, with noise off, it measures held-out loss, generates answers to the
-held-out prompts (greedy, repetition penalty 1.2, or 1.0 on builtin:skills), computes the metrics of :mod:`neftune.evaluate`,
-and judges each arm against its seed's baseline in both orders.  ``report.html`` / ``report.md`` /
+held-out prompts (greedy, with the eval data's repetition penalty and answer length, see
+:mod:`neftune.data.presets`), computes the metrics of :mod:`neftune.evaluate`, and judges each arm
+against its seed's baseline in both orders.  ``report.html`` / ``report.md`` /
 ``results.json`` and plots land in the experiment directory.
 
 Interrupted, it picks up where it stopped: an arm whose ``arm.json`` exists is not retrained, a
@@ -27,9 +28,9 @@ from pathlib import Path
 from typing import Any
 
 from neftune.config import CompareConfig, write_config
+from neftune.data.presets import defaults_for, resolve_eval_spec
 from neftune.errors import NeftuneError
 from neftune.io import atomic_write_text, check_output_dir
-from neftune.train import bad_record_policy, resolve_eval_spec
 
 log = logging.getLogger("neftune")
 
@@ -57,35 +58,34 @@ def plan_arms(cfg: CompareConfig) -> list[Arm]:
     return arms
 
 
+def eval_spec(cfg: CompareConfig) -> str:
+    """The held-out prompts' data: ``data.eval``, else the training set's held-out split."""
+    spec = resolve_eval_spec(cfg.data.train, cfg.data.eval)
+    if spec is None:
+        raise NeftuneError("compare needs held-out data: set --eval-data (or data.eval) for a custom training set")
+    return spec
+
+
 def default_max_new_tokens(cfg: CompareConfig) -> int:
-    """Short answers for the built-in skills (exact-match tasks), room to talk elsewhere."""
-    if cfg.generate.max_new_tokens is not None:
-        return cfg.generate.max_new_tokens
-    return 64 if cfg.data.train.startswith("builtin:skills") else 256
+    """``generate.max_new_tokens``, else the eval data's default (:mod:`neftune.data.presets`)."""
+    from neftune.generate import default_max_new_tokens as for_data
+
+    return for_data(eval_spec(cfg), cfg.generate.max_new_tokens)
 
 
 def default_repetition_penalty(cfg: CompareConfig) -> float:
-    """See :func:`neftune.generate.default_repetition_penalty`."""
+    """``generate.repetition_penalty``, else the eval data's default (:mod:`neftune.data.presets`)."""
     from neftune.generate import default_repetition_penalty as for_data
 
-    return for_data(cfg.data.train, cfg.generate.repetition_penalty)
+    return for_data(eval_spec(cfg), cfg.generate.repetition_penalty)
 
 
 def load_eval_examples(cfg: CompareConfig) -> tuple[str, list]:
     """The held-out prompts every arm answers (and the reference answers when present)."""
-    from neftune.data.formats import load_examples
+    from neftune.data.formats import load_eval_examples as load
 
-    spec = resolve_eval_spec(cfg.train_config(0.0, 0))
-    if spec is None:
-        raise NeftuneError("compare needs held-out data: set --eval-data (or data.eval) for a custom training set")
-    held = load_examples(
-        spec,
-        fmt=cfg.data.format,
-        split="test",
-        on_bad_record=bad_record_policy(spec, cfg.data.on_bad_record),
-        limit=cfg.data.eval_limit,
-        seed=0,
-    )
+    spec = eval_spec(cfg)
+    held = load(spec, fmt=cfg.data.format, on_bad_record=cfg.data.on_bad_record, limit=cfg.data.eval_limit)
     log.info("eval: %s", held.summary())
     return spec, held.examples
 
@@ -281,6 +281,7 @@ def run_compare(cfg: CompareConfig) -> dict[str, Path]:
             "eval": eval_name,
             "n_train": baseline.get("train_examples"),
             "n_eval": len(eval_examples),
+            "primary_metric": defaults_for(eval_name).primary_metric,
         },
         "seeds": list(cfg.compare.seeds),
         "versions": versions(),

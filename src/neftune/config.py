@@ -54,7 +54,9 @@ class DataConfig:
     train: str = setting(
         "builtin:skills", "training data: builtin:skills, builtin:sharegpt, or a .json/.jsonl/.parquet/dataset dir"
     )
-    eval: str | None = setting(None, "held-out data (default: builtin:skills test split for builtin:skills, else none)")
+    eval: str | None = setting(
+        None, "held-out data (default: the held-out split of a built-in training set, else none)"
+    )
     format: str = setting("auto", "auto, alpaca, sharegpt or messages")
     max_length: int = setting(512, "tokens per example; longer examples are right-truncated")
     packing: bool = setting(True, "padding-free packed rows (true) or padded batches (false)")
@@ -322,12 +324,12 @@ def iter_fields(cls: type, prefix: str = ""):
 @dataclass
 class GenerateConfig:
     max_new_tokens: int | None = setting(
-        None, "tokens to generate per answer (default 64 for builtin:skills, else 256)"
+        None, "tokens to generate per answer (default: the eval data's; 64 for builtin:skills, 256 for files)"
     )
     repetition_penalty: float | None = setting(
         None,
-        "greedy decoding penalty (default 1.2, the paper's setting; 1.0 for builtin:skills, whose exact "
-        "answers copy words and digits from the prompt, which the penalty punishes)",
+        "greedy decoding penalty (default: the eval data's; the paper's 1.2, or 1.0 for builtin:skills, whose "
+        "exact answers copy words and digits from the prompt, which the penalty punishes)",
     )
     batch_size: int = setting(16, "prompts per generation batch (sorted by length)")
 

@@ -27,12 +27,12 @@ from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 from neftune.callback import NEFTuneCallback
 from neftune.config import Config, write_config
+from neftune.data.presets import bad_record_policy, defaults_for, resolve_eval_spec
+from neftune.data.types import LoadResult, describe_counts
 from neftune.errors import DataError, NeftuneError
 from neftune.io import atomic_save_dir, atomic_write_text, check_output_dir
 
 log = logging.getLogger("neftune")
-
-EMBEDDED_DEFAULT_STEPS = 60
 
 
 @dataclass
@@ -56,24 +56,14 @@ def is_main_process() -> bool:
     return distributed_rank() == 0
 
 
-def resolve_eval_spec(cfg: Config) -> str | None:
-    """The held-out data: explicit ``data.eval``, else the test split of a built-in dataset."""
-    if cfg.data.eval:
-        return cfg.data.eval
-    if cfg.data.train.startswith("builtin:skills"):
-        return "builtin:skills"
-    return None
-
-
-def bad_record_policy(spec: str, requested: str) -> str:
-    """Built-in data sets are skipped-and-counted: their bad records are not the user's to fix."""
-    return "skip" if spec.startswith("builtin:") else requested
-
-
-def read_training_data(cfg: Config) -> tuple[Any, Any]:
+def read_training_data(cfg: Config) -> tuple[LoadResult, LoadResult | None]:
     """Read and validate training and held-out records (before any model is loaded, so bad data
-    fails in seconds); return the two :class:`~neftune.data.formats.LoadResult` (held-out may be None)."""
-    from neftune.data.formats import load_examples
+    fails in seconds); return the two :class:`~neftune.data.types.LoadResult` (held-out may be None).
+
+    The held-out examples are those every command and every arm sees (:func:`load_eval_examples`),
+    whatever the training seed.
+    """
+    from neftune.data.formats import load_eval_examples, load_examples
 
     train = load_examples(
         cfg.data.train,
@@ -85,24 +75,18 @@ def read_training_data(cfg: Config) -> tuple[Any, Any]:
     )
     log.info(train.summary())
     held = None
-    eval_spec = resolve_eval_spec(cfg)
+    eval_spec = resolve_eval_spec(cfg.data.train, cfg.data.eval)
     if eval_spec:
-        held = load_examples(
-            eval_spec,
-            fmt=cfg.data.format,
-            split="test",
-            on_bad_record=bad_record_policy(eval_spec, cfg.data.on_bad_record),
-            limit=cfg.data.eval_limit,
-            seed=cfg.train.seed,
+        held = load_eval_examples(
+            eval_spec, fmt=cfg.data.format, on_bad_record=cfg.data.on_bad_record, limit=cfg.data.eval_limit
         )
     return train, held
 
 
 def tokenize_training_data(
-    cfg: Config, tokenizer: Any, train: Any, held: Any
+    cfg: Config, tokenizer: Any, train: LoadResult, held: LoadResult | None
 ) -> tuple[list[dict], list[dict], dict[str, Any]]:
     """Tokenize with assistant-only labels; return (train rows, held-out rows, data report)."""
-    from neftune.data.formats import describe_counts
     from neftune.data.template import encode_examples
 
     train_rows, train_dropped = encode_examples(tokenizer, train.examples, cfg.data.max_length)
@@ -279,8 +263,8 @@ def training_arguments(cfg: Config, out: Path, has_eval: bool) -> TrainingArgume
     bf16 = cuda and torch.cuda.is_bf16_supported() and cfg.model.dtype in ("auto", "bfloat16")
     lr = cfg.train.lr if cfg.train.lr is not None else (2e-4 if cfg.model.lora else 2e-5)
     max_steps = cfg.train.max_steps
-    if max_steps is None and cfg.data.train == "builtin:skills" and cfg.train.epochs == 1.0:
-        max_steps = EMBEDDED_DEFAULT_STEPS
+    if max_steps is None and cfg.train.epochs == 1.0:
+        max_steps = defaults_for(cfg.data.train).default_steps
     grad_ckpt = cfg.train.gradient_checkpointing if cfg.train.gradient_checkpointing is not None else cuda
     return TrainingArguments(
         output_dir=str(out / "checkpoints"),

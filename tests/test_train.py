@@ -645,12 +645,48 @@ def _train_args_for(argv: list[str], tmp_path: Path):
 def test_embedded_default_is_a_60_step_run_on_builtin_skills(tmp_path):
     assert get_preset("builtin:skills").default_steps == 60
     cfg, args = _train_args_for([], tmp_path)
-    assert cfg.data.train == "builtin:skills" and cfg.model.name == "smollm2-135m" and cfg.train.max_steps is None
+    assert cfg.data.train == "builtin:skills" and cfg.model.name == "smollm2-135m"
+    assert cfg.train.max_steps is None and cfg.train.epochs is None  # "not given" is not "1 epoch"
     assert args.max_steps == 60
     assert args.eval_strategy == "steps" and args.save_steps == 50 and args.learning_rate == pytest.approx(2e-4)
     assert args.per_device_train_batch_size == 8 and args.seed == 0 and args.data_seed == 0
 
     assert _train_args_for(["--max-steps", "7"], tmp_path)[1].max_steps == 7
-    assert _train_args_for(["--epochs", "2"], tmp_path)[1].max_steps == -1  # an explicit budget is kept
-    assert _train_args_for(["--data", "x.jsonl"], tmp_path)[1].max_steps == -1  # own data: whole epochs
     assert _train_args_for(["--full"], tmp_path)[1].learning_rate == pytest.approx(2e-5)
+
+
+@pytest.mark.parametrize(
+    ("argv", "max_steps", "epochs"),
+    [
+        ([], 60, 1.0),  # the preset's default budget
+        (["--epochs", "1"], -1, 1.0),  # an explicit epoch is an epoch, not the preset's 60 steps
+        (["train.epochs=1.0"], -1, 1.0),
+        (["--epochs", "2"], -1, 2.0),
+        (["--epochs", "0.5"], -1, 0.5),
+        (["--max-steps", "7", "--epochs", "3"], 7, 3.0),  # steps win over epochs, as in transformers
+        (["--data", "x.jsonl"], -1, 1.0),  # own data: one epoch
+        (["--data", "builtin:sharegpt"], -1, 1.0),  # a preset without default steps: one epoch
+    ],
+)
+def test_preset_steps_apply_only_when_neither_steps_nor_epochs_are_set(tmp_path, argv, max_steps, epochs):
+    args = _train_args_for(argv, tmp_path)[1]
+    assert (args.max_steps, args.num_train_epochs) == (max_steps, epochs)
+
+
+def test_an_explicit_epoch_on_builtin_skills_trains_a_whole_epoch(tmp_path):
+    """The steps transformers computes from one epoch of the data, not the preset's 60."""
+    cfg = load_config(
+        Config,
+        None,
+        [
+            "model.name=tiny-random",
+            f"train.output={tmp_path / 'out'}",
+            "train.epochs=1",
+            "data.limit=24",
+            "data.eval_limit=2",
+            "train.batch_size=8",
+            "train.progress=false",
+        ],
+    )
+    result = run_training(cfg)
+    assert result.metrics["max_steps"] == 3  # 24 examples / 8 per step

@@ -74,10 +74,12 @@ class NoiseConfig:
 @dataclass
 class TrainConfig:
     output: str = setting("runs/train", "output directory (model, checkpoints, metrics, config)")
-    epochs: float = setting(1.0, "passes over the training data")
-    max_steps: int | None = setting(
-        None, "optimizer steps; overrides epochs (the embedded default uses 60 to finish in minutes on a CPU)"
+    epochs: float | None = setting(
+        None,
+        "passes over the training data (default 1; when neither this nor max_steps is set, a built-in data "
+        "set's own default steps apply: 60 for builtin:skills, to finish in minutes on a CPU)",
     )
+    max_steps: int | None = setting(None, "optimizer steps; overrides epochs")
     lr: float | None = setting(None, "peak learning rate (default 2e-4 for LoRA, 2e-5 for full finetuning)")
     batch_size: int = setting(8, "examples per optimizer step per process, before accumulation")
     grad_accum: int = setting(1, "gradient accumulation steps")
@@ -136,8 +138,9 @@ class Config:
         ]:
             if value is not None:
                 _positive(name, value)
-        if not self.train.epochs > 0:
-            raise ConfigError(f"train.epochs must be > 0, got {self.train.epochs}")
+        epochs = self.train.epochs
+        if epochs is not None and not (epochs > 0 and math.isfinite(epochs)):
+            raise ConfigError(f"train.epochs must be > 0, got {epochs}")
         if self.train.lr is not None and not (self.train.lr > 0 and math.isfinite(self.train.lr)):
             raise ConfigError(f"train.lr must be a positive number, got {self.train.lr}")
         if not 0 <= self.train.warmup_ratio < 1:

@@ -257,14 +257,21 @@ def build_model(cfg: Config) -> tuple[Any, Any]:
     return model, tokenizer
 
 
+def training_budget(cfg: Config) -> tuple[int | None, float]:
+    """``(max_steps, epochs)`` to train for: the user's steps or epochs when either is set, else the
+    training data's default steps (:mod:`neftune.data.presets`) or one epoch."""
+    max_steps, epochs = cfg.train.max_steps, cfg.train.epochs
+    if max_steps is None and epochs is None:
+        max_steps = defaults_for(cfg.data.train).default_steps
+    return max_steps, 1.0 if epochs is None else epochs
+
+
 def training_arguments(cfg: Config, out: Path, has_eval: bool) -> TrainingArguments:
     """Map our settings onto transformers' TrainingArguments, with device-aware precision."""
     cuda = torch.cuda.is_available()
     bf16 = cuda and torch.cuda.is_bf16_supported() and cfg.model.dtype in ("auto", "bfloat16")
     lr = cfg.train.lr if cfg.train.lr is not None else (2e-4 if cfg.model.lora else 2e-5)
-    max_steps = cfg.train.max_steps
-    if max_steps is None and cfg.train.epochs == 1.0:
-        max_steps = defaults_for(cfg.data.train).default_steps
+    max_steps, epochs = training_budget(cfg)
     grad_ckpt = cfg.train.gradient_checkpointing if cfg.train.gradient_checkpointing is not None else cuda
     return TrainingArguments(
         output_dir=str(out / "checkpoints"),
@@ -272,7 +279,7 @@ def training_arguments(cfg: Config, out: Path, has_eval: bool) -> TrainingArgume
         per_device_eval_batch_size=cfg.train.batch_size,
         gradient_accumulation_steps=cfg.train.grad_accum,
         learning_rate=lr,
-        num_train_epochs=cfg.train.epochs,
+        num_train_epochs=epochs,
         max_steps=max_steps if max_steps is not None else -1,
         lr_scheduler_type=cfg.train.scheduler,
         warmup_steps=cfg.train.warmup_ratio,

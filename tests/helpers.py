@@ -63,7 +63,7 @@ def hook_count(model: nn.Module) -> int:
 
 class OpenAIStyleServer:
     """OpenAI-style /v1/chat/completions on 127.0.0.1; ``behaviour(payload, nth_call_for_prompt, headers)``
-    returns ``(status, body)``."""
+    returns ``(status, body)`` or ``(status, body, response_headers)``."""
 
     def __init__(self, behaviour):
         self.behaviour = behaviour
@@ -82,11 +82,13 @@ class OpenAIStyleServer:
                     server.seen[key] = server.seen.get(key, 0) + 1
                     nth = server.seen[key]
                 if self.path != "/v1/chat/completions":
-                    status, text = 404, '{"error": "not found"}'
+                    status, text, *extra = 404, '{"error": "not found"}'
                 else:
-                    status, text = server.behaviour(payload, nth, dict(self.headers))
+                    status, text, *extra = server.behaviour(payload, nth, dict(self.headers))
                 data = text.encode("utf-8")
                 self.send_response(status)
+                for name, value in (extra[0] if extra else {}).items():  # optional third item: headers
+                    self.send_header(name, value)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(data)))
                 self.end_headers()

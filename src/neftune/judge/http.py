@@ -1,0 +1,314 @@
+"""A judge served by any OpenAI-compatible ``/chat/completions`` endpoint, called with ``httpx``.
+
+Tested against loopback servers that imitate llama.cpp's server (with and without logprobs), vLLM,
+Ollama's OpenAI-compatible endpoint and reasoning models (``<think>`` blocks, ``reasoning_content``);
+OpenAI's own API speaks the same protocol.
+
+Retry policy -- ask again only when asking again can change the answer:
+
+* transport errors, timeouts, HTTP 408, 429 and 5xx (not 501/505) are retried up to
+  ``max_retries`` times, waiting ``backoff * 2**k`` seconds, or the server's ``Retry-After``,
+  capped at ``max_backoff``;
+* a reply that names no single answer fails its query at once when ``temperature == 0`` (the same
+  prompt gets the same reply), quoting the reply; it is retried only when sampling at a positive
+  temperature;
+* HTTP 401/403 (bad key) and 404 (bad URL or model) abort the run with :class:`JudgeError`, since
+  every other request would fail the same way; other 4xx and malformed bodies fail that query.
+
+Log-probabilities: each request asks for ``logprobs: true, top_logprobs: k``; the probability that
+the first answer is better is read from the verdict token (:mod:`neftune.judge.logprobs`).  A server
+that returns none is judged by its text verdicts, and the result says so once; a server that rejects
+the fields outright (an error mentioning logprobs) is asked again without them for the rest of the run.
+
+The API key is read from the environment variable named by ``api_key_env`` when the judge is built,
+sent only in the ``Authorization`` header, and kept out of ``repr``, the identity, the cache, logs
+and error messages.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import logging
+import os
+import threading
+import time
+import urllib.parse
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import httpx
+
+from neftune.errors import ConfigError, JudgeError
+from neftune.judge.base import Judge, Query, Verdict, VerdictUnavailable, judge_messages
+from neftune.judge.logprobs import p_first_better
+from neftune.judge.parse import parse_verdict, strip_reasoning
+
+__all__ = ["HttpJudge"]
+
+logger = logging.getLogger(__name__)
+
+_RETRY_STATUS = frozenset({408, 429}) | (frozenset(range(500, 600)) - {501, 505})
+
+
+class _Transient(Exception):
+    """A failure that asking again may cure."""
+
+    def __init__(self, reason: str, retry_after: float | None = None) -> None:
+        super().__init__(reason)
+        self.retry_after = retry_after
+
+
+class _LogprobsRejected(Exception):
+    """The server refused the request because of the logprobs fields."""
+
+
+def _retry_after(value: str | None) -> float | None:
+    """Seconds from a ``Retry-After`` header (delta-seconds or an HTTP date), or None."""
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - time.time())
+
+
+class HttpJudge(Judge):
+    """Judge served by an OpenAI-compatible chat-completions endpoint.
+
+    Args:
+        base_url: API root such as ``http://127.0.0.1:8080/v1`` or ``https://api.openai.com/v1``
+            (``/chat/completions`` is appended unless the URL already ends with it).
+        model: model name sent in the request (llama.cpp's server accepts any name).
+        api_key_env: NAME of the environment variable holding the API key.  If it is unset no
+            ``Authorization`` header is sent (fine for local servers).
+        timeout: seconds per HTTP request.
+        max_retries: extra attempts after the first for failures a retry can cure (see module doc).
+        backoff: delay before the first retry, doubled each retry; ``Retry-After`` is honoured.
+        max_backoff: longest wait between two attempts.
+        temperature: sampling temperature; at 0 an unparseable reply is final.
+        max_tokens: longest reply (``None`` omits the field).  The default suits a one-word verdict;
+            a reasoning model needs room for its thinking (e.g. 2048).
+        workers: concurrent requests.
+        logprobs: ask for the verdict token's top log-probabilities.
+        top_logprobs: how many alternatives to ask for (OpenAI and vLLM allow up to 20).
+    """
+
+    name = "http"
+
+    def __init__(
+        self,
+        base_url: str,
+        model: str,
+        *,
+        api_key_env: str = "OPENAI_API_KEY",
+        timeout: float = 60.0,
+        max_retries: int = 4,
+        backoff: float = 1.0,
+        max_backoff: float = 60.0,
+        temperature: float = 0.0,
+        max_tokens: int | None = 16,
+        workers: int = 4,
+        logprobs: bool = True,
+        top_logprobs: int = 20,
+    ) -> None:
+        parsed = urllib.parse.urlsplit(str(base_url))
+        if parsed.scheme not in ("http", "https") or not parsed.netloc:
+            raise ConfigError(f"judge base_url must be an http(s) URL, got {base_url!r}")
+        if not model or not isinstance(model, str):
+            raise ConfigError("judge model name is empty")
+        if not api_key_env or not isinstance(api_key_env, str):
+            raise ConfigError("judge api_key_env must name an environment variable")
+        if max_retries < 0 or workers < 1 or timeout <= 0:
+            raise ConfigError("judge needs max_retries >= 0, workers >= 1 and timeout > 0")
+        if not temperature >= 0 or (max_tokens is not None and max_tokens < 1) or not 0 < top_logprobs <= 20:
+            raise ConfigError("judge needs temperature >= 0, max_tokens >= 1 (or None) and 1 <= top_logprobs <= 20")
+        url = str(base_url).rstrip("/")
+        self.url = url if url.endswith("/chat/completions") else url + "/chat/completions"
+        self.model = model
+        self.api_key_env = api_key_env
+        self.timeout = float(timeout)
+        self.max_retries = int(max_retries)
+        self.backoff = float(backoff)
+        self.max_backoff = float(max_backoff)
+        self.temperature = float(temperature)
+        self.max_tokens = max_tokens
+        self.workers = int(workers)
+        self.chunk_size = self.workers * 4
+        self.logprobs = bool(logprobs)
+        self.top_logprobs = int(top_logprobs)
+        # Read once; kept private and out of identity/repr so it can never reach a cache or log.
+        self._api_key = os.environ.get(api_key_env) or None
+        self._lock = threading.Lock()
+        self._send_logprobs = self.logprobs
+        self._without_logprobs = 0  # replies that carried no logprobs
+        self._unusable_logprobs = 0  # replies whose logprobs held no verdict token agreeing with the text
+        self._notes: list[str] = []
+        self._sleep: Callable[[float], object] = time.sleep  # replaceable, so tests can record the waits
+
+    def __repr__(self) -> str:
+        return f"HttpJudge(url={self._public_url()!r}, model={self.model!r}, api_key_env={self.api_key_env!r})"
+
+    def _public_url(self) -> str:
+        # Drop any user:password@ so credentials embedded in a URL are not cached or logged.
+        parts = urllib.parse.urlsplit(self.url)
+        return urllib.parse.urlunsplit(parts._replace(netloc=parts.netloc.rsplit("@", 1)[-1]))
+
+    @property
+    def identity(self) -> str:
+        """Endpoint, model, temperature, max_tokens and the logprobs request: everything that shapes a verdict."""
+        probs = f"|top_logprobs={self.top_logprobs}" if self.logprobs else ""
+        return f"http|{self._public_url()}|{self.model}|t={self.temperature}|max_tokens={self.max_tokens}{probs}"
+
+    def notes(self) -> list[str]:
+        """Fallbacks taken during the run, each said once."""
+        notes = list(self._notes)
+        if self._without_logprobs:
+            notes.append(
+                f"the server returned no logprobs for {self._without_logprobs} replies: "
+                "those are scored by their text verdicts only"
+            )
+        if self._unusable_logprobs:
+            notes.append(
+                f"{self._unusable_logprobs} replies had logprobs but no verdict token agreeing with the text: "
+                "scored by their text verdicts only"
+            )
+        return notes
+
+    def _redact(self, text: str) -> str:
+        return text.replace(self._api_key, "***") if self._api_key else text
+
+    def _payload(self, messages: list[dict[str, str]], with_logprobs: bool) -> dict[str, Any]:
+        payload: dict[str, Any] = {"model": self.model, "messages": messages, "temperature": self.temperature}
+        if self.max_tokens is not None:
+            payload["max_tokens"] = self.max_tokens
+        if with_logprobs:
+            payload["logprobs"] = True
+            payload["top_logprobs"] = self.top_logprobs
+        return payload
+
+    def _post(self, client: httpx.Client, messages: list[dict[str, str]], with_logprobs: bool) -> dict[str, Any]:
+        """One request; the parsed JSON body, or the failure classified for the retry policy."""
+        where = self._public_url()
+        try:
+            response = client.post(self.url, json=self._payload(messages, with_logprobs))
+        except httpx.TransportError as exc:
+            raise _Transient(self._redact(f"{type(exc).__name__}: {exc}")) from None
+        status = response.status_code
+        if status >= 400:
+            detail = self._redact(" ".join(response.text[:300].split()))[:200]
+            if status in (401, 403):
+                raise JudgeError(
+                    f"judge endpoint {where} refused the request (HTTP {status}): check ${self.api_key_env}"
+                )
+            if status == 404:
+                raise JudgeError(f"judge endpoint {where} returned HTTP 404: check base_url and model {self.model!r}")
+            if with_logprobs and "logprob" in detail.lower() and status in (400, 422, 500, 501):
+                raise _LogprobsRejected(f"HTTP {status} {detail}")
+            if status in _RETRY_STATUS:
+                raise _Transient(f"HTTP {status} {detail}".strip(), _retry_after(response.headers.get("Retry-After")))
+            raise VerdictUnavailable(f"HTTP {status} {detail}".strip())
+        try:
+            data = response.json()
+            if not isinstance(data["choices"][0]["message"], dict):
+                raise TypeError
+        except (ValueError, KeyError, IndexError, TypeError):
+            raise VerdictUnavailable(f"malformed response {self._redact(response.text[:80])!r}") from None
+        return data
+
+    def _logprobs_rejected(self, reason: str) -> None:
+        with self._lock:
+            if self._send_logprobs:
+                self._send_logprobs = False
+                note = f"the server rejected the logprobs request ({reason[:120]}): judged by text verdicts only"
+                self._notes.append(note)
+                logger.warning("%s", note)
+
+    def _count_logprobs(self, logprobs: Any, p_first: float | None) -> None:
+        with self._lock:
+            if logprobs is None:
+                if not self._without_logprobs:
+                    logger.warning("the judge server returned no logprobs: scoring by text verdicts")
+                self._without_logprobs += 1
+            elif p_first is None:
+                self._unusable_logprobs += 1
+
+    def _delay(self, attempt: int, retry_after: float | None) -> float:
+        return min(max(self.backoff * 2 ** (attempt - 1), retry_after or 0.0), self.max_backoff)
+
+    def _ask(self, client: httpx.Client, query: Query) -> Verdict:
+        messages = judge_messages(query.instruction, query.first, query.second)
+        attempt = 0
+        while True:
+            attempt += 1
+            with_logprobs = self._send_logprobs
+            try:
+                data = self._post(client, messages, with_logprobs)
+            except _LogprobsRejected as exc:
+                self._logprobs_rejected(str(exc))
+                attempt -= 1  # the same question, asked properly: not a failed attempt
+                continue
+            except _Transient as exc:
+                if attempt > self.max_retries:
+                    raise VerdictUnavailable(f"{exc} (after {attempt} attempts)") from None
+                self._sleep(self._delay(attempt, exc.retry_after))
+                continue
+            choice = data["choices"][0]
+            message = choice["message"]
+            content = message.get("content") if isinstance(message.get("content"), str) else ""
+            label = parse_verdict(content)
+            if label is not None:
+                logprobs = choice.get("logprobs") if with_logprobs else None
+                p_first = p_first_better(logprobs, label) if with_logprobs else None
+                if with_logprobs:
+                    self._count_logprobs(logprobs, p_first)
+                return Verdict(label, content.strip()[:200], p_first)
+            if self.temperature > 0 and attempt <= self.max_retries:
+                self._sleep(self._delay(attempt, None))
+                continue
+            raise VerdictUnavailable(self._unparseable(content, message, choice.get("finish_reason"), attempt))
+
+    def _unparseable(self, content: str, message: dict[str, Any], finish: Any, attempts: int) -> str:
+        quoted = self._redact(" ".join(content.split()))
+        quoted = quoted if len(quoted) <= 160 else quoted[:120] + " ... " + quoted[-35:]
+        reason = f"reply names no single answer (A, B or tie): {quoted!r}"
+        thinking = message.get("reasoning_content") or message.get("reasoning") or strip_reasoning(content) is None
+        if finish == "length":
+            where = " inside its reasoning" if thinking else ""
+            reason += f"; the reply was cut at max_tokens={self.max_tokens}{where}: raise the judge's max_tokens"
+        if attempts > 1:
+            reason += f" (after {attempts} attempts)"
+        return reason
+
+    def judge(self, query: Query) -> Verdict:
+        """Ask the endpoint about one query (see the module doc for retries)."""
+        with self._client() as client:
+            return self._ask(client, query)
+
+    def _client(self) -> httpx.Client:
+        headers = {"Accept": "application/json"}
+        if self._api_key:
+            headers["Authorization"] = f"Bearer {self._api_key}"
+        limits = httpx.Limits(max_connections=self.workers, max_keepalive_connections=self.workers)
+        return httpx.Client(headers=headers, timeout=self.timeout, limits=limits)
+
+    def judge_batch(self, queries: Sequence[Query]) -> list[Verdict | VerdictUnavailable]:
+        """Ask about several queries, ``workers`` at a time, over one connection pool."""
+
+        with self._client() as client:
+
+            def one(query: Query) -> Verdict | VerdictUnavailable:
+                try:
+                    return self._ask(client, query)
+                except VerdictUnavailable as exc:
+                    return exc
+
+            if self.workers == 1 or len(queries) <= 1:
+                return [one(q) for q in queries]
+            with ThreadPoolExecutor(max_workers=self.workers) as pool:
+                return list(pool.map(one, queries))

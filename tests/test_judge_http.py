@@ -1,0 +1,331 @@
+"""The http judge against loopback servers that imitate the reply shapes of real OpenAI-compatible servers.
+
+Each imitation answers like a small judge model with a *position bias*: it prefers the answer that
+contains ``GOOD`` with log-odds ``SKILL`` and adds ``BIAS`` to the log-odds of whichever answer is shown
+first.  Its hard verdicts are therefore position-driven on pairs of equal quality, while the mean of
+the two orders' log-odds must recover ``SKILL`` exactly.
+
+Shapes imitated (from the servers' documented responses):
+
+* llama.cpp's ``llama-server``: ``logprobs.content[].top_logprobs[]`` with ``id`` and ``bytes``;
+* llama-cpp-python's ``llama_cpp.server``: the same with ``bytes: null`` and ``refusal``, or
+  ``logprobs: null`` and an HTTP 500 naming logprobs when the model was built without ``logits_all``;
+* vLLM: ``reasoning_content: null``, ``stop_reason``, ``prompt_logprobs: null``;
+* Ollama's ``/v1`` endpoint: no logprobs at all, ``system_fingerprint: fp_ollama``;
+* reasoning models: a ``<think>`` block in the content (logprobs cover the thinking too), or the
+  thinking in ``reasoning_content`` / ``reasoning`` and only the verdict in ``content``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import socket
+import time
+
+import pytest
+from tests.helpers import OpenAIStyleServer
+
+from neftune.judge import HttpJudge, judge_pairs
+
+SKILL = 2.0  # log-odds for the answer containing GOOD
+BIAS = 1.5  # added to the log-odds of whichever answer is shown first
+
+_ANSWER = re.compile(r"\[Answer (A|B)\]\n(.*?)\n\[End of answer \1\]", re.S)
+
+
+def _sigmoid(z: float) -> float:
+    return 1.0 / (1.0 + math.exp(-z))
+
+
+def _first_logodds(payload: dict) -> float:
+    answers = dict(_ANSWER.findall(payload["messages"][-1]["content"]))
+    return SKILL * (("GOOD" in answers["A"]) - ("GOOD" in answers["B"])) + BIAS
+
+
+def _records(outputs: list[str], generator: str) -> list[dict]:
+    return [{"instruction": f"instruction {i}", "output": o, "generator": generator} for i, o in enumerate(outputs)]
+
+
+# baseline GOOD in pair 0, candidate GOOD in pairs 1-2, equal quality in pairs 3-4
+BASELINE = _records(["GOOD base 0", "plain base 1", "plain base 2", "plain base 3", "GOOD base 4"], "base")
+CANDIDATE = _records(["plain cand 0", "GOOD cand 1", "GOOD cand 2", "plain cand 3", "GOOD cand 4"], "cand")
+TRUE_PROBABILITY = [_sigmoid(-SKILL), _sigmoid(SKILL), _sigmoid(SKILL), 0.5, 0.5]
+
+
+def _top(p_a: float, style: str) -> list[dict]:
+    """Top tokens at the verdict position: A's and B's mass split over two spellings each, plus noise."""
+    p_b = 1.0 - p_a
+    tokens = [("A", 0.7 * p_a), (" A", 0.3 * p_a), ("B", 0.8 * p_b), (" B", 0.2 * p_b), ("The", 1e-4)]
+    out = []
+    for token, p in sorted(tokens, key=lambda t: -t[1]):
+        entry = {"token": token, "logprob": math.log(p)}
+        if style == "llama-server":
+            entry.update(id=abs(hash(token)) % 49152, bytes=list(token.encode()))
+        elif style == "vllm":
+            entry["bytes"] = list(token.encode())
+        else:
+            entry["bytes"] = None
+        out.append(entry)
+    return out
+
+
+def _reply(content: str, *, logprobs: dict | None = None, extra_message: dict | None = None, **extra) -> str:
+    choice = {"index": 0, "message": {"role": "assistant", "content": content, **(extra_message or {})}}
+    choice["logprobs"] = logprobs
+    choice["finish_reason"] = extra.pop("finish_reason", "stop")
+    body = {"id": "chatcmpl-1", "object": "chat.completion", "created": 1, "model": "judge", "choices": [choice]}
+    body.update(usage={"prompt_tokens": 90, "completion_tokens": 1, "total_tokens": 91}, **extra)
+    return json.dumps(body)
+
+
+def llama_server(payload: dict, nth: int, headers: dict) -> tuple[int, str]:
+    """llama.cpp's llama-server: chat-format logprobs with token ids and bytes."""
+    p_a = _sigmoid(_first_logodds(payload))
+    label = "A" if p_a > 0.5 else "B"
+    logprobs = None
+    if payload.get("logprobs"):
+        top = _top(p_a, "llama-server")[: payload["top_logprobs"]]
+        chosen = next(t for t in top if t["token"] == label)
+        logprobs = {"content": [{**chosen, "top_logprobs": top}]}
+    return 200, _reply(label, logprobs=logprobs, system_fingerprint="b4500-0123abcd", timings={"predicted_n": 1})
+
+
+def llama_cpp_python(payload: dict, nth: int, headers: dict) -> tuple[int, str]:
+    """llama-cpp-python's server: replies "A is better." style text; bytes null and a refusal field."""
+    p_a = _sigmoid(_first_logodds(payload))
+    label = "A" if p_a > 0.5 else "B"
+    logprobs = None
+    if payload.get("logprobs") and payload.get("top_logprobs"):
+        top = _top(p_a, "llama-cpp-python")
+        tokens = [label, " is", " better", "."]
+        content = [{"token": label, "logprob": math.log(max(p_a, 1 - p_a)), "bytes": None, "top_logprobs": top}]
+        content += [{"token": t, "logprob": -0.01, "bytes": None, "top_logprobs": []} for t in tokens[1:]]
+        logprobs = {"content": content, "refusal": None}
+    return 200, _reply(f"{label} is better.", logprobs=logprobs)
+
+
+def vllm(payload: dict, nth: int, headers: dict) -> tuple[int, str]:
+    """vLLM: the OpenAI shape plus reasoning_content null, tool_calls, stop_reason and prompt_logprobs."""
+    p_a = _sigmoid(_first_logodds(payload))
+    label = "A" if p_a > 0.5 else "B"
+    logprobs = None
+    if payload.get("logprobs"):
+        top = _top(p_a, "vllm")
+        logprobs = {
+            "content": [{"token": label, "logprob": math.log(max(p_a, 1 - p_a)), "bytes": [65], "top_logprobs": top}]
+        }
+    body = json.loads(_reply(label, logprobs=logprobs, extra_message={"reasoning_content": None, "tool_calls": []}))
+    body["choices"][0]["stop_reason"] = None
+    body["prompt_logprobs"] = None
+    return 200, json.dumps(body)
+
+
+def ollama(payload: dict, nth: int, headers: dict) -> tuple[int, str]:
+    """Ollama's /v1/chat/completions: no logprobs field at all, markdown verdicts."""
+    label = "A" if _first_logodds(payload) > 0 else "B"
+    body = json.loads(_reply(f"**{label}**", system_fingerprint="fp_ollama"))
+    del body["choices"][0]["logprobs"]
+    return 200, json.dumps(body)
+
+
+def reasoning_inline(payload: dict, nth: int, headers: dict) -> tuple[int, str]:
+    """A reasoning model on llama.cpp without a reasoning parser: <think> in the content, logprobs for all of it."""
+    p_a = _sigmoid(_first_logodds(payload))
+    label = "A" if p_a > 0.5 else "B"
+    thinking = "Okay, let me compare. Answer A says one thing, answer B another. " * 40
+    content = f"<think>\n{thinking}\n</think>\n\n{label}"
+    think_tokens = ["<think>", "\n", "Okay", ",", " A", " and", " B", "\n", "</think>", "\n\n"]
+    positions = [{"token": t, "logprob": -0.5, "top_logprobs": [{"token": t, "logprob": -0.5}]} for t in think_tokens]
+    positions.append({"token": label, "logprob": -0.1, "top_logprobs": _top(p_a, "llama-server")})
+    return 200, _reply(content, logprobs={"content": positions}, finish_reason="stop")
+
+
+def reasoning_separate(payload: dict, nth: int, headers: dict) -> tuple[int, str]:
+    """A reasoning model behind a reasoning parser: thinking in reasoning_content, the verdict in content."""
+    label = "A" if _first_logodds(payload) > 0 else "B"
+    extra = {"reasoning_content": "Let me weigh both. " * 200}
+    return 200, _reply(f"Final verdict: {label}", extra_message=extra)
+
+
+def _judge(url: str, **options) -> HttpJudge:
+    settings = {"model": "judge", "backoff": 0.0, "max_retries": 2, "timeout": 10.0, "workers": 2}
+    settings.update(options)
+    return HttpJudge(url, **settings)
+
+
+def _run(behaviour, tmp_path=None, **options):
+    with OpenAIStyleServer(behaviour) as server:
+        judge = _judge(server.url, **options)
+        result = judge_pairs(BASELINE, CANDIDATE, judge, n_boot=200, cache_dir=tmp_path)
+    return result, server.requests
+
+
+@pytest.mark.parametrize("behaviour", [llama_server, llama_cpp_python, vllm], ids=lambda b: b.__name__)
+def test_logprob_servers_give_position_free_probabilities(behaviour) -> None:
+    result, requests = _run(behaviour)
+    assert len(requests) == 10 and result.n_failed == 0
+    payload = requests[0]["payload"]
+    assert payload["logprobs"] is True and payload["top_logprobs"] == 20 and payload["max_tokens"] == 16
+    # Hard verdicts follow the bias on equal pairs: both orders say "A", so the orders disagree.
+    assert [p.verdict_score for p in result.pairs] == [0.0, 1.0, 1.0, 0.5, 0.5]
+    assert [(p.verdict_ab, p.verdict_ba) for p in result.pairs[3:]] == [("A", "A"), ("A", "A")]
+    assert result.consistency == pytest.approx(3 / 5)
+    # Each order's probability is biased; their averaged log-odds are not.
+    assert result.pairs[3].p_ab == pytest.approx(_sigmoid(-BIAS)) and result.pairs[3].p_ba == pytest.approx(
+        _sigmoid(BIAS)
+    )
+    assert [p.probability for p in result.pairs] == pytest.approx(TRUE_PROBABILITY, abs=1e-9)
+    assert result.mean_probability == pytest.approx(sum(TRUE_PROBABILITY) / 5) and result.n_probability == 5
+    lo, hi = result.probability_ci
+    assert lo <= result.mean_probability <= hi
+    # The hard-verdict win rate stays the headline for the http judge; the probability sits beside it.
+    assert result.score_basis == "verdicts" and result.win_rate == result.verdict_win_rate == 0.6
+    summary = result.summary()
+    assert (
+        f"mean probability that B is better (logprobs, 5 pairs): {100 * result.mean_probability:.1f}% (95% CI"
+        in summary
+    )
+    assert not any("logprobs" in note for note in result.notes)
+
+
+def test_logprob_verdicts_are_cached_with_their_probabilities(tmp_path) -> None:
+    with OpenAIStyleServer(llama_server) as server:
+        first = judge_pairs(BASELINE, CANDIDATE, _judge(server.url), n_boot=200, cache_dir=tmp_path)
+        assert len(server.requests) == 10
+        second = judge_pairs(BASELINE, CANDIDATE, _judge(server.url), n_boot=200, cache_dir=tmp_path)
+        assert len(server.requests) == 10  # the rerun asks nothing
+    assert [p.probability for p in second.pairs] == [p.probability for p in first.pairs]
+    assert second.mean_probability == first.mean_probability
+    lines = [json.loads(line) for line in (tmp_path / "verdicts.jsonl").read_text().splitlines()]
+    assert len(lines) == 10 and all(0 < line["p_first"] < 1 for line in lines)
+
+
+@pytest.mark.parametrize("behaviour", [ollama, reasoning_separate], ids=lambda b: b.__name__)
+def test_servers_without_logprobs_fall_back_to_text_verdicts(behaviour, caplog) -> None:
+    result, requests = _run(behaviour)
+    assert len(requests) == 10 and result.n_failed == 0
+    assert [p.verdict_score for p in result.pairs] == [0.0, 1.0, 1.0, 0.5, 0.5]
+    assert all(p.probability is None for p in result.pairs) and math.isnan(result.mean_probability)
+    assert any("returned no logprobs for 10 replies" in note for note in result.notes)
+    assert sum("returned no logprobs" in r.getMessage() for r in caplog.records) == 1  # said once
+    assert "mean probability" not in result.summary()
+
+
+def test_reasoning_model_with_think_block_in_the_content() -> None:
+    result, requests = _run(reasoning_inline, max_tokens=4096)
+    assert requests[0]["payload"]["max_tokens"] == 4096
+    assert result.n_failed == 0 and [p.verdict_score for p in result.pairs] == [0.0, 1.0, 1.0, 0.5, 0.5]
+    # The probability is read at the verdict after </think>, not at the thinking's " A"/" B" tokens.
+    assert [p.probability for p in result.pairs] == pytest.approx(TRUE_PROBABILITY, abs=1e-9)
+
+
+def test_reasoning_cut_off_by_max_tokens_fails_fast_with_a_hint() -> None:
+    def cut(payload, nth, headers):
+        return 200, _reply("<think>\nFirst, answer A mentions", finish_reason="length")
+
+    result, requests = _run(cut, max_retries=4)
+    assert len(requests) == 10  # one request per query: a deterministic reply is not asked again
+    error = result.pairs[0].error
+    assert "'<think> First, answer A mentions'" in error
+    assert "cut at max_tokens=16 inside its reasoning: raise the judge's max_tokens" in error
+
+
+def test_server_that_rejects_logprobs_is_asked_without_them(caplog) -> None:
+    """llama-cpp-python built without logits_all answers HTTP 500 "logprobs is not supported ..."."""
+
+    def no_logits_all(payload, nth, headers):
+        if payload.get("logprobs"):
+            message = "logprobs is not supported for models created with logits_all=False"
+            return 500, json.dumps({"error": {"message": message, "type": "internal_server_error"}})
+        return llama_cpp_python(payload, nth, headers)
+
+    result, requests = _run(no_logits_all, workers=1)
+    with_logprobs = [r for r in requests if r["payload"].get("logprobs")]
+    assert len(with_logprobs) == 1 and len(requests) == 11  # one refusal, then every query once without
+    assert result.n_failed == 0 and [p.verdict_score for p in result.pairs] == [0.0, 1.0, 1.0, 0.5, 0.5]
+    assert any("rejected the logprobs request" in note for note in result.notes)
+    assert sum("rejected the logprobs" in r.getMessage() for r in caplog.records) == 1
+
+
+# --------------------------------------------------------------------------------------------------
+# retry policy
+
+
+def test_rate_limits_and_overload_are_retried_honouring_retry_after() -> None:
+    def busy(payload, nth, headers):
+        if nth == 1:
+            return 429, '{"error": "rate limited"}', {"Retry-After": "0.25"}
+        if nth == 2:
+            return 503, '{"error": "loading model"}'
+        return llama_server(payload, nth, headers)
+
+    with OpenAIStyleServer(busy) as server:
+        judge = _judge(server.url, max_retries=2, backoff=0.01, workers=1)
+        slept: list[float] = []
+        judge._sleep = slept.append
+        result = judge_pairs(BASELINE[:2], CANDIDATE[:2], judge, n_boot=50)
+    assert len(server.requests) == 4 * 3 and result.n_failed == 0
+    assert slept == [0.25, 0.02] * 4  # Retry-After, then the doubled backoff
+
+
+def test_retry_after_as_http_date_and_cap() -> None:
+    from neftune.judge.http import _retry_after
+
+    assert _retry_after("7") == 7.0
+    assert _retry_after(None) is None and _retry_after("soon") is None
+    soon = time.strftime("%a, %d %b %Y %H:%M:%S GMT", time.gmtime(time.time() + 30))
+    assert 25 < _retry_after(soon) <= 31
+    judge = _judge("http://127.0.0.1:1/v1", max_backoff=5.0)
+    assert judge._delay(1, 30.0) == 5.0 and judge._delay(3, None) == 0.0
+
+
+def test_timeouts_and_refused_connections_are_retried() -> None:
+    def slow_first(payload, nth, headers):
+        if nth == 1:
+            time.sleep(0.6)
+        return llama_server(payload, nth, headers)
+
+    with OpenAIStyleServer(slow_first) as server:
+        result = judge_pairs(BASELINE[:1], CANDIDATE[:1], _judge(server.url, timeout=0.3, workers=1), n_boot=10)
+    assert len(server.requests) == 4 and result.n_failed == 0
+
+    with socket.socket() as sock:  # a port nobody listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    dead = _judge(f"http://127.0.0.1:{port}/v1", max_retries=1, workers=1)
+    result = judge_pairs(BASELINE[:1], CANDIDATE[:1], dead, n_boot=10)
+    assert (
+        result.n_failed == 1 and "ConnectError" in result.pairs[0].error and "after 2 attempts" in result.pairs[0].error
+    )
+
+
+def test_unparseable_reply_is_retried_only_when_sampling() -> None:
+    def undecided(payload, nth, headers):
+        return 200, _reply("[End of answer]") if nth == 1 else llama_server(payload, nth, headers)[1]
+
+    result, requests = _run(undecided, max_retries=2)
+    assert len(requests) == 10 and result.n == 0 and result.n_failed == 5
+    assert result.pairs[0].error == "reply names no single answer (A, B or tie): '[End of answer]'"
+
+    result, requests = _run(undecided, max_retries=2, temperature=0.7)
+    assert len(requests) == 20 and result.n_failed == 0  # the second sample names an answer
+    assert requests[0]["payload"]["temperature"] == 0.7
+
+    def never(payload, nth, headers):
+        return 200, _reply("The answer that is better depends on what the user wants.")
+
+    result, requests = _run(never, max_retries=2, temperature=0.7)
+    assert len(requests) == 30 and "(after 3 attempts)" in result.pairs[0].error
+
+
+def test_settings_are_validated_and_named_in_the_identity() -> None:
+    from neftune.errors import ConfigError
+
+    judge = _judge("http://127.0.0.1:8080/v1", max_tokens=512, temperature=0.2, top_logprobs=5)
+    assert judge.identity == "http|http://127.0.0.1:8080/v1/chat/completions|judge|t=0.2|max_tokens=512|top_logprobs=5"
+    assert "top_logprobs" not in _judge("http://127.0.0.1:8080/v1", logprobs=False).identity
+    for bad in ({"top_logprobs": 21}, {"max_tokens": 0}, {"temperature": -1.0}):
+        with pytest.raises(ConfigError):
+            _judge("http://127.0.0.1:8080/v1", **bad)

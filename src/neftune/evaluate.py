@@ -17,6 +17,7 @@ across models with different vocabularies:
 * :func:`rouge_l` -- overlap with a reference answer;
 * :func:`exact_match` -- the builtin skills' checkable answers, via
   :func:`neftune.data.builtin.check_answer`;
+* IFEval accuracy -- verifiable instructions (``builtin:ifeval``), via :func:`neftune.ifeval.score_ifeval`;
 * :func:`length_stats` -- answer lengths, which matter because LLM judges favour longer answers.
 
 :func:`heldout_loss` is the mean cross-entropy of the reference assistant tokens of held-out examples,
@@ -34,6 +35,7 @@ import numpy as np
 import torch
 
 from neftune.errors import DataError
+from neftune.ifeval import is_ifeval_example, score_ifeval
 
 __all__ = [
     "correct_flags",
@@ -298,7 +300,11 @@ def evaluate_outputs(
     reference; the mean is over those that do) and ``per_example``: ``{"length_chars": [int],
     "correct": [bool | None] | None, "rouge_l": [float | None] | None}`` aligned with ``records``
     (``None`` entries where an example has no answer or reference; ``None`` lists when none has),
-    for paired comparisons between runs.
+    for paired comparisons between runs.  When some example carries IFEval instructions
+    (``meta["instruction_id_list"]``, as in ``builtin:ifeval``) it also has ``ifeval``: prompt- and
+    instruction-level accuracy, strict and loose, per family (:func:`neftune.ifeval.score_ifeval`),
+    and ``per_example`` gains ``ifeval_prompt_strict`` and ``ifeval_prompt_loose`` (0/1) and the
+    per-instruction verdicts.
     """
     from neftune.generate import instruction_of
 
@@ -341,4 +347,7 @@ def evaluate_outputs(
         "correct": correct,
         "rouge_l": per_rouge if scores else None,
     }
+    if examples is not None and any(is_ifeval_example(e) for e in examples):
+        report["ifeval"] = score_ifeval(outputs, examples)
+        report["per_example"].update(report["ifeval"].pop("per_example"))
     return report

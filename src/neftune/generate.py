@@ -298,7 +298,8 @@ def generate_outputs(
 
     Each record is ``{"instruction", "output", "generator", "dataset"}`` plus ``"reference"`` when
     the example has a reference answer and ``"meta"`` (the short JSON scalars of ``example.meta``)
-    when it has any.  ``instruction`` is the example's last user message (see :func:`instruction_of`); the
+    when it has any.  ``dataset`` is the example's ``meta["dataset"]`` (AlpacaEval's subset name) when it
+    has one, else ``dataset_name``.  ``instruction`` is the example's last user message (see :func:`instruction_of`); the
     prompt given to the model is the whole conversation up to the last assistant turn, rendered and
     tokenized as in training by :func:`neftune.data.template.encode_prompt`.  ``kw`` is passed to
     :func:`generate_texts`.
@@ -323,7 +324,8 @@ def generate_outputs(
             "instruction": instruction,
             "output": output,
             "generator": generator_name,
-            "dataset": dataset_name,
+            # AlpacaEval's subset name when the example has one (builtin:alpaca_eval, AlpacaEval files)
+            "dataset": str((getattr(example, "meta", None) or {}).get("dataset") or dataset_name),
         }
         reference = getattr(example, "reference", None)
         if reference is not None:

@@ -33,7 +33,7 @@ import importlib.util
 import json
 import logging
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -49,6 +49,7 @@ __all__ = [
     "ifeval_examples",
     "mt_bench_examples",
     "package_file",
+    "reference_pairs",
     "stratified_order",
     "stratified_subset",
 ]
@@ -216,3 +217,42 @@ def stratified_subset(
         raise ConfigError(f"limit must be at least 1, got {limit}")
     order = stratified_order([stratum(e) for e in examples], seed)
     return [examples[i] for i in sorted(order[:limit])]
+
+
+def reference_pairs(
+    spec: str, candidates: Sequence[Mapping[str, Any]]
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The reference answers of prompt set ``spec`` as a baseline for judging ``candidates``.
+
+    Each candidate record (an outputs file of ``neftune generate``) is matched to the example of
+    ``spec`` with the same instruction, so a subset in any order works.  Returns ``(baseline,
+    candidates)``: one AlpacaEval record per candidate whose ``output`` is that example's reference
+    answer (``generator``: ``meta["generator"]``, else ``"reference"``), and the candidates without
+    their ``reference`` key, since the reference is now answer A and a judge also shown it as "the
+    reference answer" would be told which answer to prefer.  This is how ``neftune judge
+    builtin:alpaca_eval outputs.json`` judges answers against AlpacaEval's GPT-4 Turbo references.
+
+    Raises:
+        DataError: a candidate's instruction is not in ``spec``, or its example has no reference.
+    """
+    from neftune.data.formats import load_eval_examples
+    from neftune.generate import instruction_of
+
+    examples = load_eval_examples(spec, require_response=False).examples
+    by_instruction = {instruction_of(e.prompt_messages): e for e in examples}
+    baseline = []
+    for index, candidate in enumerate(candidates):
+        example = by_instruction.get(str(candidate.get("instruction")))
+        if example is None:
+            raise DataError(f"record {index}: its instruction is not one of {spec}'s (answers to another prompt set?)")
+        if example.reference is None:
+            raise DataError(f"record {index}: {spec} has no reference answer for its instruction")
+        baseline.append(
+            {
+                "instruction": instruction_of(example.prompt_messages),
+                "output": example.reference,
+                "generator": str(example.meta.get("generator", "reference")),
+                "dataset": str(example.meta.get("dataset", spec)),
+            }
+        )
+    return baseline, [{k: v for k, v in c.items() if k != "reference"} for c in candidates]

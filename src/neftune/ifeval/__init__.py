@@ -35,6 +35,7 @@ from neftune.ifeval.scorer import (
     loose_variants,
     score_ifeval,
     score_response,
+    summary_line,
 )
 
 __all__ = [
@@ -47,5 +48,6 @@ __all__ = [
     "registry",
     "score_ifeval",
     "score_response",
+    "summary_line",
     "unsupported_reason",
 ]

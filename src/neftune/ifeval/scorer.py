@@ -28,7 +28,7 @@ from neftune.ifeval.checkers import build_checker, family_of, unsupported_reason
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["PromptScore", "is_ifeval_example", "loose_variants", "score_ifeval", "score_response"]
+__all__ = ["PromptScore", "is_ifeval_example", "loose_variants", "score_ifeval", "score_response", "summary_line"]
 
 PER_EXAMPLE_KEYS = (
     "ifeval_prompt_strict",
@@ -219,3 +219,22 @@ def score_ifeval(outputs: Sequence[str], examples: Sequence[Any]) -> dict[str, A
         "checker_errors": dict(sorted(errors.items())),
         "per_example": per_example,
     }
+
+
+def _percent(value: float | None) -> str:
+    return "n/a" if value is None else f"{100 * value:.1f}%"
+
+
+def summary_line(result: Mapping[str, Any]) -> str:
+    """One line for a :func:`score_ifeval` result: both levels, strict and loose, and any exclusion."""
+    line = (
+        f"IFEval, {result['prompts']} prompts / {result['instructions']} instructions: prompt-level strict "
+        f"{_percent(result['prompt_strict'])}, loose {_percent(result['prompt_loose'])}; instruction-level "
+        f"strict {_percent(result['instruction_strict'])}, loose {_percent(result['instruction_loose'])}"
+    )
+    excluded = result["excluded"]
+    if excluded["instructions"]:
+        line += f"; excluded {excluded['instructions']} unsupported instructions ({', '.join(excluded['ids'])})"
+    if result["checker_errors"]:
+        line += f"; {sum(result['checker_errors'].values())} checker errors counted as not followed"
+    return line

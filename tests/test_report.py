@@ -505,3 +505,32 @@ def test_report_renders_in_headless_chromium(full_report, tmp_path):
     assert data.startswith(PNG_MAGIC) and len(data) > 20_000
     width, height = struct.unpack(">II", data[16:24])  # IHDR
     assert (width, height) == (1280, 2400)
+
+
+def test_page_inlines_the_packaged_stylesheet_and_escapes_every_block():
+    from importlib.resources import files
+
+    from neftune.report.document import Bullets, Document, Example, KeyValues, Notice, Para, Section, Table
+    from neftune.report.html import render_html
+
+    css = (files("neftune.report") / "templates" / "report.css").read_text(encoding="utf-8")
+    assert (files("neftune.report") / "templates" / "report.html.j2").is_file()
+    evil = "<i>x</i> & \"q\" 'a'"
+    blocks = [
+        Para([("b", evil), ("v:better", "better")]),
+        Bullets([evil]),
+        Notice("warn", evil),
+        Table(["h", evil], [[evil, [("", evil)]]], "lr", caption=evil),
+        Example(1, evil, evil, [(evil, evil)]),
+        KeyValues([(evil, evil)], title=evil, columns=2),
+    ]
+    page = render_html(Document(evil, evil, [Section(evil, "s", blocks)]))
+    assert f"<style>\n{css}</style>" in page
+    assert "<i>" not in page
+    # <title> + <h1>, meta, nav + <h2>, para, bullet, notice, table (header, caption, 2 cells),
+    # example (instruction, reference, label, answer), key/values (title, key, value)
+    assert page.count("&lt;i&gt;x&lt;/i&gt; &amp; &quot;q&quot; &#x27;a&#x27;") == 2 + 1 + 2 + 1 + 1 + 1 + 4 + 4 + 3
+    assert '<span class="v v-better">better</span>' in page
+    assert 'grid-template-columns:max-content minmax(0,1fr) max-content minmax(0,1fr)"' in page
+    with pytest.raises(TypeError, match="unknown block"):
+        render_html(Document("t", "", [Section("s", "s", [object()])]))  # type: ignore[list-item]

@@ -65,6 +65,8 @@ class Metric:
 PAIRED_METRICS = (
     Metric("exact_match", "correct", "exact match", True, 100.0, "points"),
     Metric("rouge_l", "rouge_l", "ROUGE-L", True, 100.0, "points"),
+    Metric("ifeval_prompt_strict", "ifeval_prompt_strict", "IFEval prompt-level (strict)", True, 100.0, "points"),
+    Metric("ifeval_prompt_loose", "ifeval_prompt_loose", "IFEval prompt-level (loose)", True, 100.0, "points"),
     Metric("length_chars", "length_chars", "response length", None, 1.0, "chars"),
 )
 
@@ -93,8 +95,11 @@ def per_example_values(arm: Mapping[str, Any], key: str) -> list[float | None] |
 
 
 def _verdict(lo: float, hi: float, higher_is_better: bool | None) -> str:
-    """Plain-language verdict for a difference whose CI is ``[lo, hi]`` (inclusive of 0 = noise)."""
-    if lo <= 0.0 <= hi:
+    """Plain-language verdict for a difference whose CI is ``[lo, hi]`` (inclusive of 0 = noise).
+
+    An interval that could not be computed (a bound is NaN) decides nothing: noise.
+    """
+    if not (math.isfinite(lo) and math.isfinite(hi)) or lo <= 0.0 <= hi:
         return NOISE
     up = lo > 0.0
     if higher_is_better is None:
@@ -112,12 +117,12 @@ def compute_effects(
 ) -> dict[str, dict[str, Any]]:
     """Return the paired per-example effect of ``arm`` against ``baseline_arm``, per metric.
 
-    Metrics: ``"exact_match"`` (from ``per_example.correct``), ``"rouge_l"`` and
-    ``"length_chars"``; a metric is present only when both arms recorded it per example.  Each
+    Metrics: ``"exact_match"`` (from ``per_example.correct``), ``"rouge_l"``, IFEval's
+    ``"ifeval_prompt_strict"`` and ``"ifeval_prompt_loose"`` and ``"length_chars"``; a metric is present only when both arms recorded it per example.  Each
     value is a dict with ``metric`` (the key), ``label``, ``unit`` and ``scale`` (display: ``diff * scale`` in ``unit``),
     ``n`` (pairs used), ``baseline`` and ``arm`` (means over those pairs), ``diff`` (mean of
-    ``arm - baseline``), ``ci`` (percentile bootstrap ``[lo, hi]`` of that mean at ``level``),
-    ``significant`` (the CI excludes 0) and ``verdict``: ``"better"``, ``"worse"`` or
+    ``arm - baseline``), ``ci`` (bootstrap ``[lo, hi]`` of that mean at ``level``, from :func:`neftune.stats.bootstrap_ci`),
+    ``significant`` (the CI exists and excludes 0) and ``verdict``: ``"better"``, ``"worse"`` or
     ``"within noise"``.  Length has no better direction, so its verdict is ``"longer"``,
     ``"shorter"`` or ``"within noise"``, and it also carries ``ratio`` (arm mean / baseline mean).
 
@@ -144,6 +149,7 @@ def compute_effects(
         mean_arm = math.fsum(a for _, a in pairs) / n
         lo, hi = bootstrap_ci(diffs, n_boot=n_boot, seed=seed, level=level)
         lo, hi = float(lo), float(hi)
+        verdict = _verdict(lo, hi, metric.higher_is_better)
         effect: dict[str, Any] = {
             "metric": metric.key,
             "label": metric.label,
@@ -156,8 +162,8 @@ def compute_effects(
             "diff": math.fsum(diffs) / n,
             "ci": [lo, hi],
             "level": level,
-            "significant": not (lo <= 0.0 <= hi),
-            "verdict": _verdict(lo, hi, metric.higher_is_better),
+            "significant": verdict != NOISE,
+            "verdict": verdict,
         }
         if metric.key == "length_chars":
             effect["ratio"] = mean_arm / mean_base if mean_base > 0 else None

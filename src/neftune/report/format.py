@@ -6,6 +6,7 @@ that rounds to zero never prints as "-0.0" or "+0.0".  A missing value prints as
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -50,7 +51,10 @@ def fmt_bound(x: float, digits: int, signed: bool) -> str:
     """Like :func:`fmt_number`, with up to 3 more decimals while a nonzero ``x`` would print as zero.
 
     A CI bound of 0.004 shown as "0.0" next to the verdict "better" would read as a contradiction.
+    A bound that could not be computed (NaN) prints as an em dash.
     """
+    if not math.isfinite(x):
+        return DASH
     while x != 0 and round(x, digits) == 0 and digits < 4:
         digits += 1
     return fmt_number(x, digits, signed)

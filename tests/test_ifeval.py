@@ -3,6 +3,7 @@ for every instruction family; the accuracies; visible exclusion; offline operati
 
 from __future__ import annotations
 
+import logging
 import sys
 
 import pytest
@@ -37,6 +38,8 @@ CASES = [
     # language
     ("language:response_language", {"language": "de"}, "Das Wetter ist heute sehr schön, und wir gehen mit den Kindern im Park spazieren.", True, True),
     ("language:response_language", {"language": "de"}, "The weather is lovely today and we are going for a walk in the park.", False, False),
+    # no letters, no language: IFEval counts it as followed
+    ("language:response_language", {"language": "de"}, "12345 !!!", True, True),
     ("language:response_language", {"language": "fr"}, "Nous sommes allés au marché ce matin pour acheter du pain et des fromages.", True, True),
     # length constraints
     ("length_constraints:number_sentences", {"num_sentences": 3, "relation": "less than"}, "One thing. Two things.", True, True),
@@ -237,6 +240,13 @@ def test_runs_offline_without_nltk_data_or_pickles(monkeypatch):
         text, ["change_case:capital_word_frequency"], [{"capital_frequency": 2, "capital_relation": "at least"}]
     )
     assert sentences.strict == [True] and capitals.strict == [True]
+
+
+def test_undetectable_language_is_not_logged_as_an_error(caplog):
+    with caplog.at_level(logging.INFO):
+        assert score_response("12345", ["language:response_language"], [{"language": "de"}]).strict == [True]
+        logging.getLogger().error("an unrelated error")
+    assert [r.getMessage() for r in caplog.records] == ["an unrelated error"]
 
 
 def test_language_detection_is_deterministic():

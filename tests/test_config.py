@@ -2,13 +2,26 @@
 
 from __future__ import annotations
 
+import re
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 import yaml
 
 from neftune.cli import main
-from neftune.config import CompareConfig, Config, apply_overrides, from_dict, load_config, to_dict, write_config
+from neftune.config import (
+    CompareConfig,
+    Config,
+    apply_overrides,
+    command_flags,
+    from_dict,
+    iter_fields,
+    load_config,
+    setting,
+    to_dict,
+    write_config,
+)
 from neftune.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -92,13 +105,86 @@ def test_cli_flag_errors_are_one_line(capsys):
     assert err == "neftune: error: noise.alpha must be a finite number >= 0, got nan"
 
 
-def test_cli_help_lists_every_setting(capsys):
+TRAIN_FLAGS = "--model --data --eval-data --format --output --alpha --epochs --max-steps --lr --batch-size"
+TRAIN_FLAGS += (
+    " --max-length --seed --on-bad-record --lora --full --merge --packing --no-packing --resume --no-progress"
+)
+COMPARE_FLAGS = "--model --data --eval-data --eval-limit --format --output --alphas --seeds --max-steps --epochs --lr"
+COMPARE_FLAGS += " --batch-size --max-length --max-new-tokens --judge --judge-model --judge-url --on-bad-record"
+COMPARE_FLAGS += " --lora --full --packing --no-packing --no-progress"
+
+
+@pytest.mark.parametrize(
+    ("command", "cls", "expected"), [("train", Config, TRAIN_FLAGS), ("compare", CompareConfig, COMPARE_FLAGS)]
+)
+def test_cli_help_lists_every_flag_and_every_setting(capsys, command, cls, expected):
     with pytest.raises(SystemExit) as exit_info:
-        main(["train", "--help"])
+        main([command, "--help"])
     assert exit_info.value.code == 0
     out = capsys.readouterr().out
-    for key in ("model.lora_r", "data.packing", "noise.distribution", "train.save_steps"):
-        assert key in out
+    options, settings = out.split("all settings (YAML sections or key=value):")
+    declared = {f.name for f in command_flags(cls)}
+    assert set(expected.split()) <= declared  # every flag the command has always had is still generated
+    for name in declared:
+        assert re.search(rf"^  {re.escape(name)}\b", options, re.M), name
+    for key, f, _hint in iter_fields(cls):
+        assert re.search(rf"^  {re.escape(key)} ", settings, re.M), key
+        assert " ".join(f.metadata["help"].split())[:30] in " ".join(settings.split())
+    # a flag's help is its setting's help, written once in config.py
+    lr = next(f for f in command_flags(cls) if f.name == "--lr")
+    assert lr.key == "train.lr" and "peak learning rate" in lr.help and "peak learning rate" in options
+
+
+def _parsed(argv: list[str]):
+    from neftune.cli import build_parser, config_from_args
+
+    args, extra = build_parser().parse_known_args(argv)
+    args.overrides = extra
+    return config_from_args(args, CompareConfig if argv[0] == "compare" else Config)
+
+
+def test_flags_set_their_settings_and_lists_take_one_value():
+    cfg = _parsed(["compare", "--alphas", "5", "--seeds", "3", "--output", "exp", "--full", "--no-progress"])
+    assert cfg.compare.alphas == [5.0] and cfg.compare.seeds == [3]
+    assert cfg.compare.output == "exp" and cfg.train.output == "runs/train"  # compare's --output is its own
+    assert cfg.model.lora is False and cfg.train.progress is False
+    cfg = _parsed(["compare", "--alphas", "5,10.5", "--seeds", "[0, 1]", "--judge", "length"])
+    assert cfg.compare.alphas == [5.0, 10.5] and cfg.compare.seeds == [0, 1] and cfg.judge.backend == "length"
+    cfg = _parsed(["train", "--output", "run", "--alpha", "10", "--lora", "--no-packing", "--epochs", "2"])
+    assert (cfg.train.output, cfg.noise.alpha, cfg.model.lora, cfg.data.packing) == ("run", 10.0, True, False)
+    assert cfg.train.epochs == 2.0
+    assert load_config(CompareConfig, None, ["compare.alphas=7"]).compare.alphas == [7.0]
+
+
+def test_compare_has_no_flags_for_the_settings_it_sets_per_arm(capsys):
+    names = {f.name for f in command_flags(CompareConfig)}
+    assert not names & {"--alpha", "--seed", "--resume"}
+    # not an abbreviation of --alphas either: a mistyped flag is an error, never another setting
+    with pytest.raises(SystemExit) as exit_info:
+        main(["compare", "--alpha", "5"])
+    assert exit_info.value.code == 2
+    assert "unrecognized arguments: --alpha 5" in capsys.readouterr().err
+
+
+@dataclass
+class _A:
+    x: int = setting(1, "x", flag="--n")
+
+
+@dataclass
+class _B:
+    y: int = setting(2, "y", flag="--n")
+
+
+@dataclass
+class _Both:
+    a: _A = field(default_factory=_A)
+    b: _B = field(default_factory=_B)
+
+
+def test_two_settings_cannot_claim_one_flag():
+    with pytest.raises(ValueError, match=r"flag --n is claimed by both a\.x and b\.y"):
+        command_flags(_Both)
 
 
 def test_version(capsys):

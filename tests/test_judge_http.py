@@ -45,7 +45,10 @@ def _first_logodds(payload: dict) -> float:
 
 
 def _records(outputs: list[str], generator: str) -> list[dict]:
-    return [{"instruction": f"instruction {i}", "output": o, "generator": generator} for i, o in enumerate(outputs)]
+    return [
+        {"instruction": f"instruction {i}", "output": o, "generator": generator, "dataset": "d"}
+        for i, o in enumerate(outputs)
+    ]
 
 
 # baseline GOOD in pair 0, candidate GOOD in pairs 1-2, equal quality in pairs 3-4
@@ -329,3 +332,29 @@ def test_settings_are_validated_and_named_in_the_identity() -> None:
     for bad in ({"top_logprobs": 21}, {"max_tokens": 0}, {"temperature": -1.0}):
         with pytest.raises(ConfigError):
             _judge("http://127.0.0.1:8080/v1", **bad)
+
+
+def test_build_judge_gives_sampling_settings_to_http_only() -> None:
+    from neftune.judge import LengthJudge, build_judge
+
+    url = "http://127.0.0.1:8080/v1"
+    judge = build_judge("http", model="m", base_url=url, max_tokens=2048, temperature=0.3)
+    assert (judge.max_tokens, judge.temperature) == (2048, 0.3)
+    default = build_judge("http", model="m", base_url=url, max_tokens=None, temperature=None)
+    assert (default.max_tokens, default.temperature) == (16, 0.0)
+    assert isinstance(build_judge("length", max_tokens=5, temperature=1.0), LengthJudge)
+
+
+def test_judge_command_sends_max_tokens_and_temperature(tmp_path, capsys) -> None:
+    from neftune.cli import main
+
+    baseline, candidate = tmp_path / "a.json", tmp_path / "b.json"
+    baseline.write_text(json.dumps(BASELINE))
+    candidate.write_text(json.dumps(CANDIDATE))
+    with OpenAIStyleServer(reasoning_separate) as server:
+        args = ["judge", str(baseline), str(candidate), "--backend", "http", "--base-url", server.url]
+        args += ["--judge-model", "qwen3", "--max-tokens", "2048", "--temperature", "0.6", "--no-progress"]
+        assert main([*args, "--cache", str(tmp_path / "cache")]) == 0
+    assert {(r["payload"]["max_tokens"], r["payload"]["temperature"]) for r in server.requests} == {(2048, 0.6)}
+    out = capsys.readouterr().out
+    assert "win rate of B over A: 60.0%" in out and "returned no logprobs for 10 replies" in out

@@ -43,20 +43,22 @@ def build_judge(
     base_url: str = "",
     api_key_env: str = "OPENAI_API_KEY",
     trust_remote_code: bool = False,
+    max_tokens: int | None = None,
+    temperature: float | None = None,
     **options: Any,
 ) -> Judge | None:
     """The judge for a backend name and its settings (``"none"`` gives None).
 
     ``local`` loads ``model`` (a directory, alias or hub id) through :mod:`neftune.models`; ``http``
-    takes ``model`` as the endpoint's model name.  Further ``options`` go to the backend's
-    constructor, e.g. ``max_tokens``, ``temperature`` or ``logprobs`` for ``http``; ``None`` values
-    are left at the backend's default.
+    takes ``model`` as the endpoint's model name, and ``max_tokens`` / ``temperature`` when given
+    (None keeps :class:`~neftune.judge.http.HttpJudge`'s defaults; other backends ignore them, since
+    they do not sample).  Further ``options`` go to the backend's constructor.
     """
-    options = {k: v for k, v in options.items() if v is not None}
     if backend == "none":
         return None
     if backend == "http":
-        return make_judge("http", base_url=base_url, model=model, api_key_env=api_key_env, **options)
+        sampling = {k: v for k, v in (("max_tokens", max_tokens), ("temperature", temperature)) if v is not None}
+        return make_judge("http", base_url=base_url, model=model, api_key_env=api_key_env, **sampling, **options)
     if backend == "local":
         from neftune.models import load_model_and_tokenizer
 

@@ -8,60 +8,50 @@ by input are printed as one line and exit with status 2, never as a traceback.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import logging
 import os
 import sys
 from collections.abc import Callable, Sequence
+from typing import Any
 
 from neftune import __version__
 from neftune.errors import NeftuneError
 
-# flag -> (dotted config key, help, kind); kind "value" takes an argument, "true"/"false" set a bool
-TRAIN_FLAGS: list[tuple[str, str, str, str]] = [
-    ("--model", "model.name", "hub id, local dir, .gguf file or alias (default smollm2-135m)", "value"),
-    ("--data", "data.train", "training data (default builtin:skills)", "value"),
-    ("--eval-data", "data.eval", "held-out data for loss with noise off", "value"),
-    ("--format", "data.format", "auto, alpaca, sharegpt or messages", "value"),
-    ("--output", "train.output", "output directory", "value"),
-    ("--alpha", "noise.alpha", "NEFTune alpha, 0 = off (default 5)", "value"),
-    ("--epochs", "train.epochs", "passes over the data", "value"),
-    ("--max-steps", "train.max_steps", "optimizer steps (overrides --epochs)", "value"),
-    ("--lr", "train.lr", "peak learning rate", "value"),
-    ("--batch-size", "train.batch_size", "examples per step per process", "value"),
-    ("--max-length", "data.max_length", "max tokens per example", "value"),
-    ("--seed", "train.seed", "seed for init, data order and noise", "value"),
-    ("--on-bad-record", "data.on_bad_record", "error (default) or skip (skip and count by reason)", "value"),
-    ("--lora", "model.lora", "train LoRA adapters (default)", "true"),
-    ("--full", "model.lora", "train all weights", "false"),
-    ("--merge", "model.merge", "also write LoRA-merged weights", "true"),
-    ("--packing", "data.packing", "padding-free packed rows (default)", "true"),
-    ("--no-packing", "data.packing", "padded batches", "false"),
-    ("--resume", "train.resume", "continue from the last checkpoint", "true"),
-    ("--no-progress", "train.progress", "no progress bar", "false"),
-]
 
-
-def add_config_flags(parser: argparse.ArgumentParser, flags: list[tuple[str, str, str, str]], cls: type) -> None:
-    """Add ``--config``, ``key=value`` overrides and the shortcut flags; list every setting in the epilog."""
-    from neftune.config import iter_fields
+def add_config_flags(parser: argparse.ArgumentParser, cls: type) -> None:
+    """Add ``--config``, ``key=value`` overrides and the flags declared in ``cls``'s field metadata
+    (:func:`neftune.config.command_flags`); list every setting with its default in the epilog."""
+    from neftune.config import command_flags, default_of, iter_fields
 
     parser.add_argument("--config", metavar="FILE.yaml", help="YAML config file (sections as in the list below)")
     parser.usage = "%(prog)s [options] [key=value ...]"
-    for flag, key, help_text, kind in flags:
-        if kind == "value":
-            parser.add_argument(flag, dest=f"set:{key}", metavar="X", help=help_text)
+    for flag in command_flags(cls):
+        dest = f"set:{flag.key}"
+        if flag.const is None:
+            parser.add_argument(flag.name, dest=dest, metavar=flag.metavar, help=_escape(f"{flag.help} ({flag.key})"))
         else:
-            parser.add_argument(flag, dest=f"set:{key}", action="store_const", const=kind, help=help_text)
+            value = "true" if flag.const else "false"
+            parser.add_argument(
+                flag.name,
+                dest=dest,
+                action="store_const",
+                const=value,
+                help=_escape(f"sets {flag.key}={value} ({flag.help})"),
+            )
+    per_arm = set(getattr(cls, "SET_PER_ARM", ()))
     lines = ["all settings (YAML sections or key=value):"]
     for name, f, _hint in iter_fields(cls):
-        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-        lines.append(f"  {name:<28} {f.metadata.get('help', '')} [default: {default}]")
+        note = " (set per arm, ignored here)" if name in per_arm else ""
+        lines.append(f"  {name:<28} {f.metadata.get('help', '')} [default: {default_of(f)}]{note}")
     parser.epilog = "\n".join(lines)
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
 
 
-def config_from_args(args: argparse.Namespace, cls: type):
+def _escape(text: str) -> str:
+    return text.replace("%", "%%")  # argparse formats help strings with %
+
+
+def config_from_args(args: argparse.Namespace, cls: type) -> Any:
     """Defaults < --config YAML < key=value overrides < flags; validated."""
     from neftune.config import load_config
 
@@ -87,33 +77,6 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(line)
         print(f"model: {result.model_dir}")
     return 0
-
-
-COMPARE_FLAGS: list[tuple[str, str, str, str]] = [
-    ("--model", "model.name", "hub id, local dir, .gguf file or alias (default smollm2-135m)", "value"),
-    ("--data", "data.train", "training data (default builtin:skills)", "value"),
-    ("--eval-data", "data.eval", "held-out prompts and references", "value"),
-    ("--eval-limit", "data.eval_limit", "held-out examples used (default 64)", "value"),
-    ("--format", "data.format", "auto, alpaca, sharegpt or messages", "value"),
-    ("--output", "compare.output", "experiment directory (default runs/compare)", "value"),
-    ("--alphas", "compare.alphas", "comma-separated NEFTune alphas (default 5,10); the baseline 0 is added", "value"),
-    ("--seeds", "compare.seeds", "comma-separated seeds (default 0)", "value"),
-    ("--max-steps", "train.max_steps", "optimizer steps per arm", "value"),
-    ("--epochs", "train.epochs", "passes over the data per arm", "value"),
-    ("--lr", "train.lr", "peak learning rate", "value"),
-    ("--batch-size", "train.batch_size", "examples per step per process", "value"),
-    ("--max-length", "data.max_length", "max tokens per example", "value"),
-    ("--max-new-tokens", "generate.max_new_tokens", "tokens generated per answer", "value"),
-    ("--judge", "judge.backend", "none, local (default), http or length", "value"),
-    ("--judge-model", "judge.model", "local: judge model; http: model name", "value"),
-    ("--judge-url", "judge.base_url", "http: OpenAI-compatible base URL", "value"),
-    ("--on-bad-record", "data.on_bad_record", "error (default) or skip", "value"),
-    ("--lora", "model.lora", "train LoRA adapters (default)", "true"),
-    ("--full", "model.lora", "train all weights", "false"),
-    ("--packing", "data.packing", "padding-free packed rows (default)", "true"),
-    ("--no-packing", "data.packing", "padded batches", "false"),
-    ("--no-progress", "train.progress", "no progress bars", "false"),
-]
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
@@ -308,10 +271,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
+    # no abbreviations: `--alpha` must not silently mean compare's `--alphas`
     train = sub.add_parser(
-        "train", help="finetune a model with NEFTune", description="Finetune a model with per-example NEFTune noise."
+        "train",
+        help="finetune a model with NEFTune",
+        description="Finetune a model with per-example NEFTune noise.",
+        allow_abbrev=False,
     )
-    add_config_flags(train, TRAIN_FLAGS, Config)
+    add_config_flags(train, Config)
     train.set_defaults(func=cmd_train)
 
     compare = sub.add_parser(
@@ -319,8 +286,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="train with and without NEFTune and report the difference",
         description="Train a baseline (alpha=0) and NEFTune arms on identical data and seed, "
         "evaluate and judge them, and write report.html.",
+        allow_abbrev=False,
     )
-    add_config_flags(compare, COMPARE_FLAGS, CompareConfig)
+    add_config_flags(compare, CompareConfig)
     compare.set_defaults(func=cmd_compare)
 
     gen = sub.add_parser(

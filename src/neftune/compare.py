@@ -105,10 +105,15 @@ def run_arm(cfg: CompareConfig, arm: Arm, eval_examples: list, eval_name: str) -
     model.eval()
     tokenizer.padding_side = "left"
 
-    loss = heldout_loss(
-        model, tokenizer, eval_examples, max_length=cfg.data.max_length, batch_size=cfg.generate.batch_size
-    )
-    log.info("%s: held-out loss %.4f (noise off); generating %d answers", arm.name, loss["loss"], len(eval_examples))
+    # prompt sets without reference answers (builtin:ifeval) have no held-out loss to measure
+    scored = [e for e in eval_examples if e.reference is not None]
+    loss: dict[str, Any] = {"loss": None, "perplexity": None}
+    if scored:
+        loss = heldout_loss(
+            model, tokenizer, scored, max_length=cfg.data.max_length, batch_size=cfg.generate.batch_size
+        )
+        log.info("%s: held-out loss %.4f (noise off)", arm.name, loss["loss"])
+    log.info("%s: generating %d answers", arm.name, len(eval_examples))
     records = generate_outputs(
         model,
         tokenizer,
@@ -153,7 +158,10 @@ def run_arm(cfg: CompareConfig, arm: Arm, eval_examples: list, eval_name: str) -
                 "correct": _as_ints(metrics["per_example"].get("correct")),
                 "length_chars": metrics["per_example"]["length_chars"],
                 "rouge_l": metrics["per_example"].get("rouge_l"),
+                "ifeval_prompt_strict": metrics["per_example"].get("ifeval_prompt_strict"),
+                "ifeval_prompt_loose": metrics["per_example"].get("ifeval_prompt_loose"),
             },
+            "ifeval": metrics.get("ifeval"),
         },
         "judge": None,
         "wall_time_s": time.perf_counter() - started,

@@ -13,9 +13,10 @@ import dataclasses
 import math
 import types
 import typing
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import yaml
 
@@ -24,16 +25,24 @@ from neftune.errors import ConfigError
 SECRET_MARKERS = ("key", "token", "secret", "password")
 
 
-def setting(default: Any, help: str, **kw: Any) -> Any:
-    """A config field with its help text (the single source of the CLI's help); lists/dicts are copied per instance."""
+def setting(default: Any, help: str, *, flag: str | dict[str, bool] | None = None, **kw: Any) -> Any:
+    """A config field with its help text, the single source of the CLI's help.
+
+    ``flag`` makes it a command-line flag too: ``"--lr"`` takes a value (or, for a bool, sets it to
+    true); ``{"--lora": True, "--full": False}`` gives a bool one flag per value.  Lists and dicts
+    are copied per instance.
+    """
+    metadata = {"help": help, "flag": flag, **kw}
     if isinstance(default, (list, dict)):
-        return field(default_factory=lambda d=default: type(d)(d), metadata={"help": help, **kw})
-    return field(default=default, metadata={"help": help, **kw})
+        return field(default_factory=lambda d=default: type(d)(d), metadata=metadata)
+    return field(default=default, metadata=metadata)
 
 
 @dataclass
 class ModelConfig:
-    name: str = setting("smollm2-135m", "hub id, local directory, .gguf file, or alias (smollm2-135m, tiny-random)")
+    name: str = setting(
+        "smollm2-135m", "hub id, local directory, .gguf file, or alias (smollm2-135m, tiny-random)", flag="--model"
+    )
     dtype: str = setting("auto", "auto (fp32 on CPU, bf16 on CUDA), float32, bfloat16 or float16")
     trust_remote_code: bool = setting(False, "allow model code from the hub to run; off unless you trust the repo")
     attention: str = setting(
@@ -41,61 +50,81 @@ class ModelConfig:
         "auto (varlen for packed rows on CPU, else the model's default), varlen, sdpa, eager, "
         "flash_attention_2 or flex_attention",
     )
-    lora: bool = setting(True, "train LoRA adapters (true) or all weights (false)")
+    lora: bool = setting(
+        True, "train LoRA adapters (true) or all weights (false)", flag={"--lora": True, "--full": False}
+    )
     lora_r: int = setting(16, "LoRA rank")
     lora_alpha: int = setting(32, "LoRA scaling alpha (not the NEFTune alpha)")
     lora_dropout: float = setting(0.0, "LoRA dropout")
     lora_targets: list[str] = setting([], "module names to adapt; empty = sensible default for the architecture")
-    merge: bool = setting(False, "also write LoRA-merged full weights to <output>/merged")
+    merge: bool = setting(False, "also write LoRA-merged full weights to <output>/merged", flag="--merge")
 
 
 @dataclass
 class DataConfig:
     train: str = setting(
-        "builtin:skills", "training data: builtin:skills, builtin:sharegpt, or a .json/.jsonl/.parquet/dataset dir"
+        "builtin:skills",
+        "training data: builtin:skills, builtin:sharegpt, or a .json/.jsonl/.parquet/dataset dir",
+        flag="--data",
     )
     eval: str | None = setting(
-        None, "held-out data (default: the held-out split of a built-in training set, else none)"
+        None,
+        "held-out data for loss (noise off) and answers (default: the held-out split of a built-in training set)",
+        flag="--eval-data",
     )
-    format: str = setting("auto", "auto, alpaca, sharegpt or messages")
-    max_length: int = setting(512, "tokens per example; longer examples are right-truncated")
-    packing: bool = setting(True, "padding-free packed rows (true) or padded batches (false)")
-    on_bad_record: str = setting("error", "error: stop at the first bad record; skip: skip and count them by reason")
+    format: str = setting("auto", "auto, alpaca, sharegpt or messages", flag="--format")
+    max_length: int = setting(512, "tokens per example; longer examples are right-truncated", flag="--max-length")
+    packing: bool = setting(
+        True,
+        "padding-free packed rows (true) or padded batches (false)",
+        flag={"--packing": True, "--no-packing": False},
+    )
+    on_bad_record: str = setting(
+        "error", "error: stop at the first bad record; skip: skip and count them by reason", flag="--on-bad-record"
+    )
     limit: int | None = setting(None, "use at most this many training examples")
-    eval_limit: int | None = setting(64, "use at most this many held-out examples")
+    eval_limit: int | None = setting(64, "use at most this many held-out examples", flag="--eval-limit")
 
 
 @dataclass
 class NoiseConfig:
-    alpha: float = setting(5.0, "NEFTune alpha; 0 disables the noise")
+    alpha: float = setting(5.0, "NEFTune alpha; 0 disables the noise", flag="--alpha")
     distribution: str = setting("uniform", "uniform (the paper) or gaussian")
 
 
 @dataclass
 class TrainConfig:
-    output: str = setting("runs/train", "output directory (model, checkpoints, metrics, config)")
+    output: str = setting("runs/train", "output directory (model, checkpoints, metrics, config)", flag="--output")
     epochs: float | None = setting(
         None,
         "passes over the training data (default 1; when neither this nor max_steps is set, a built-in data "
         "set's own default steps apply: 60 for builtin:skills, to finish in minutes on a CPU)",
+        flag="--epochs",
     )
-    max_steps: int | None = setting(None, "optimizer steps; overrides epochs")
-    lr: float | None = setting(None, "peak learning rate (default 2e-4 for LoRA, 2e-5 for full finetuning)")
-    batch_size: int = setting(8, "examples per optimizer step per process, before accumulation")
+    max_steps: int | None = setting(None, "optimizer steps; overrides epochs", flag="--max-steps")
+    lr: float | None = setting(
+        None, "peak learning rate (default 2e-4 for LoRA, 2e-5 for full finetuning)", flag="--lr"
+    )
+    batch_size: int = setting(8, "examples per optimizer step per process, before accumulation", flag="--batch-size")
     grad_accum: int = setting(1, "gradient accumulation steps")
     warmup_ratio: float = setting(0.03, "share of steps used for linear warmup")
     scheduler: str = setting("cosine", "learning-rate schedule (any transformers scheduler name)")
     weight_decay: float = setting(0.0, "AdamW weight decay")
-    seed: int = setting(0, "seed for initialisation, data order and noise")
+    seed: int = setting(0, "seed for initialisation, data order and noise", flag="--seed")
     save_steps: int = setting(50, "write a checkpoint every N steps")
     save_total_limit: int = setting(2, "checkpoints kept")
     eval_steps: int = setting(50, "measure held-out loss (noise off) every N steps")
     logging_steps: int = setting(5, "log training loss every N steps")
-    resume: bool = setting(False, "continue from the last checkpoint in the output directory")
+    resume: bool = setting(False, "continue from the last checkpoint in the output directory", flag="--resume")
     gradient_checkpointing: bool | None = setting(
         None, "recompute activations to save memory (default: on for CUDA, off for CPU)"
     )
-    progress: bool = setting(True, "show a progress bar")
+    progress: bool = setting(True, "show progress bars", flag={"--no-progress": False})
+    loss: str = setting(
+        "auto",
+        "labelled: LM head and cross-entropy only where there are labels, in chunks (no full logits tensor); "
+        "full: the model's own loss; auto: labelled on CPU, where it is measured faster, else full",
+    )
 
 
 @dataclass
@@ -116,6 +145,7 @@ class Config:
         _choice("data.format", self.data.format, ("auto", "alpaca", "sharegpt", "messages"))
         _choice("data.on_bad_record", self.data.on_bad_record, ("error", "skip"))
         _choice("model.dtype", self.model.dtype, ("auto", "float32", "bfloat16", "float16"))
+        _choice("train.loss", self.train.loss, ("auto", "labelled", "full"))
         _choice(
             "model.attention",
             self.model.attention,
@@ -201,6 +231,8 @@ def _coerce(hint: Any, value: Any, name: str) -> Any:
     if origin is list:
         if isinstance(value, str):
             value = [v.strip() for v in value.split(",") if v.strip()]
+        elif isinstance(value, (int, float, bool)):
+            value = [value]  # `--alphas 5` or `alphas: 5`: a list of one
         if not isinstance(value, list):
             raise ConfigError(f"{name} must be a list, got {value!r}")
         return [_coerce(args[0], v, name) for v in value]
@@ -313,7 +345,7 @@ def write_config(cfg: Any, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False), encoding="utf-8")
 
 
-def iter_fields(cls: type, prefix: str = ""):
+def iter_fields(cls: type, prefix: str = "") -> Iterator[tuple[str, dataclasses.Field[Any], Any]]:
     """Yield ``(dotted_name, field, type_hint)`` for every leaf setting (for --help and docs)."""
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
@@ -324,10 +356,63 @@ def iter_fields(cls: type, prefix: str = ""):
             yield f"{prefix}{f.name}", f, hint
 
 
+@dataclass(frozen=True)
+class Flag:
+    """A command-line flag generated from a setting's metadata (see :func:`setting`)."""
+
+    name: str
+    """e.g. ``"--lr"``."""
+    key: str
+    """The setting it sets, e.g. ``"train.lr"``."""
+    const: bool | None
+    """``None``: the flag takes a value; ``True``/``False``: it sets a bool setting to that value."""
+    help: str
+    metavar: str
+    """What the value looks like: ``N`` (integer), ``X`` (number), ``X,Y`` (list) or ``VALUE``."""
+
+
+def command_flags(cls: type) -> list[Flag]:
+    """The flags of every setting of ``cls`` that declares one, in tree order.
+
+    Settings a config sets itself (``cls.SET_PER_ARM``) get no flag.  Two settings claiming one flag
+    is a programming error (``ValueError``).
+    """
+    skip = set(getattr(cls, "SET_PER_ARM", ()))
+    flags: list[Flag] = []
+    owner: dict[str, str] = {}
+    for key, f, hint in iter_fields(cls):
+        spec = f.metadata.get("flag")
+        if spec is None or key in skip:
+            continue
+        names = {spec: True if hint is bool else None} if isinstance(spec, str) else dict(spec)
+        for name, const in names.items():
+            if name in owner:
+                raise ValueError(f"flag {name} is claimed by both {owner[name]} and {key}")
+            owner[name] = key
+            flags.append(Flag(name, key, const, f.metadata.get("help", ""), _metavar(hint)))
+    return flags
+
+
+def _metavar(hint: Any) -> str:
+    inner = [a for a in typing.get_args(hint) if a is not type(None)]
+    if typing.get_origin(hint) in (typing.Union, types.UnionType) and len(inner) == 1:
+        hint = inner[0]
+    if typing.get_origin(hint) is list:
+        return "X,Y"
+    return {int: "N", float: "X"}.get(hint, "VALUE")
+
+
+def default_of(f: dataclasses.Field[Any]) -> Any:
+    """A field's default value (a fresh copy for list/dict settings)."""
+    return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+
+
 @dataclass
 class GenerateConfig:
     max_new_tokens: int | None = setting(
-        None, "tokens to generate per answer (default: the eval data's; 64 for builtin:skills, 256 for files)"
+        None,
+        "tokens to generate per answer (default: the eval data's; 64 for builtin:skills, 256 for files)",
+        flag="--max-new-tokens",
     )
     repetition_penalty: float | None = setting(
         None,
@@ -340,10 +425,16 @@ class GenerateConfig:
 @dataclass
 class JudgeConfig:
     backend: str = setting(
-        "local", "none, local (a transformers model scores A vs B), http (OpenAI-compatible), or length"
+        "local",
+        "none, local (a transformers model scores A vs B), http (OpenAI-compatible), or length",
+        flag="--judge",
     )
-    model: str = setting("", "local: judge model (default: the experiment's base model); http: the model name")
-    base_url: str = setting("", "http: base URL of an OpenAI-compatible API, e.g. https://api.openai.com/v1")
+    model: str = setting(
+        "", "local: judge model (default: the experiment's base model); http: the model name", flag="--judge-model"
+    )
+    base_url: str = setting(
+        "", "http: base URL of an OpenAI-compatible API, e.g. https://api.openai.com/v1", flag="--judge-url"
+    )
     api_key_env: str = setting("OPENAI_API_KEY", "http: name of the environment variable holding the API key")
     max_tokens: int | None = setting(None, "http: longest judge reply (default 16; a reasoning model needs ~2048)")
     temperature: float = setting(0.0, "http: judge sampling temperature (at 0 an unreadable reply is not re-asked)")
@@ -352,17 +443,24 @@ class JudgeConfig:
 
 @dataclass
 class CompareSection:
-    alphas: list[float] = setting([5.0, 10.0], "NEFTune arms; the alpha=0 baseline is always trained")
-    seeds: list[int] = setting([0], "one baseline and one arm per alpha for each seed")
-    output: str = setting("runs/compare", "experiment directory (arms, outputs, report)")
+    alphas: list[float] = setting(
+        [5.0, 10.0], "NEFTune arms, comma-separated; the alpha=0 baseline is always trained", flag="--alphas"
+    )
+    seeds: list[int] = setting(
+        [0], "training seeds, comma-separated; one baseline and one arm per alpha for each seed", flag="--seeds"
+    )
+    output: str = setting("runs/compare", "experiment directory (arms, outputs, report)", flag="--output")
 
 
 @dataclass
 class CompareConfig(Config):
     """Everything ``neftune compare`` needs: the shared training setup plus the experiment grid.
 
-    ``noise.alpha`` is ignored (the arms' alphas are ``compare.alphas`` and the 0 baseline).
+    The settings in :attr:`SET_PER_ARM` are ignored: compare sets them for each arm (the arms'
+    alphas are ``compare.alphas`` and the 0 baseline, their seeds ``compare.seeds``).
     """
+
+    SET_PER_ARM: ClassVar[tuple[str, ...]] = ("noise.alpha", "train.seed", "train.output", "train.resume")
 
     generate: GenerateConfig = field(default_factory=GenerateConfig)
     judge: JudgeConfig = field(default_factory=JudgeConfig)

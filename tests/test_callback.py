@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from tests.helpers import hook_count, record_noise
+from tests.helpers import decoder_layers, hook_count, record_noise
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 import neftune
@@ -102,6 +102,91 @@ def test_no_hook_remains_after_train_raises(tiny_model, tmp_path):
         trainer.train()
     assert hook_count(tiny_model) == before
     assert cb.handle is None
+
+
+class _HookCounts(TrainerCallback):
+    """Counts the model's hooks at the Trainer's events (registered after NEFTuneCallback)."""
+
+    def __init__(self):
+        self.seen: dict[str, set[int]] = {}
+
+    def _note(self, event, kwargs):
+        self.seen.setdefault(event, set()).add(hook_count(kwargs["model"]))
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self._note("step_begin", kwargs)
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        self._note("pre_optimizer_step", kwargs)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self._note("step_end", kwargs)
+
+    def on_evaluate(self, args, state, control, **kwargs):
+        self._note("evaluate", kwargs)
+
+    def on_save(self, args, state, control, **kwargs):
+        self._note("save", kwargs)
+
+
+def test_hooks_live_only_inside_each_step(tiny_model, tmp_path):
+    before = hook_count(tiny_model)
+    counts = _HookCounts()
+    data = _examples([5, 12, 40, 7, 30, 9])
+    trainer = Trainer(
+        model=tiny_model,
+        args=_args(tmp_path, eval_strategy="steps", eval_steps=2, save_strategy="steps", save_steps=2),
+        train_dataset=data,
+        eval_dataset=data,
+        data_collator=_pad_collate,
+        callbacks=[NEFTuneCallback(alpha=5.0), counts],
+    )
+    trainer.train()
+    assert counts.seen["step_begin"] == {before + 3}  # pre-hook and release hook on the model, noise hook
+    for event in ("pre_optimizer_step", "step_end", "evaluate", "save"):
+        assert counts.seen[event] == {before}, event
+    assert hook_count(tiny_model) == before
+
+
+class _FailingForward:
+    """A forward pre-hook on the first decoder layer that raises on the ``at``-th training forward."""
+
+    def __init__(self, model, at: int):
+        self.calls, self.at = 0, at
+        self.handle = decoder_layers(model)[0].register_forward_pre_hook(self)
+
+    def __call__(self, module, args):
+        if module.training:
+            self.calls += 1
+            if self.calls == self.at:
+                raise RuntimeError("out of memory in forward")
+
+
+def test_an_exception_inside_a_forward_pass(tiny_model, tmp_path):
+    before = hook_count(tiny_model)
+    data = _examples([5, 9, 13] * 3)
+    cb = NEFTuneCallback(alpha=5.0)
+    failing = _FailingForward(tiny_model, at=2)
+    trainer = Trainer(
+        model=tiny_model, args=_args(tmp_path), train_dataset=data, data_collator=_pad_collate, callbacks=[cb]
+    )
+    with pytest.raises(RuntimeError, match="out of memory in forward"), cb:  # the callback as a context manager
+        trainer.train()
+    assert cb.handle is None and hook_count(tiny_model) == before + 1  # only the failing test hook is left
+
+    # without the context manager the step's hooks stay until the next train(), which neither
+    # refuses to attach nor doubles the noise
+    failing.calls, failing.at = 0, 3
+    with pytest.raises(RuntimeError, match="out of memory in forward"):
+        trainer.train()
+    assert hook_count(tiny_model) == before + 1 + 3
+    failing.handle.remove()
+    with record_noise(tiny_model) as rec:
+        trainer.train()
+    assert len(rec) == 4 and all(r["training"] for r in rec)
+    for r in rec:
+        _check_rows(r["noise"], (r["input_ids"] != 259).long(), 5.0)
+    assert hook_count(tiny_model) == before and cb.handle is None
 
 
 def test_callback_refuses_to_double_transformers_builtin_noise(tiny_model, tmp_path):

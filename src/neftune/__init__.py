@@ -30,8 +30,10 @@ __all__ = [
     "example_lengths",
     "load_config",
     "noisy_embeddings",
+    "patch_transformers",
     "run_compare",
     "run_training",
+    "unpatch_transformers",
 ]
 
 if TYPE_CHECKING:
@@ -49,6 +51,8 @@ _LAZY = {
     "load_config": "neftune.config",
     "run_training": "neftune.train",
     "run_compare": "neftune.compare",
+    "patch_transformers": "neftune.patch",
+    "unpatch_transformers": "neftune.patch",
 }
 
 

@@ -1,0 +1,250 @@
+"""``neftune audit``: the NEFTune alpha that transformers' built-in hook really gives each example.
+
+    neftune audit --data train.jsonl --model DIR --packed --batch-size 8 --max-length 1024 --alpha 5
+    neftune audit --data train.jsonl --tokenizer DIR --padded --batch-size 4 --max-length 512 --alpha 5
+
+transformers' hook (used by TRL, Axolotl and LLaMA-Factory through ``neftune_noise_alpha``) draws
+noise of magnitude alpha/sqrt(T*d) for every token of a row of T tokens, where the paper meant
+alpha/sqrt(L_i*d) for an example of L_i tokens.  Example i is therefore trained with an effective
+alpha of ``alpha * sqrt(L_i / T)``: T is the longest example of its batch when batches are padded,
+and every token of the batch when they are packed into one padding-free row.
+
+The data are read and templated as ``neftune train`` reads them (:mod:`neftune.data`), and
+batched in the order a ``Trainer`` with that seed draws them in its first epoch (accelerate's
+seedable random sampler, the one a Trainer uses).  ``--pack-length N`` first bin-packs examples
+into sequences of at most N tokens with TRL's own ``pack_dataset`` (what ``SFTConfig(packing=True,
+max_length=N)`` does); ``--batch-size`` then counts those sequences.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from neftune.errors import ConfigError, DataError, ModelError
+
+MODES = ("padded", "packed")
+
+
+@dataclass
+class Audit:
+    """Per-example lengths and row lengths under one batching setup (examples in training order)."""
+
+    alpha: float
+    mode: str
+    batch_size: int
+    lengths: np.ndarray
+    """L_i: tokens of each example."""
+    row_lengths: np.ndarray
+    """T: tokens of the row the built-in hook scaled each example's noise by."""
+    padding_tokens: int
+    """Tokens that belong to no example but get noise from the built-in hook (padded batches)."""
+    pack_length: int | None = None
+
+    @classmethod
+    def from_steps(
+        cls, steps: Sequence[Sequence[int]], alpha: float, mode: str, batch_size: int, pack_length: int | None = None
+    ) -> Audit:
+        """Build from the example lengths of each optimizer micro-step (one row per step when packed)."""
+        if mode not in MODES:
+            raise ConfigError(f"batching mode must be one of {', '.join(MODES)}, got {mode!r}")
+        lengths: list[int] = []
+        rows: list[int] = []
+        padding = 0
+        for step in steps:
+            row = max(step) if mode == "padded" else sum(step)
+            lengths += step
+            rows += [row] * len(step)
+            padding += row * len(step) - sum(step) if mode == "padded" else 0
+        return cls(alpha, mode, batch_size, np.asarray(lengths, float), np.asarray(rows, float), padding, pack_length)
+
+    @property
+    def effective(self) -> np.ndarray:
+        """alpha * sqrt(L_i / T) for each example: what the built-in hook gives it."""
+        return self.alpha * np.sqrt(self.lengths / self.row_lengths)
+
+    def summary(self) -> dict[str, float]:
+        """min, median and max effective alpha, the share below half of ``alpha``, and the count."""
+        eff = self.effective
+        return {
+            "intended": self.alpha,
+            "min": float(eff.min()),
+            "median": float(np.median(eff)),
+            "max": float(eff.max()),
+            "below_half": float(np.mean(eff < self.alpha / 2)),
+            "examples": int(eff.size),
+        }
+
+    def render(self, width: int = 40) -> str:
+        """The report ``neftune audit`` prints: summary lines and a 10-bin text histogram."""
+        s = self.summary()
+        a = self.alpha
+        setup = f"{self.mode} batches of {self.batch_size}"
+        if self.pack_length:
+            setup = f"packed sequences of at most {self.pack_length} tokens, {self.batch_size} per padding-free row"
+        lines = [
+            f"{s['examples']:,} examples, {setup}",
+            f"transformers' built-in hook, neftune_noise_alpha={a:g}: effective alpha = {a:g} * sqrt(L_i / T)",
+            f"  min     {s['min']:7.3f}  ({s['min'] / a:.2f} of intended)",
+            f"  median  {s['median']:7.3f}  ({s['median'] / a:.2f})",
+            f"  max     {s['max']:7.3f}  ({s['max'] / a:.2f})",
+            f"  below half the intended alpha (< {a / 2:g}): {s['below_half']:.1%} of examples",
+        ]
+        if self.mode == "padded":
+            noised = int(self.row_lengths.sum())
+            lines.append(
+                f"  padding tokens noised: {self.padding_tokens:,} ({self.padding_tokens / noised:.1%} of noised tokens)"
+            )
+        counts, edges = np.histogram(self.effective / a, bins=10, range=(0.0, 1.0))
+        top = max(int(counts.max()), 1)
+        lines.append("  effective / intended alpha:")
+        for lo, hi, n in zip(edges[:-1], edges[1:], counts, strict=True):
+            bar = "#" * round(width * int(n) / top)
+            lines.append(f"  {lo:.1f}-{hi:.1f} |{bar:<{width}} {int(n):>7,} {n / counts.sum():6.1%}")
+        lines.append(f"neftune (attach, NEFTuneCallback, neftune run): every example gets alpha = {a:g}")
+        return "\n".join(lines)
+
+
+def training_steps(n: int, batch_size: int, seed: int) -> list[list[int]]:
+    """Indices of the items of each step of a first epoch, in the order a Trainer with ``seed`` draws them.
+
+    A Trainer samples with accelerate's seedable random sampler, seeded with ``data_seed`` (or
+    ``seed`` when unset), and keeps the last, smaller batch.
+    """
+    from accelerate.data_loader import SeedableRandomSampler  # type: ignore[import-untyped]  # accelerate ships no types
+
+    order = list(SeedableRandomSampler(range(n), data_seed=seed))
+    return [order[i : i + batch_size] for i in range(0, n, batch_size)]
+
+
+def pack_lengths(lengths: Sequence[int], pack_length: int) -> list[list[int]]:
+    """Example lengths of each sequence TRL's best-fit-decreasing packing makes (``packing=True``)."""
+    try:
+        from datasets import Dataset
+        from datasets.utils import logging as datasets_logging
+        from trl.data_utils import pack_dataset
+    except ImportError as error:
+        raise ConfigError(f"--pack-length uses TRL's packing; install it (pip install trl): {error}") from error
+    bars = datasets_logging.is_progress_bar_enabled()
+    datasets_logging.disable_progress_bar()
+    try:
+        packed = pack_dataset(Dataset.from_dict({"input_ids": [[0] * n for n in lengths]}), pack_length, "bfd")
+    finally:
+        if bars:
+            datasets_logging.enable_progress_bar()
+    return [list(x) for x in packed["seq_lengths"]]
+
+
+def load_tokenizer(spec: str, trust_remote_code: bool = False) -> Any:
+    """The tokenizer of a model spec (alias, directory, .gguf or hub id; see :func:`neftune.models.resolve_model`)."""
+    from transformers import AutoTokenizer
+
+    from neftune.models import resolve_model
+
+    resolved = resolve_model(spec)
+    try:
+        return AutoTokenizer.from_pretrained(resolved, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as error:
+        raise ModelError(f"could not load a tokenizer from {spec}: {' '.join(str(error).split())[:200]}") from error
+
+
+def run_audit(
+    data: str,
+    tokenizer: Any,
+    *,
+    mode: str,
+    batch_size: int,
+    max_length: int,
+    alpha: float,
+    seed: int = 42,
+    pack_length: int | None = None,
+    fmt: str = "auto",
+    on_bad_record: str = "error",
+    limit: int | None = None,
+) -> Audit:
+    """Load, template and batch ``data`` as a Trainer would and return the :class:`Audit`.
+
+    ``tokenizer`` is a tokenizer object or a model spec for :func:`load_tokenizer`.
+    """
+    from neftune.data import encode_examples, load_examples
+    from neftune.noise import check_alpha
+
+    for name, value in (("batch size", batch_size), ("max length", max_length), ("pack length", pack_length or 1)):
+        if value < 1:
+            raise ConfigError(f"{name} must be at least 1, got {value}")
+    try:
+        alpha = check_alpha(alpha)
+    except ValueError as error:
+        raise ConfigError(str(error)) from error
+    if alpha == 0:
+        raise ConfigError("alpha must be positive: alpha 0 adds no noise to audit")
+    if pack_length is not None and mode != "packed":
+        raise ConfigError("--pack-length needs --packed (packed sequences are trained padding-free)")
+    loaded = load_examples(data, fmt=fmt, on_bad_record=on_bad_record, limit=limit, seed=seed)
+    if isinstance(tokenizer, str):
+        tokenizer = load_tokenizer(tokenizer)
+    rows, _dropped = encode_examples(tokenizer, loaded.examples, max_length)
+    if not rows:
+        raise DataError(f"{data}: no example has a trainable response token within max_length={max_length}")
+    lengths = [len(r["input_ids"]) for r in rows]
+    items = pack_lengths(lengths, pack_length) if pack_length else [[n] for n in lengths]
+    steps = [[n for i in step for n in items[i]] for step in training_steps(len(items), batch_size, seed)]
+    return Audit.from_steps(steps, alpha, mode, batch_size, pack_length)
+
+
+def add_audit_parser(sub: Any) -> None:
+    """Add the ``audit`` subcommand to the ``neftune`` command's subparsers."""
+    p = sub.add_parser(
+        "audit",
+        help="the NEFTune alpha transformers' built-in hook gives each example of your data",
+        description="Per-example effective alpha of transformers' neftune_noise_alpha (TRL, Axolotl, "
+        "LLaMA-Factory) on your data and batching: alpha*sqrt(L_i/T), T the padded or packed row length.",
+    )
+    p.add_argument("--data", required=True, help="training data (Alpaca, ShareGPT, messages, parquet, builtin:...)")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--model", help="model (alias, directory, .gguf or hub id) whose tokenizer to use")
+    source.add_argument("--tokenizer", dest="model", help="the same as --model")
+    mode = p.add_mutually_exclusive_group(required=True)
+    mode.add_argument(
+        "--padded", dest="mode", action="store_const", const="padded", help="batches padded to the longest"
+    )
+    mode.add_argument(
+        "--packed",
+        dest="mode",
+        action="store_const",
+        const="packed",
+        help="each batch flattened into one padding-free row",
+    )
+    p.add_argument("--batch-size", type=int, required=True, help="per-device batch size (sequences when packing)")
+    p.add_argument("--max-length", type=int, required=True, help="max tokens per example (longer ones truncated)")
+    p.add_argument("--alpha", type=float, required=True, help="neftune_noise_alpha the framework is given")
+    p.add_argument("--pack-length", type=int, help="with --packed: bin-pack to N tokens first (TRL packing=True)")
+    p.add_argument("--seed", type=int, default=42, help="the Trainer's data seed (default 42, transformers' default)")
+    p.add_argument("--format", default="auto", help="auto, alpaca, sharegpt or messages")
+    p.add_argument("--limit", type=int, help="use the first N examples")
+    p.add_argument("--on-bad-record", default="error", choices=["error", "skip"], help="stop at, or skip and count")
+    p.set_defaults(func=cmd_audit)
+
+
+def cmd_audit(args: argparse.Namespace) -> int:
+    """Run :func:`run_audit` with the parsed flags and print its report."""
+    audit = run_audit(
+        args.data,
+        args.model,
+        mode=args.mode,
+        batch_size=args.batch_size,
+        max_length=args.max_length,
+        alpha=args.alpha,
+        seed=args.seed,
+        pack_length=args.pack_length,
+        fmt=args.format,
+        on_bad_record=args.on_bad_record,
+        limit=args.limit,
+    )
+    print(f"{args.data} (tokenizer {args.model}, max length {args.max_length}, seed {args.seed}):")
+    print(audit.render())
+    return 0

@@ -358,3 +358,25 @@ def test_judge_command_sends_max_tokens_and_temperature(tmp_path, capsys) -> Non
     assert {(r["payload"]["max_tokens"], r["payload"]["temperature"]) for r in server.requests} == {(2048, 0.6)}
     out = capsys.readouterr().out
     assert "win rate of B over A: 60.0%" in out and "returned no logprobs for 10 replies" in out
+
+
+def test_notes_describe_each_run_of_a_reused_judge() -> None:
+    """compare reuses one judge for every arm: each result counts only its own run's fallbacks."""
+    with OpenAIStyleServer(ollama) as server:
+        judge = _judge(server.url, workers=1)
+        first = judge_pairs(BASELINE, CANDIDATE, judge, n_boot=10)
+        second = judge_pairs(BASELINE[:2], CANDIDATE[:2], judge, n_boot=10)
+    assert any("returned no logprobs for 10 replies" in note for note in first.notes)
+    assert any("returned no logprobs for 4 replies" in note for note in second.notes)
+
+    def no_logits_all(payload, nth, headers):
+        if payload.get("logprobs"):
+            return 500, '{"error": {"message": "logprobs is not supported for models created with logits_all=False"}}'
+        return ollama(payload, nth, headers)
+
+    with OpenAIStyleServer(no_logits_all) as server:
+        judge = _judge(server.url, workers=1)
+        results = [judge_pairs(BASELINE, CANDIDATE, judge, n_boot=10) for _ in range(2)]
+        assert sum(bool(r["payload"].get("logprobs")) for r in server.requests) == 1  # refused once, not asked again
+    assert all(any("rejected the logprobs request" in note for note in r.notes) for r in results)
+    assert not any("returned no logprobs" in note for r in results for note in r.notes)

@@ -200,6 +200,27 @@ def _as_ints(flags: list | None) -> list | None:
     return None if flags is None else [None if f is None else int(bool(f)) for f in flags]
 
 
+#: What results.json keeps of each arm's judgement (the full result is in the arm's judge.json).
+JUDGE_SUMMARY_KEYS = (
+    "win_rate",
+    "ci",
+    "lc_win_rate",
+    "lc_ci",
+    "lc_estimable",
+    "lc_reason",
+    "consistency",
+    "n",
+    "n_failed",
+    "n_ties",
+    "n_identical",
+    "score_basis",
+    "verdict_win_rate",
+    "mean_probability",
+    "probability_ci",
+    "n_probability",
+)
+
+
 def judge_arms(cfg: CompareConfig, arms: list[Arm], entries: dict[str, dict]) -> None:
     """Judge every NEFTune arm against the baseline of its seed; fill ``entry['judge']``."""
     from neftune.generate import read_outputs
@@ -235,10 +256,7 @@ def judge_arms(cfg: CompareConfig, arms: list[Arm], entries: dict[str, dict]) ->
         )
         result = judge_pairs(records_a, records_b, judge, cache_dir=cache, seed=arm.seed, progress=cfg.train.progress)
         verdict = result.to_dict()
-        summary = {
-            k: verdict.get(k)
-            for k in ("win_rate", "ci", "lc_win_rate", "lc_ci", "consistency", "n", "n_failed", "n_ties", "n_identical")
-        }
+        summary = {k: verdict.get(k) for k in JUDGE_SUMMARY_KEYS}
         entries[arm.name]["judge"] = {"vs": base.name, "backend": cfg.judge.backend, **summary}
         result.save(arm.directory / "judge.json")
         log.info("%s", result.summary())

@@ -97,8 +97,12 @@ class Judge(ABC):
         """A string naming the judge and every setting that affects its verdicts (never secrets)."""
         return self.name
 
+    def begin_run(self) -> None:
+        """Called by :func:`~neftune.judge.judge_pairs` before each run: forget the previous run's notes."""
+        return None  # nothing to forget by default
+
     def notes(self) -> list[str]:
-        """Things the backend learned while judging that the result should say (e.g. a fallback)."""
+        """Things the backend learned during the current run that the result should say (e.g. a fallback)."""
         return []
 
     @abstractmethod

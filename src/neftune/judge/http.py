@@ -146,9 +146,9 @@ class HttpJudge(Judge):
         self._api_key = os.environ.get(api_key_env) or None
         self._lock = threading.Lock()
         self._send_logprobs = self.logprobs
-        self._without_logprobs = 0  # replies that carried no logprobs
-        self._unusable_logprobs = 0  # replies whose logprobs held no verdict token agreeing with the text
-        self._notes: list[str] = []
+        self._rejected: str | None = None  # why the server refused the logprobs fields (kept across runs)
+        self._without_logprobs = 0  # replies of this run that carried no logprobs
+        self._unusable_logprobs = 0  # replies of this run whose logprobs held no verdict token agreeing with the text
         self._sleep: Callable[[float], object] = time.sleep  # replaceable, so tests can record the waits
 
     def __repr__(self) -> str:
@@ -165,9 +165,16 @@ class HttpJudge(Judge):
         probs = f"|top_logprobs={self.top_logprobs}" if self.logprobs else ""
         return f"http|{self._public_url()}|{self.model}|t={self.temperature}|max_tokens={self.max_tokens}{probs}"
 
+    def begin_run(self) -> None:
+        """Reset the per-run counts behind :meth:`notes`."""
+        with self._lock:
+            self._without_logprobs = self._unusable_logprobs = 0
+
     def notes(self) -> list[str]:
         """Fallbacks taken during the run, each said once."""
-        notes = list(self._notes)
+        notes = []
+        if self._rejected is not None:
+            notes.append(f"the server rejected the logprobs request ({self._rejected}): judged by text verdicts only")
         if self._without_logprobs:
             notes.append(
                 f"the server returned no logprobs for {self._without_logprobs} replies: "
@@ -225,9 +232,8 @@ class HttpJudge(Judge):
         with self._lock:
             if self._send_logprobs:
                 self._send_logprobs = False
-                note = f"the server rejected the logprobs request ({reason[:120]}): judged by text verdicts only"
-                self._notes.append(note)
-                logger.warning("%s", note)
+                self._rejected = reason[:120]
+                logger.warning("the judge server rejected the logprobs request (%s): asking without", self._rejected)
 
     def _count_logprobs(self, logprobs: Any, p_first: float | None) -> None:
         with self._lock:

@@ -179,6 +179,7 @@ def judge_pairs(
         else:
             cache = VerdictCache(cache_dir)
 
+    judge.begin_run()
     asker = _Asker(judge, cache, max_consecutive_failures)
     pairs: list[PairVerdict] = []
     for index, (ra, rb) in enumerate(zip(records_a, records_b, strict=True)):

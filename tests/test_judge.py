@@ -362,6 +362,18 @@ def test_local_judge_with_tiny_model(tiny_model_dir, tmp_path):
     assert [v.label for v in batched] == [v.label for v in alone]
     gaps = [float(v.reply.split("=")[1]) for v in batched]
     assert gaps == pytest.approx([float(v.reply.split("=")[1]) for v in alone], abs=1e-4)
+    # The pair score is the mean of the two orders' log-odds for the candidate; hard verdicts only count.
+    assert result.score_basis == "averaged log-odds"
+    for pair in result.pairs:
+        mean_logit = 0.5 * (math.log(pair.p_ab / (1 - pair.p_ab)) + math.log(pair.p_ba / (1 - pair.p_ba)))
+        assert pair.score == pair.probability == pytest.approx(1 / (1 + math.exp(-mean_logit)), abs=1e-9)
+    assert result.win_rate == pytest.approx(sum(p.score for p in result.pairs) / 4)
+    assert result.verdict_win_rate == pytest.approx(sum(p.verdict_score for p in result.pairs) / 4)
+    assert "(averaged log-odds of both orders)" in result.summary() and "hard-verdict win rate" in result.summary()
+    # A rerun reads every verdict, probability included, from the cache.
+    again = judge_pairs(a, b, judge, cache_dir=tmp_path, n_boot=50)
+    assert [p.score for p in again.pairs] == [p.score for p in result.pairs]
+    assert any("8 verdicts read from the cache" in note for note in again.notes)
 
 
 def test_local_judge_tie_margin_and_context(tiny_model, tiny_tokenizer):
@@ -399,4 +411,22 @@ def test_local_judge_follows_the_model(tiny_tokenizer):
     judge = LocalJudge(model, tiny_tokenizer)
     result = judge_pairs(_records(["one", "two"]), _records(["uno", "dos"]), judge, n_boot=10)
     assert all((p.verdict_ab, p.verdict_ba) == ("B", "B") for p in result.pairs)
-    assert result.consistency == 0.0 and result.win_rate == 0.5
+    # The bias toward the second position is the same in both orders, so the averaged log-odds cancel it.
+    assert result.consistency == 0.0 and result.win_rate == 0.5 and result.verdict_win_rate == 0.5
+    assert all(p.p_ab > 0.99 and p.p_ba < 0.01 for p in result.pairs)
+
+
+def test_lc_not_estimable_is_carried_through(monkeypatch, tmp_path):
+    def separated(scores, len_a, len_b, **kwargs):
+        nan = float("nan")
+        reason = "the verdicts are separated by length"
+        return {"win_rate": nan, "ci": (nan, nan), "n": len(scores), "estimable": False, "reason": reason}
+
+    monkeypatch.setattr("neftune.stats.length_controlled_win_rate", separated)
+    result = judge_pairs(_records(["a", "bb", "ccc"]), _records(["aa", "b", "cccc"]), "length", n_boot=50)
+    assert result.lc_estimable is False and result.lc_reason == "the verdicts are separated by length"
+    assert math.isnan(result.lc_win_rate) and all(math.isnan(v) for v in result.lc_ci)
+    assert "length-controlled win rate: not estimable (the verdicts are separated by length)" in result.summary()
+    data = json.loads(result.save(tmp_path / "judge.json").read_text())
+    assert (data["lc_win_rate"], data["lc_ci"], data["lc_estimable"]) == (None, [None, None], False)
+    assert data["lc_reason"] == "the verdicts are separated by length"

@@ -152,6 +152,20 @@ def reasoning_separate(payload: dict, nth: int, headers: dict) -> tuple[int, str
     return 200, _reply(f"Final verdict: {label}", extra_message=extra)
 
 
+def reasoning_parser_with_logprobs(payload: dict, nth: int, headers: dict) -> tuple[str, str]:
+    """vLLM with a reasoning parser: the thinking moves to reasoning_content, the logprobs still cover it."""
+    p_a = _sigmoid(_first_logodds(payload))
+    label = "A" if p_a > 0.5 else "B"
+    thinking = ["Answer", " A", " is", " short", ";", " B", " is", " long", "."]
+    content = ["Final", " verdict", ":", " "]
+    positions = [
+        {"token": t, "logprob": -0.3, "top_logprobs": [{"token": t, "logprob": -0.3}]} for t in thinking + content
+    ]
+    positions.append({"token": label, "logprob": -0.1, "top_logprobs": _top(p_a, "vllm")})
+    extra = {"reasoning_content": "".join(thinking)}
+    return 200, _reply(f"Final verdict: {label}", logprobs={"content": positions}, extra_message=extra)
+
+
 def _judge(url: str, **options) -> HttpJudge:
     settings = {"model": "judge", "backoff": 0.0, "max_retries": 2, "timeout": 10.0, "workers": 2}
     settings.update(options)
@@ -216,11 +230,12 @@ def test_servers_without_logprobs_fall_back_to_text_verdicts(behaviour, caplog) 
     assert "mean probability" not in result.summary()
 
 
-def test_reasoning_model_with_think_block_in_the_content() -> None:
-    result, requests = _run(reasoning_inline, max_tokens=4096)
+@pytest.mark.parametrize("behaviour", [reasoning_inline, reasoning_parser_with_logprobs], ids=lambda b: b.__name__)
+def test_reasoning_model_probability_comes_from_the_verdict(behaviour) -> None:
+    result, requests = _run(behaviour, max_tokens=4096)
     assert requests[0]["payload"]["max_tokens"] == 4096
     assert result.n_failed == 0 and [p.verdict_score for p in result.pairs] == [0.0, 1.0, 1.0, 0.5, 0.5]
-    # The probability is read at the verdict after </think>, not at the thinking's " A"/" B" tokens.
+    # The probability is read at the verdict, not at the thinking's " A"/" B" tokens.
     assert [p.probability for p in result.pairs] == pytest.approx(TRUE_PROBABILITY, abs=1e-9)
 
 

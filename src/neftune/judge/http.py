@@ -270,7 +270,7 @@ class HttpJudge(Judge):
             label = parse_verdict(content)
             if label is not None:
                 logprobs = choice.get("logprobs") if with_logprobs else None
-                p_first = p_first_better(logprobs, label) if with_logprobs else None
+                p_first = p_first_better(logprobs, label, content) if with_logprobs else None
                 if with_logprobs:
                     self._count_logprobs(logprobs, p_first)
                 return Verdict(label, content.strip()[:200], p_first)

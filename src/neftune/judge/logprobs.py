@@ -63,12 +63,32 @@ def _add(top: dict[str, float], token: str, value: Any) -> None:
         top.setdefault(token, float(value))
 
 
-def verdict_position(logprobs: Any) -> tuple[str, dict[str, float]] | None:
-    """The first ``(token, top logprobs)`` after any reasoning whose token spells a verdict, else None."""
+def _content_start(positions: list[tuple[str, dict[str, float]]], content: str) -> int:
+    """Index of the first position of ``content`` when the logprobs also cover text before it.
+
+    A server with a reasoning parser moves the thinking out of ``content`` (into ``reasoning_content``)
+    but may still return logprobs for every generated token: the content is then their tail.
+    """
+    need = len(content.strip())
+    if len("".join(token for token, _ in positions).strip()) <= need:
+        return 0
+    text = ""
+    for index in range(len(positions) - 1, -1, -1):
+        text = positions[index][0] + text
+        if len(text.strip()) >= need:
+            return index
+    return 0
+
+
+def verdict_position(logprobs: Any, content: str | None = None) -> tuple[str, dict[str, float]] | None:
+    """The first ``(token, top logprobs)`` of the reply ``content``, after any reasoning, whose token spells a verdict.
+
+    None when there is no such token.
+    """
     positions = _positions(logprobs)
-    start = 0
+    start = _content_start(positions, content) if content is not None else 0
     for index, (token, _) in enumerate(positions):
-        if "</think>" in token or "</reasoning>" in token:
+        if index >= start and ("</think>" in token or "</reasoning>" in token):
             start = index + 1
     for token, top in positions[start:]:
         if token_label(token) is not None:
@@ -86,13 +106,14 @@ def label_probabilities(top: Mapping[str, float]) -> dict[str, float]:
     return mass
 
 
-def p_first_better(logprobs: Any, verdict: str) -> float | None:
+def p_first_better(logprobs: Any, verdict: str, content: str | None = None) -> float | None:
     """P(the first answer shown is better) from a reply's logprobs, or None if they cannot say.
 
-    None when the response has no logprobs, no verdict token, a verdict token that disagrees with
-    the text ``verdict``, or no mass on any verdict among the top tokens.
+    ``verdict`` is the label parsed from the reply's text ``content``.  None when the response has no
+    logprobs, no verdict token, a verdict token that disagrees with ``verdict``, or no mass on any
+    verdict among the top tokens.
     """
-    found = verdict_position(logprobs)
+    found = verdict_position(logprobs, content)
     if found is None or token_label(found[0]) != verdict:
         return None
     mass = label_probabilities(found[1])

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -44,6 +44,8 @@ class Audit:
     padding_tokens: int
     """Tokens that belong to no example but get noise from the built-in hook (padded batches)."""
     pack_length: int | None = None
+    notes: list[str] = field(default_factory=list)
+    """What loading and tokenizing the data skipped or dropped, shown above the report."""
 
     @classmethod
     def from_steps(
@@ -87,6 +89,7 @@ class Audit:
         if self.pack_length:
             setup = f"packed sequences of at most {self.pack_length} tokens, {self.batch_size} per padding-free row"
         lines = [
+            *self.notes,
             f"{s['examples']:,} examples, {setup}",
             f"transformers' built-in hook, neftune_noise_alpha={a:g}: effective alpha = {a:g} * sqrt(L_i / T)",
             f"  min     {s['min']:7.3f}  ({s['min'] / a:.2f} of intended)",
@@ -171,6 +174,8 @@ def run_audit(
     ``tokenizer`` is a tokenizer object or a model spec for :func:`load_tokenizer`.
     """
     from neftune.data import encode_examples, load_examples
+    from neftune.data.presets import bad_record_policy
+    from neftune.data.types import describe_counts
     from neftune.noise import check_alpha
 
     for name, value in (("batch size", batch_size), ("max length", max_length), ("pack length", pack_length or 1)):
@@ -184,16 +189,22 @@ def run_audit(
         raise ConfigError("alpha must be positive: alpha 0 adds no noise to audit")
     if pack_length is not None and mode != "packed":
         raise ConfigError("--pack-length needs --packed (packed sequences are trained padding-free)")
-    loaded = load_examples(data, fmt=fmt, on_bad_record=on_bad_record, limit=limit, seed=seed)
+    policy = bad_record_policy(data, on_bad_record)  # as neftune train reads it: built-in sets skip and count
+    loaded = load_examples(data, fmt=fmt, on_bad_record=policy, limit=limit, seed=seed)
     if isinstance(tokenizer, str):
         tokenizer = load_tokenizer(tokenizer)
-    rows, _dropped = encode_examples(tokenizer, loaded.examples, max_length)
+    rows, dropped = encode_examples(tokenizer, loaded.examples, max_length)
     if not rows:
         raise DataError(f"{data}: no example has a trainable response token within max_length={max_length}")
+    notes = [loaded.summary(), *loaded.notes]
+    if dropped:
+        notes.append(f"dropped {describe_counts(dropped)}")
     lengths = [len(r["input_ids"]) for r in rows]
     items = pack_lengths(lengths, pack_length) if pack_length else [[n] for n in lengths]
     steps = [[n for i in step for n in items[i]] for step in training_steps(len(items), batch_size, seed)]
-    return Audit.from_steps(steps, alpha, mode, batch_size, pack_length)
+    audit = Audit.from_steps(steps, alpha, mode, batch_size, pack_length)
+    audit.notes = notes
+    return audit
 
 
 def add_audit_parser(sub: Any) -> None:

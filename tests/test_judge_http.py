@@ -395,3 +395,15 @@ def test_notes_describe_each_run_of_a_reused_judge() -> None:
         assert sum(bool(r["payload"].get("logprobs")) for r in server.requests) == 1  # refused once, not asked again
     assert all(any("rejected the logprobs request" in note for note in r.notes) for r in results)
     assert not any("returned no logprobs" in note for r in results for note in r.notes)
+
+
+def test_logprobs_in_the_completions_shape_and_tie_mass() -> None:
+    from neftune.judge.logprobs import p_first_better, pair_probability
+
+    legacy = {"tokens": ["**", "tie", "**"], "token_logprobs": [-0.1, -0.5, -0.1]}
+    legacy["top_logprobs"] = [{"**": -0.1}, {"tie": math.log(0.5), " A": math.log(0.3), "B": math.log(0.2)}, {}]
+    assert p_first_better(legacy, "tie") == pytest.approx(0.3 + 0.25)  # P(A) + P(tie) / 2
+    assert p_first_better(legacy, "A") is None  # the verdict token disagrees with the text
+    assert p_first_better(None, "A") is None and p_first_better({"content": "junk"}, "A") is None
+    # A judge sure of the first answer in both orders: the pair is even, whatever the certainty.
+    assert pair_probability(1.0, 1.0) == 0.5 and pair_probability(0.0, 1.0) == pytest.approx(1.0, abs=1e-5)

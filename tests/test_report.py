@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from neftune.errors import DataError
-from neftune.report import PLOT_NAMES, compute_effects, write_report
+from neftune.report import PLOT_NAMES, SCHEMA_VERSION, compute_effects, write_report
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -242,7 +242,12 @@ def test_write_report_writes_every_file(full_report):
 
 def test_results_json_is_the_input(full_report):
     results, paths = full_report
-    assert json.loads(paths["results"].read_text(encoding="utf-8")) == results
+    saved = json.loads(paths["results"].read_text(encoding="utf-8"))
+    assert saved.pop("schema_version") == SCHEMA_VERSION
+    analysis = saved.pop("analysis")
+    assert saved == results
+    assert analysis["primary"] == "exact_match" and analysis["seed_variance_measured"] is False
+    assert set(analysis["pooled"]) == {"5", "10"} and analysis["aa"] == {}
     assert "\n  " in paths["results"].read_text(encoding="utf-8"), "not pretty-printed"
 
 
@@ -303,9 +308,12 @@ def test_headline_states_each_arm_with_ci_and_verdict(full_report):
     effects = compute_effects(results["arms"][0], results["arms"][1])
     em = effects["exact_match"]
     lo, hi = (c * 100 for c in em["ci"])
-    expected = f"**\u03b1=5:** exact match {em['diff'] * 100:+.1f} points [{lo:+.1f}, {hi:+.1f}]".replace("-", "\u2212")
-    assert expected in verdict
-    assert f"answers {effects['length_chars']['ratio']:.1f}\u00d7 longer" in verdict
+    expected = f"**\u03b1=5 (1 seed):** exact match (primary) {em['diff'] * 100:+.1f} points [{lo:+.1f}, {hi:+.1f}]"
+    assert expected.replace("-", "\u2212") in verdict
+    # one seed: the variance between training runs is unmeasured, so no sentence claims help or harm
+    assert "training-seed variance is unmeasured" in verdict and "cannot say whether NEFTune helped or hurt" in verdict
+    assert "NEFTune helped:" not in verdict and "NEFTune hurt:" not in verdict and "**better**" not in verdict
+    assert f"answers {effects['length_chars']['ratio']:.1f}\u00d7 longer" in md
     html = paths["html"].read_text(encoding="utf-8")
     assert "the judge is unreliable" in html  # alpha=10's judge has consistency 0.55
     assert "Position consistency" in html
@@ -359,7 +367,8 @@ def test_within_noise_better_worse_logic():
     base = _arm("b", [i % 2 for i in range(n)], [300] * n, [0.5] * n)
     same = compute_effects(base, _arm("s", [i % 2 for i in range(n)], [300] * n, [0.5] * n), n_boot=300)
     assert {k: e["verdict"] for k, e in same.items()} == dict.fromkeys(same, "within noise")
-    assert all(math.isnan(v) for v in same["exact_match"]["ci"])  # identical answers: no spread to measure
+    lo, hi = same["exact_match"]["ci"]
+    assert lo < 0 < hi and same["exact_match"]["p_value"] == 1.0  # identical answers: no evidence either way
 
     # half the wrong answers fixed and half the right ones broken: no net change
     swapped = [(1 - c) if i % 4 < 2 else c for i, c in enumerate(base["eval"]["per_example"]["correct"])]
@@ -388,7 +397,7 @@ def test_nonzero_bounds_never_print_as_zero(tmp_path):
     assert effect["verdict"] == "better" and effect["ci"][0] > 0
     results = {"baseline": "b", "arms": [{**base, "alpha": 0}, {**arm, "alpha": 5}]}
     md = write_report(results, tmp_path, n_boot=200)["markdown"].read_text(encoding="utf-8")
-    assert "ROUGE-L +0.02 points [+0.02, +0.02] \u2014 **better**" in md  # not "+0.0 [0.0, 0.0] — better"
+    assert "+0.02 points [+0.02, +0.02]" in md and "[0.0, 0.0]" not in md  # not "+0.0 [0.0, 0.0]"
 
 
 def test_compute_effects_needs_the_same_examples():
@@ -398,16 +407,107 @@ def test_compute_effects_needs_the_same_examples():
 
 
 def test_headline_says_plainly_when_everything_is_within_noise(tmp_path):
-    results = make_results(n_eval=80)
-    base = results["arms"][0]
-    for arm in results["arms"][1:]:
-        arm["eval"]["per_example"] = copy.deepcopy(base["eval"]["per_example"])
-        arm["judge"].update(win_rate=0.51, ci=[0.44, 0.58], lc_win_rate=0.5, lc_ci=[0.43, 0.57], consistency=0.9)
+    results = two_seeds(make_results(n_eval=80))
+    bases = {arm["seed"]: arm for arm in results["arms"] if arm["alpha"] == 0}
+    for arm in results["arms"]:
+        if arm["alpha"]:
+            arm["eval"]["per_example"] = copy.deepcopy(bases[arm["seed"]]["eval"]["per_example"])
+            arm["judge"].update(win_rate=0.51, ci=[0.44, 0.58], lc_win_rate=0.5, lc_ci=[0.43, 0.57], consistency=0.9)
     md = write_report(results, tmp_path, n_boot=200)["markdown"].read_text(encoding="utf-8")
     verdict = md.split("## Verdict", 1)[1].split("##", 1)[0]
-    assert "Every quality difference between NEFTune and the baseline is within noise" in verdict
-    assert "does not show that NEFTune helped" in verdict
+    assert "No \u03b1 changed exact match beyond the noise of 2 seeds" in verdict
+    assert "does not show that NEFTune helped or hurt" in verdict
     assert "the judge is unreliable" not in md
+
+
+def two_seeds(results: dict[str, Any], shift: float = 0.0) -> dict[str, Any]:
+    """``results`` with a second seed: each seed-1 arm is its seed-0 arm with some answers changed.
+
+    ``shift`` adds to the seed-1 arms' ROUGE-L a seed effect on top of the prompt-level noise.
+    """
+    rng = np.random.default_rng(42)
+    extra = []
+    for arm in results["arms"]:
+        twin = copy.deepcopy(arm)
+        twin["name"] = arm["name"] + ",seed=1"
+        twin["seed"] = 1
+        per = twin["eval"]["per_example"]
+        per["correct"] = [c if rng.random() > 0.1 else 1 - c for c in per["correct"]]
+        per["rouge_l"] = [min(1.0, max(0.0, r + shift + rng.normal(0, 0.02))) for r in per["rouge_l"]]
+        if twin.get("judge"):
+            twin["judge"]["vs"] = "alpha=0,seed=1"
+        extra.append(twin)
+    results["arms"] += extra
+    results["seeds"] = [0, 1]
+    return results
+
+
+def test_two_seeds_pair_within_seed_pool_and_show_the_aa_floor(tmp_path):
+    results = two_seeds(make_results(n_eval=120))
+    paths = write_report(results, tmp_path, n_boot=100)
+    analysis = json.loads(paths["results"].read_text(encoding="utf-8"))["analysis"]
+    assert analysis["seeds"] == [0, 1] and analysis["seed_variance_measured"] is True
+    assert set(analysis["pooled"]) == {"5", "10"}  # the seed-1 baseline is a baseline, not a treatment
+    em = analysis["pooled"]["5"]["exact_match"]
+    arms = {a["name"]: a for a in results["arms"]}
+    per_seed = []
+    for suffix in ("", ",seed=1"):
+        treated = np.array(arms["alpha=5" + suffix]["eval"]["per_example"]["correct"], float)
+        base = np.array(arms["alpha=0" + suffix]["eval"]["per_example"]["correct"], float)
+        per_seed.append((treated - base).mean())  # paired with the baseline of the same seed
+    assert [s["estimate"] for s in em["per_seed"]] == pytest.approx(per_seed)
+    assert em["estimate"] == pytest.approx(np.mean(per_seed))
+    assert em["role"] == "primary" and em["seeds"] == [0, 1] and em["ci"][0] < em["estimate"] < em["ci"][1]
+    # Holm over the two alphas for the primary metric
+    mains = [analysis["pooled"][a]["exact_match"] for a in ("5", "10")]
+    raw = sorted(m["p_value"] for m in mains)
+    assert min(m["p_holm"] for m in mains) == pytest.approx(min(1.0, 2 * raw[0]))
+    # exploratory: Holm across the whole family of alpha x metric tests
+    assert analysis["family_size"] == sum(len(m) for m in analysis["pooled"].values())
+    for effects in analysis["pooled"].values():
+        for e in effects.values():
+            if e["p_value"] is None:  # e.g. a judge rate equal in both seeds: no spread, no test
+                continue
+            assert e["p_holm"] >= e["p_value"]
+            if e["role"] == "exploratory":
+                assert e["p_value"] * analysis["family_size"] >= e["p_holm"]
+    aa = analysis["aa"]["exact_match"]
+    base0 = np.array(arms["alpha=0"]["eval"]["per_example"]["correct"], float)
+    base1 = np.array(arms["alpha=0,seed=1"]["eval"]["per_example"]["correct"], float)
+    assert aa["measured"] and aa["pairs"][0]["seeds"] == [0, 1]
+    assert aa["pairs"][0]["estimate"] == pytest.approx((base1 - base0).mean())
+    md = paths["markdown"].read_text(encoding="utf-8")
+    assert "A/A: baseline seeds against each other" in md and "seed 1 \u2212 seed 0" in md
+    assert "Per seed, against the baseline of the same seed" in md
+    assert "**\u03b1=5 (2 seeds):** exact match (primary)" in md
+
+
+def test_verdict_comes_from_the_primary_metric_alone(tmp_path):
+    # ROUGE-L moves a lot in both seeds, exact match does not: no "helped" sentence, ROUGE-L exploratory.
+    results = two_seeds(make_results(n_eval=150))
+    for arm in results["arms"]:
+        if arm["alpha"]:
+            base = next(b for b in results["arms"] if b["alpha"] == 0 and b["seed"] == arm["seed"])
+            arm["eval"]["per_example"]["correct"] = list(base["eval"]["per_example"]["correct"])
+            arm["eval"]["per_example"]["rouge_l"] = [r + 0.3 for r in base["eval"]["per_example"]["rouge_l"]]
+    md = write_report(results, tmp_path, n_boot=100)["markdown"].read_text(encoding="utf-8")
+    verdict = md.split("## Verdict", 1)[1].split("##", 1)[0].split("\n\n")[1]
+    assert "does not show that NEFTune helped or hurt" in verdict
+    assert "Exploratory, significant after Holm correction" in verdict and "ROUGE-L" in verdict
+
+
+def test_unreliable_judge_falls_back_to_the_declared_fallback(tmp_path):
+    results = two_seeds(make_results(n_eval=60))
+    results["primary"] = {"metric": "lc_win_rate", "source": "the configured judge", "fallback": "exact_match"}
+    paths = write_report(results, tmp_path, n_boot=100)
+    analysis = json.loads(paths["results"].read_text(encoding="utf-8"))["analysis"]
+    assert analysis["primary_declared"] == "lc_win_rate" and analysis["primary"] == "exact_match"  # alpha=10: 0.55
+    assert "failed its reliability check" in analysis["primary_note"]
+    for arm in results["arms"]:
+        if arm.get("judge"):
+            arm["judge"]["consistency"] = 0.9
+    analysis = json.loads(write_report(results, tmp_path, n_boot=100)["results"].read_text())["analysis"]
+    assert analysis["primary"] == "lc_win_rate" and analysis["pooled"]["5"]["lc_win_rate"]["role"] == "primary"
 
 
 def _variant(name: str) -> dict[str, Any]:

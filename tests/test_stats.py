@@ -411,3 +411,13 @@ def test_lc_edge_cases():
         length_controlled_win_rate([1, 0], [1], [1, 2])
     with pytest.raises(ValueError, match="non-negative"):
         length_controlled_win_rate([2, 0, 1, 1, 1], [1] * 5, [1] * 5)
+
+
+def test_seed_level_test():
+    from neftune.stats import seed_level_test
+
+    assert seed_level_test([0.6]) is None and seed_level_test([0.6, float("nan")]) is None
+    e = seed_level_test([0.60, 0.64, 0.56], 0.5)
+    ref = sps.ttest_1samp([0.60, 0.64, 0.56], 0.5)
+    assert e.estimate == pytest.approx(0.6) and e.p_value == pytest.approx(ref.pvalue) and e.df == 2
+    assert e.ci == pytest.approx(tuple(ref.confidence_interval()))

@@ -48,8 +48,32 @@ Input schema (every part not marked *required* may be missing or ``null``)::
                            "n": int, "n_failed": int, "n_ties": int}
         }, ...
       ],
-      "examples": [{"instruction": str, "reference": str | null, "outputs": {arm_name: str}}]
+      "examples": [{"instruction": str, "reference": str | null, "outputs": {arm_name: str}}],
+      "primary": {"metric": str, "source": str, "fallback": str | null}   # declared before the run
     }
+
+``results.json`` is this input plus two keys the report adds (``"schema_version"``: 2)::
+
+    "schema_version": 2,
+    "analysis": {                       # neftune.report.verdicts.Verdicts
+      "primary": str | null,            # the metric the verdict rests on
+      "primary_declared": str | null, "primary_source": str, "primary_note": str | null,
+      "seeds": [int],                   # seeds with a baseline arm
+      "seed_variance_measured": bool,   # false with one seed: no verdict claims help or harm
+      "family_size": int,               # alpha x metric tests in the exploratory Holm family
+      "pooled": {"<alpha>": {"<metric>": {
+          "role": "primary" | "exploratory", "seeds": [int], "n": int,
+          "baseline": float, "arm": float,            # means compared (0.5 for judge rates)
+          "estimate": float, "ci": [lo, hi],          # arm - baseline, pooled over seeds
+          "p_value": float, "p_holm": float, "verdict": str, "method": str,
+          "per_seed": [{"seed": int, "estimate": float, "ci": [lo, hi], "p_value": float, ...}],
+          "components": {"seed_var", "prompt_var", "resid_var"}, ...}}},
+      "aa": {"<metric>": {"measured": bool, "floor": float, "seed_sd": float,
+                          "pairs": [{"seeds": [s, s2], "estimate": float, "ci": [lo, hi], "p_value": float}]}}
+    }
+
+Verdicts are ``"better"``, ``"worse"``, ``"within noise"``, ``"longer"``/``"shorter"`` (length) or
+``"seed variance unmeasured"`` (one seed).
 
 Rates (exact match, ROUGE-L, win rates, consistency) are fractions in [0, 1].  Per-example lists
 are aligned by eval example across arms (index ``i`` is the same prompt in every arm); a ``null``
@@ -75,10 +99,12 @@ from neftune.report.build import build_document
 from neftune.report.html import render_html
 from neftune.report.markdown import render_markdown
 from neftune.report.plots import PLOT_NAMES, render_plots
+from neftune.report.verdicts import SCHEMA_VERSION
 
 __all__ = [
     "LOW_CONSISTENCY",
     "PLOT_NAMES",
+    "SCHEMA_VERSION",
     "Analysis",
     "analyse",
     "compute_effects",
@@ -138,7 +164,10 @@ def write_report(
                 path.unlink()
 
     doc = build_document(analysis, pngs)
-    paths["results"] = atomic_write_json(out_dir / "results.json", _jsonable(results), allow_nan=False)
+    record = {**results, "schema_version": SCHEMA_VERSION}
+    if analysis.verdicts is not None:
+        record["analysis"] = analysis.verdicts.to_dict()
+    paths["results"] = atomic_write_json(out_dir / "results.json", _jsonable(record), allow_nan=False)
     paths["markdown"] = atomic_write_text(out_dir / "report.md", render_markdown(doc))
     paths["html"] = atomic_write_text(out_dir / "report.html", render_html(doc))
     return {k: paths[k] for k in ("results", "markdown", "html", *PLOT_NAMES) if k in paths}

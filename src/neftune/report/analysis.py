@@ -1,22 +1,26 @@
-"""Results -> analysis: which arm is the baseline, which are treatments, their paired effects.
+"""Results -> analysis: which arms are baselines, which are treatments, their paired effects.
 
 :func:`analyse` validates the ``arms`` of a results mapping (schema in :mod:`neftune.report`) and
-returns an :class:`Analysis`: the arms that ran and those that failed, the baseline, readable
-labels, and for every treatment its paired per-example effects against the baseline
-(:func:`compute_effects`).  :func:`quality_facts` lists the verdicts the report's summary rests on.
-Every statistic comes from :mod:`neftune.stats`; nothing here formats text for a reader.
+returns an :class:`Analysis`: the arms that ran and those that failed, the baseline of every seed,
+readable labels, for every treatment its paired per-example effects against the baseline of its own
+seed (:func:`compute_effects`, one seed's view), and the experiment's verdicts pooled over seeds
+(:mod:`neftune.report.verdicts`).  Every statistic comes from :mod:`neftune.stats`; nothing here
+formats text for a reader.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
+
+import numpy as np
 
 from neftune.errors import DataError
 from neftune.report.values import arm_name, as_float, is_interval, mapping_at
-from neftune.stats import bootstrap_ci
+from neftune.report.verdicts import SIGNIFICANCE, Verdicts, build_verdicts
+from neftune.stats import compare_seeds
 
 __all__ = [
     "BETTER",
@@ -29,7 +33,6 @@ __all__ = [
     "WORSE",
     "Analysis",
     "Metric",
-    "QualityFact",
     "analyse",
     "arm_labels",
     "compute_effects",
@@ -37,7 +40,6 @@ __all__ = [
     "judge_unreliable",
     "judge_verdict",
     "per_example_values",
-    "quality_facts",
 ]
 
 #: Below this judge position consistency the report warns that the judge is unreliable: a judge
@@ -121,10 +123,14 @@ def compute_effects(
     ``"ifeval_prompt_strict"`` and ``"ifeval_prompt_loose"`` and ``"length_chars"``; a metric is present only when both arms recorded it per example.  Each
     value is a dict with ``metric`` (the key), ``label``, ``unit`` and ``scale`` (display: ``diff * scale`` in ``unit``),
     ``n`` (pairs used), ``baseline`` and ``arm`` (means over those pairs), ``diff`` (mean of
-    ``arm - baseline``), ``ci`` (bootstrap ``[lo, hi]`` of that mean at ``level``, from :func:`neftune.stats.bootstrap_ci`),
-    ``significant`` (the CI exists and excludes 0) and ``verdict``: ``"better"``, ``"worse"`` or
-    ``"within noise"``.  Length has no better direction, so its verdict is ``"longer"``,
-    ``"shorter"`` or ``"within noise"``, and it also carries ``ratio`` (arm mean / baseline mean).
+    ``arm - baseline``), ``ci`` (``[lo, hi]`` at ``level``) and ``p_value``: for 0/1 metrics the
+    exact McNemar test with an interval that holds 0 whenever that test does not reject, otherwise
+    the paired t test (:func:`neftune.stats.compare_seeds` with one seed).  ``significant`` is
+    ``p_value < 0.05``, uncorrected: this is one seed's view, and the report's verdict comes from
+    the pooled, corrected effects of :mod:`neftune.report.verdicts`.  ``verdict`` is ``"better"``,
+    ``"worse"`` or ``"within noise"``; length has no better direction, so its verdict is
+    ``"longer"``, ``"shorter"`` or ``"within noise"``, and it also carries ``ratio`` (arm mean /
+    baseline mean).  ``n_boot`` and ``seed`` are accepted for compatibility and unused.
 
     Raises :class:`DataError` when the two arms hold different numbers of per-example values,
     since then they were not evaluated on the same examples and cannot be paired.
@@ -147,9 +153,10 @@ def compute_effects(
         n = len(pairs)
         mean_base = math.fsum(b for b, _ in pairs) / n
         mean_arm = math.fsum(a for _, a in pairs) / n
-        lo, hi = bootstrap_ci(diffs, n_boot=n_boot, seed=seed, level=level)
-        lo, hi = float(lo), float(hi)
-        verdict = _verdict(lo, hi, metric.higher_is_better)
+        paired = np.array([[[a for _, a in pairs]], [[b for b, _ in pairs]]], dtype=float)
+        one = compare_seeds(paired[0], paired[1], level=level).pooled
+        lo, hi = one.ci
+        verdict = _verdict(lo, hi, metric.higher_is_better) if one.p_value < SIGNIFICANCE else NOISE
         effect: dict[str, Any] = {
             "metric": metric.key,
             "label": metric.label,
@@ -161,6 +168,8 @@ def compute_effects(
             "arm": mean_arm,
             "diff": math.fsum(diffs) / n,
             "ci": [lo, hi],
+            "p_value": one.p_value,
+            "method": one.method,
             "level": level,
             "significant": verdict != NOISE,
             "verdict": verdict,
@@ -215,12 +224,14 @@ class Analysis:
     results: Mapping[str, Any]  # the input, as given
     arms: list[Mapping[str, Any]]  # arms that ran, in input order
     failed: list[Mapping[str, Any]]  # arms with an "error", in input order
-    baseline: Mapping[str, Any] | None  # the baseline arm when it ran
+    baseline: Mapping[str, Any] | None  # the baseline arm when it ran (the first seed's)
     baseline_name: str | None  # its name, also when it failed or is missing
-    treatments: list[Mapping[str, Any]]  # arms that ran, other than the baseline
+    treatments: list[Mapping[str, Any]]  # arms that ran with alpha > 0 (not a baseline of any seed)
     labels: dict[str, str]  # arm name -> readable label, for every arm, in input order
-    effects: dict[str, dict[str, dict[str, Any]]]  # arm name -> metric -> compute_effects() entry
+    effects: dict[str, dict[str, dict[str, Any]]]  # arm name -> metric -> compute_effects() vs its seed's baseline
     compare_errors: dict[str, str]  # arm name -> why it could not be paired with the baseline
+    verdicts: Verdicts | None = None  # pooled over seeds, primary metric, Holm (None without a baseline)
+    paired_with: dict[str, str] = field(default_factory=dict)  # treatment name -> its baseline's name
 
     def n_eval(self) -> int | None:
         """The eval set's size: ``data.n_eval``, else the most pairs any effect used."""
@@ -263,44 +274,38 @@ def analyse(results: Mapping[str, Any], *, n_boot: int = 2000, seed: int = 0) ->
         zero = [a for a in raw_arms if as_float(a.get("alpha")) == 0.0]
         baseline_name = zero[0]["name"] if zero else None
     baseline = next((a for a in arms if a["name"] == baseline_name), None)
-    treatments = [a for a in arms if a is not baseline]
+    # every alpha = 0 arm is a baseline (of its seed); a treatment is paired with its own seed's baseline
+    seed_baselines = {a.get("seed"): a for a in arms if as_float(a.get("alpha")) == 0.0}
+    treatments = [a for a in arms if a is not baseline and as_float(a.get("alpha")) != 0.0]
 
     effects: dict[str, dict[str, dict[str, Any]]] = {}
     compare_errors: dict[str, str] = {}
+    paired_with: dict[str, str] = {}
     if baseline is not None:
         for arm in treatments:
+            own = seed_baselines.get(arm.get("seed"), baseline)
+            paired_with[arm["name"]] = own["name"]
             try:
-                effects[arm["name"]] = compute_effects(baseline, arm, n_boot=n_boot, seed=seed)
+                effects[arm["name"]] = compute_effects(own, arm, n_boot=n_boot, seed=seed)
             except DataError as exc:
                 compare_errors[arm["name"]] = str(exc)
     labels = arm_labels(raw_arms)
-    return Analysis(results, arms, failed, baseline, baseline_name, treatments, labels, effects, compare_errors)
-
-
-@dataclass(frozen=True)
-class QualityFact:
-    """One quality verdict of one arm against the baseline."""
-
-    measure: str  # e.g. "exact match", "length-controlled win rate"
-    verdict: str  # BETTER, WORSE or NOISE
-    counts: bool  # whether it counts toward the overall verdict
-    effect: Mapping[str, Any] | None = None  # the compute_effects() entry, for paired metrics
-    rate: float | None = None  # the win rate, for judge measures
-
-
-def quality_facts(a: Analysis, arm: Mapping[str, Any]) -> list[QualityFact]:
-    """The arm's quality verdicts: exact match, ROUGE-L and the judge's length-controlled win rate.
-
-    The length-controlled win rate of an unreliable judge is listed but does not count.
-    """
-    facts = []
-    for key in ("exact_match", "rouge_l"):
-        effect = a.effects.get(arm["name"], {}).get(key)
-        if effect:
-            facts.append(QualityFact(effect["label"], effect["verdict"], True, effect=effect))
-    judge = judge_of(arm)
-    verdict = judge_verdict(judge.get("lc_ci"))
-    if verdict is not None:
-        rate = as_float(judge.get("lc_win_rate"))
-        facts.append(QualityFact("length-controlled win rate", verdict, not judge_unreliable(judge), rate=rate))
-    return facts
+    verdicts = None
+    if baseline is not None:
+        try:
+            verdicts = build_verdicts(results, arms, low_consistency=LOW_CONSISTENCY)
+        except DataError as exc:  # arms that cannot be paired are already listed in compare_errors
+            compare_errors.setdefault(baseline["name"], str(exc))
+    return Analysis(
+        results,
+        arms,
+        failed,
+        baseline,
+        baseline_name,
+        treatments,
+        labels,
+        effects,
+        compare_errors,
+        verdicts,
+        paired_with,
+    )

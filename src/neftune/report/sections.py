@@ -13,18 +13,15 @@ from typing import Any
 from neftune.report.analysis import (
     BETTER,
     NOISE,
-    PAIRED_METRICS,
     WORSE,
     Analysis,
-    QualityFact,
     judge_of,
-    judge_unreliable,
     judge_verdict,
-    quality_facts,
 )
-from neftune.report.document import Bullets, Inline, Notice, Para, Section, Span, Table, verdict_span
-from neftune.report.format import DASH, fmt_bound, fmt_interval, fmt_number, fmt_percent
-from neftune.report.values import as_float, is_interval, mapping_at
+from neftune.report.document import Bullets, Inline, Notice, Para, Section, Span
+from neftune.report.format import fmt_bound, fmt_interval, fmt_number, fmt_percent
+from neftune.report.values import as_float, is_interval
+from neftune.report.verdict_text import METHOD_NOTE, aa_table, alpha_lines, per_seed_table, pooled_table, summary_text
 
 __all__ = [
     "effect_diff_text",
@@ -73,51 +70,6 @@ def rate_with_ci(rate: Any, ci: Sequence[float] | None) -> str:
     return text
 
 
-def _fact_size(fact: QualityFact) -> str:
-    if fact.effect is not None:
-        return f"{fmt_number(fact.effect['diff'] * fact.effect['scale'], 1, True)} {fact.effect['unit']}"
-    return fmt_percent(fact.rate)
-
-
-def _arm_headline(a: Analysis, arm: Mapping[str, Any]) -> list[Span]:
-    name = arm["name"]
-    spans: list[Span] = [("b", f"{a.labels[name]}: ")]
-    if name in a.compare_errors:
-        return [*spans, ("", "could not be compared with the baseline: " + a.compare_errors[name])]
-    effects = a.effects.get(name, {})
-    parts: list[list[Span]] = []
-    for key in ("exact_match", "rouge_l"):
-        effect = effects.get(key)
-        if effect:
-            parts.append(
-                [("", f"{effect['label']} {effect_diff_text(effect)} \u2014 "), verdict_span(effect["verdict"])]
-            )
-    judge = judge_of(arm)
-    lc = as_float(judge.get("lc_win_rate"))
-    if lc is not None:
-        ci = judge.get("lc_ci")
-        part: list[Span] = [("", f"length-controlled win rate {rate_with_ci(lc, ci)}")]
-        verdict = judge_verdict(ci)
-        if verdict:
-            part += [("", " \u2014 "), verdict_span(verdict)]
-        if judge_unreliable(judge):
-            part.append(("b", " (judge unreliable)"))
-        parts.append(part)
-    length = effects.get("length_chars")
-    if length:
-        parts.append([("", length_phrase(length))])
-    if not parts:
-        ev, base_ev = mapping_at(arm, "eval"), mapping_at(a.baseline, "eval")
-        loss, base_loss = as_float(ev.get("heldout_loss")), as_float(base_ev.get("heldout_loss"))
-        if loss is not None and base_loss is not None:
-            parts.append([("", f"held-out loss {loss:.3f} vs {base_loss:.3f} (a single aggregate: no CI, no verdict)")])
-        else:
-            parts.append([("", "no per-example metric or judge result to compare")])
-    for i, part in enumerate(parts):
-        spans += ([("", "; ")] if i else []) + part
-    return spans
-
-
 def _no_comparison(a: Analysis) -> str | None:
     """Why no arm can be compared with the baseline, or ``None`` when some can."""
     if a.baseline is None:
@@ -134,79 +86,23 @@ def _no_comparison(a: Analysis) -> str | None:
     return None
 
 
-def _summary(a: Analysis) -> list[Span]:
-    """A plain answer to "did the noise help?", naming every difference whose CI excludes 0."""
-    reason = _no_comparison(a)
-    if reason is not None:
-        return [("", reason)]
-    better: list[str] = []
-    worse: list[str] = []
-    n_facts = n_significant = 0
-    for arm in a.treatments:
-        label = a.labels[arm["name"]]
-        facts = [f for f in quality_facts(a, arm) if f.counts]
-        n_facts += len(facts)
-        n_significant += sum(1 for f in facts if f.verdict in (BETTER, WORSE))
-        good = [f"{f.measure} ({_fact_size(f)})" for f in facts if f.verdict == BETTER]
-        bad = [f"{f.measure} ({_fact_size(f)})" for f in facts if f.verdict == WORSE]
-        if good:
-            better.append(f"{label} on {' and '.join(good)}")
-        if bad:
-            worse.append(f"{label} on {' and '.join(bad)}")
-    if not n_facts:
-        return [
-            (
-                "",
-                "No per-example quality metric or reliable judge result was recorded, so this run cannot "
-                "say whether NEFTune helped; see the held-out loss below.",
-            )
-        ]
-    n = a.n_eval()
-    on = f" on this eval set (n = {n})" if n else ""
-    rest = " Every other quality difference is within noise." if n_significant < n_facts else ""
-    if not better and not worse:
-        text = (
-            f"Every quality difference between NEFTune and the baseline is within noise{on}: this "
-            "experiment does not show that NEFTune helped or hurt."
-        )
-    elif not worse:
-        text = f"NEFTune helped: better than the baseline for {'; '.join(better)}.{rest}"
-    elif not better:
-        text = f"NEFTune hurt: worse than the baseline for {'; '.join(worse)}.{rest}"
-    else:
-        text = f"Mixed result: better for {'; '.join(better)}, but worse for {'; '.join(worse)}.{rest}"
-    changed = [
-        f"{a.labels[arm['name']]} {length_phrase(e)}"
-        for arm in a.treatments
-        if (e := a.effects.get(arm["name"], {}).get("length_chars")) and e["significant"]
-    ]
-    if changed:
-        text += f" Answer length changed: {'; '.join(changed)}."
-    return [("", text)]
-
-
 def headline_section(a: Analysis) -> Section:
-    """The verdict: one summary sentence, one line per treatment, failed arms, how to read it."""
+    """The verdict: the primary metric's sentence, one line per alpha, failed arms, how to read it."""
     sec = Section("Verdict", "verdict", css="headline")
-    sec.blocks.append(Para(_summary(a), css="summary"))
-    if a.baseline is not None and a.treatments:
-        sec.blocks.append(Bullets([_arm_headline(a, arm) for arm in a.treatments]))
+    reason = _no_comparison(a)
+    sec.blocks.append(Para(reason if reason is not None else summary_text(a), css="summary"))
+    if reason is None:
+        lines = alpha_lines(a)
+        if lines:
+            sec.blocks.append(Bullets(lines))
     for arm in a.failed:
         content: list[Span] = [
             ("b", f"{a.labels[arm['name']]} failed: "),
             ("", f"{arm['error']} \u2014 left out of every comparison."),
         ]
         sec.blocks.append(Notice("error", content))
-    if a.effects:
-        sec.blocks.append(
-            Para(
-                "Differences are arm \u2212 baseline, paired per eval example, with 95% percentile-bootstrap "
-                "intervals; \u201cwithin noise\u201d means the interval contains 0. The intervals are not corrected "
-                "for multiple comparisons, so with several arms and metrics expect an occasional \u201cbetter\u201d "
-                "or \u201cworse\u201d by chance.",
-                css="note",
-            )
-        )
+    if a.verdicts is not None and a.verdicts.pooled:
+        sec.blocks.append(Para(METHOD_NOTE.format(family=a.verdicts.family_size), css="note"))
     return sec
 
 
@@ -254,50 +150,15 @@ def length_section(a: Analysis) -> Section:
     return sec
 
 
-def _effect_rows(a: Analysis, arm: Mapping[str, Any]) -> list[list[Inline]]:
-    """Table rows of one treatment: its paired metrics, then its judge win rates against a tie."""
-    name = arm["name"]
-    rows: list[list[Inline]] = []
-    for metric in PAIRED_METRICS:
-        e = a.effects.get(name, {}).get(metric.key)
-        if not e:
-            continue
-        value = _effect_value(e, "arm")
-        if metric.key == "length_chars" and e.get("ratio"):
-            value += f" ({e['ratio']:.2f}\u00d7)"
-        verdict: Inline = [verdict_span(e["verdict"])]
-        rows.append([a.labels[name], e["label"], _effect_value(e, "baseline"), value, effect_diff_text(e), verdict])
-    judge = judge_of(arm)
-    for key, ci_key, label in (("win_rate", "ci", "judge win rate"), ("lc_win_rate", "lc_ci", "judge LC win rate")):
-        rate = as_float(judge.get(key))
-        if rate is None:
-            continue
-        ci = judge.get(ci_key)
-        diff = fmt_number((rate - 0.5) * 100, 1, True) + " points"
-        if is_interval(ci):
-            diff += " " + fmt_interval([float(c) - 0.5 for c in ci], 100)
-        judged = judge_verdict(ci)
-        cell: Inline = [verdict_span(judged)] if judged else "no CI"
-        if judge_unreliable(judge):
-            cell = [*([verdict_span(judged)] if judged else []), ("b", " unreliable judge")]
-        rows.append([a.labels[name], label, "50.0% (tie)", fmt_percent(rate), diff, cell])
-    return rows
-
-
 def effects_section(a: Analysis) -> Section:
-    """Every treatment's effect on every metric against the baseline, with intervals and verdicts."""
+    """Every alpha's pooled effect on every metric, each seed's own effect, and the A/A floor."""
     sec = Section("Metrics", "metrics")
-    rows: list[list[Inline]] = []
-    for arm in a.treatments if a.baseline is not None else []:
-        name = arm["name"]
-        if name in a.compare_errors:
-            rows.append([a.labels[name], DASH, DASH, DASH, "could not pair: " + a.compare_errors[name], DASH])
-        else:
-            rows += _effect_rows(a, arm)
-    if rows:
-        base = a.labels.get(a.baseline_name or "", "baseline")
-        header = ["Arm", "Metric", f"Baseline ({base})", "Arm", "\u0394 vs baseline [95% CI]", "Verdict"]
-        sec.blocks.append(Table(header, rows, "llrrrl", "Each arm vs the baseline (means over the same eval examples)"))
+    v = a.verdicts
+    if v is not None and v.pooled:
+        sec.blocks.append(pooled_table(v))
+        for block in (aa_table(a), per_seed_table(a)):
+            if block is not None:
+                sec.blocks.append(block)
     elif a.baseline is not None and a.treatments:
         sec.blocks.append(
             Para(
@@ -307,4 +168,6 @@ def effects_section(a: Analysis) -> Section:
         )
     else:
         sec.blocks.append(Para("There is no pair of arms to compare; per-arm aggregates are below."))
+    for name, error in a.compare_errors.items():
+        sec.blocks.append(Notice("error", f"{a.labels.get(name, name)}: could not pair: {error}"))
     return sec

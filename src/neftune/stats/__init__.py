@@ -12,7 +12,15 @@ Each method is calibrated by simulation in ``tests/test_stats.py`` without a mod
 
 from neftune.stats.intervals import FloatArray, bootstrap_ci, holm, paired_binary, wilson_ci, win_rate
 from neftune.stats.length_control import SEPARATED, length_controlled_win_rate
-from neftune.stats.seeds import Effect, SeedComparison, aa_floor, compare_arms, compare_seeds, is_binary
+from neftune.stats.seeds import (
+    Effect,
+    SeedComparison,
+    aa_floor,
+    compare_arms,
+    compare_seeds,
+    is_binary,
+    seed_level_test,
+)
 
 __all__ = [
     "SEPARATED",
@@ -27,6 +35,7 @@ __all__ = [
     "is_binary",
     "length_controlled_win_rate",
     "paired_binary",
+    "seed_level_test",
     "wilson_ci",
     "win_rate",
 ]

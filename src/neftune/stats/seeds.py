@@ -42,7 +42,7 @@ from scipy import stats as sps
 
 from neftune.stats.intervals import FloatArray, paired_binary
 
-__all__ = ["Effect", "SeedComparison", "aa_floor", "compare_arms", "compare_seeds", "is_binary"]
+__all__ = ["Effect", "SeedComparison", "aa_floor", "compare_arms", "compare_seeds", "is_binary", "seed_level_test"]
 
 
 def is_binary(*arrays: ArrayLike) -> bool:
@@ -251,3 +251,23 @@ def aa_floor(
         "floor": max(abs(p["estimate"]) for p in pairs),
         "seed_sd": float(np.std(b.mean(axis=1), ddof=1)),
     }
+
+
+def seed_level_test(values: ArrayLike, null: float = 0.0, *, level: float = 0.95) -> Effect | None:
+    """One number per seed (e.g. a judge's LC win rate of each seed's pair): their mean against ``null``.
+
+    Student's t over the seeds (``S - 1`` degrees of freedom): the spread of the per-seed values
+    holds both the within-seed sampling noise and the training-seed variance.  ``None`` with fewer
+    than two finite values, where the seed variance is unmeasured.
+    """
+    v = np.asarray(values, dtype=float)
+    v = v[np.isfinite(v)]
+    if v.size < 2:
+        return None
+    mean, sd, df = float(v.mean()), float(v.std(ddof=1)), v.size - 1.0
+    if sd == 0:
+        return Effect(mean, (mean, mean), 1.0 if mean == null else float("nan"), v.size, 0, "t over seeds", df)
+    se = sd / float(np.sqrt(v.size))
+    half = float(sps.t.ppf((1 + level) / 2, df)) * se
+    p = float(2 * sps.t.sf(abs(mean - null) / se, df))
+    return Effect(mean, (mean - half, mean + half), p, v.size, 0, "t over seeds", df)

@@ -403,6 +403,70 @@ def test_packed_and_padded_batches_give_the_same_per_example_loss(tiny_model, ti
     assert max(abs(a - b) for a, b in zip(leaky, padded_losses, strict=False)) > 1e-3
 
 
+# -- one held-out loss -------------------------------------------------------------------------
+
+
+def _heldout_examples() -> list[Example]:
+    """Answers of very different lengths: a long repetitive one the model learns, short ones it does not."""
+    answers = ["la " * 150, "7", "no", "a quick brown fox", "ok then", "x"]
+    return [
+        Example([{"role": "user", "content": f"Question {i}?"}, {"role": "assistant", "content": a.strip()}])
+        for i, a in enumerate(answers)
+    ]
+
+
+def _by_hand(model, tokenizer, examples) -> tuple[float, float]:
+    """(token-weighted mean, mean of per-batch means over batches of 2 in length order) of the
+    assistant tokens' cross-entropy, each example run alone in float64."""
+    rows, _ = encode_examples(tokenizer, examples, 512)
+    per_example = []
+    with torch.no_grad():
+        for row in rows:
+            logits = model.eval()(input_ids=torch.tensor([row["input_ids"]])).logits[0]
+            nll, mask = _per_token_nll(logits, torch.tensor(row["labels"]))
+            per_example.append((float(nll[mask].sum()), int(mask.sum()), len(row["input_ids"])))
+    token_weighted = sum(n for n, _, _ in per_example) / sum(k for _, k, _ in per_example)
+    ordered = sorted(per_example, key=lambda e: -e[2])
+    batches = [ordered[i : i + 2] for i in range(0, len(ordered), 2)]
+    batch_means = sum(sum(n for n, _, _ in b) / sum(k for _, k, _ in b) for b in batches) / len(batches)
+    return token_weighted, batch_means
+
+
+def test_one_heldout_loss_in_metrics_summary_and_eval(data_dir, tmp_path):
+    from neftune.evaluate import heldout_loss
+
+    examples = _heldout_examples()
+    heldout = write_jsonl(tmp_path / "heldout.jsonl", [{"messages": e.messages} for e in examples])
+    train = write_jsonl(tmp_path / "train.jsonl", [{"messages": examples[0].messages}] * 8)
+    cfg = cfg_for(
+        tmp_path / "out",
+        train,
+        f"data.eval={heldout}",
+        "model.lora=false",
+        "train.lr=1e-2",
+        "train.max_steps=4",
+        "train.eval_steps=2",
+        "train.batch_size=2",
+        "noise.alpha=5",
+    )
+    result = run_training(cfg, keep_model=True)
+    rows = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    logged = {r["step"]: r["eval_loss"] for r in rows if "eval_loss" in r}
+    assert sorted(logged) == [2, 4]
+    summary = json.loads((tmp_path / "out" / "train_summary.json").read_text())
+    assert summary["heldout_loss"] == pytest.approx(logged[4], abs=1e-12)
+    assert summary["heldout_curve"][-1] == [4, pytest.approx(logged[4], abs=1e-12)]
+
+    model, tokenizer = result.model, result.tokenizer
+    for batch_size in (1, 4):  # neftune eval / compare at any batch size
+        measured = heldout_loss(model, tokenizer, examples, max_length=512, batch_size=batch_size)
+        assert measured["loss"] == pytest.approx(logged[4], abs=1e-5)
+    token_weighted, batch_means = _by_hand(model, tokenizer, examples)
+    assert logged[4] == pytest.approx(token_weighted, abs=1e-5)
+    # the mean of per-batch means (what the Trainer's own evaluation reported) is another number here
+    assert abs(batch_means - token_weighted) > 0.05
+
+
 # -- resume ------------------------------------------------------------------------------------
 
 

@@ -20,8 +20,10 @@ across models with different vocabularies:
 * IFEval accuracy -- verifiable instructions (``builtin:ifeval``), via :func:`neftune.ifeval.score_ifeval`;
 * :func:`length_stats` -- answer lengths, which matter because LLM judges favour longer answers.
 
-:func:`heldout_loss` is the mean cross-entropy of the reference assistant tokens of held-out examples,
-with the model in eval mode (NEFTune noise is only ever added in training mode).
+:func:`heldout_loss` is the mean cross-entropy per reference assistant token of held-out examples, with
+the model in eval mode (NEFTune noise is only ever added in training mode); :func:`labelled_loss`,
+which it calls, is the one definition of held-out loss that training, ``neftune eval`` and
+``neftune compare`` share.
 """
 
 from __future__ import annotations
@@ -43,7 +45,9 @@ __all__ = [
     "evaluate_outputs",
     "exact_match",
     "heldout_loss",
+    "labelled_loss",
     "length_stats",
+    "pad_token_id",
     "repetition_rate",
     "rouge_l",
     "words",
@@ -198,43 +202,40 @@ def exact_match(outputs: Sequence[str], examples: Sequence[Any]) -> dict[str, An
     return result
 
 
-def heldout_loss(
-    model: Any,
-    tokenizer: Any,
-    examples: Sequence[Any],
-    *,
-    max_length: int,
-    batch_size: int,
+def pad_token_id(tokenizer: Any) -> int:
+    """The tokenizer's padding id (its eos, else 0, when it declares none)."""
+    for candidate in (tokenizer.pad_token_id, tokenizer.eos_token_id):
+        if candidate is not None:
+            return int(candidate)
+    return 0
+
+
+def labelled_loss(
+    model: Any, features: Sequence[Mapping[str, Sequence[int]]], *, pad_id: int, batch_size: int
 ) -> dict[str, Any]:
-    """Mean token-level cross-entropy of the assistant tokens of ``examples`` (nats per token).
+    """The held-out loss: mean cross-entropy per labelled token of already-encoded ``features``.
 
-    Examples are encoded by :func:`neftune.data.template.encode_examples` exactly as for training
-    (prompt tokens are masked, only assistant tokens carry labels), batched by length with right
-    padding, and scored with the model in eval mode under ``torch.inference_mode()``; the model's
-    previous train/eval mode is restored afterwards.  The loss is summed over all labelled tokens and
-    divided once by their count, so every token weighs the same whatever its batch.
+    This is the one definition of held-out loss in neftune: training's evaluations
+    (``metrics.jsonl``, ``train_summary.json``), ``neftune eval`` and ``neftune compare`` all
+    compute it here.  Each feature holds ``input_ids`` and ``labels`` (-100 where no loss is taken,
+    as :func:`neftune.data.template.encode_examples` makes them).  Features are batched by length
+    with right padding and scored with the model in eval mode (no NEFTune noise) under
+    ``torch.inference_mode()``; the model's previous mode is restored afterwards.  The negative
+    log-likelihood is summed over all labelled tokens and divided once by their count, so every
+    token weighs the same whatever its example or batch (a mean of per-batch means would not).
 
-    Returns ``{"loss", "perplexity", "tokens", "examples", "encode_stats"}`` where ``encode_stats``
-    is the counter returned by ``encode_examples`` (e.g. how many examples were dropped or
-    truncated).  Raises :class:`DataError` if no assistant token is left to score.
+    Returns ``{"loss", "perplexity", "tokens", "examples"}``.  Raises :class:`DataError` if no
+    labelled token is left to score.
     """
-    from neftune.data.template import encode_examples
-
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    features, stats = encode_examples(tokenizer, examples, max_length)
     features = [f for f in features if any(label != -100 for label in f["labels"])]
     if not features:
         raise DataError("held-out loss: no assistant tokens to score (all examples empty or truncated away)")
-
-    pad_id = tokenizer.pad_token_id
-    if pad_id is None:
-        pad_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
     from neftune.generate import model_device
 
     device = model_device(model)
     order = sorted(range(len(features)), key=lambda i: len(features[i]["input_ids"]), reverse=True)
-
     total_nll = 0.0
     total_tokens = 0
     was_training = model.training
@@ -243,41 +244,63 @@ def heldout_loss(
         with torch.inference_mode():
             for start in range(0, len(order), batch_size):
                 batch = [features[i] for i in order[start : start + batch_size]]
-                width = max(len(f["input_ids"]) for f in batch)
-                input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-                labels = torch.full((len(batch), width), -100, dtype=torch.long)
-                attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
-                for row, feature in enumerate(batch):
-                    length = len(feature["input_ids"])
-                    input_ids[row, :length] = torch.tensor(feature["input_ids"], dtype=torch.long)
-                    labels[row, :length] = torch.tensor(feature["labels"], dtype=torch.long)
-                    attention_mask[row, :length] = 1
-                logits = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device)).logits
-                # Position t predicts token t+1; upcast so bf16/fp16 models give a stable sum.
-                shift_logits = logits[:, :-1, :].float()
-                shift_labels = labels[:, 1:].to(shift_logits.device)
-                nll = torch.nn.functional.cross_entropy(
-                    shift_logits.reshape(-1, shift_logits.size(-1)),
-                    shift_labels.reshape(-1),
-                    ignore_index=-100,
-                    reduction="sum",
-                )
-                total_nll += float(nll)
-                total_tokens += int((shift_labels != -100).sum())
+                nll, tokens = _batch_nll(model, batch, pad_id, device)
+                total_nll += nll
+                total_tokens += tokens
     finally:
         if was_training:
             model.train()
-
     if total_tokens == 0:
         raise DataError("held-out loss: no assistant tokens to score (all examples empty or truncated away)")
     loss = total_nll / total_tokens
-    return {
-        "loss": loss,
-        "perplexity": math.exp(min(loss, 700.0)),
-        "tokens": total_tokens,
-        "examples": len(features),
-        "encode_stats": dict(stats),
-    }
+    return {"loss": loss, "perplexity": math.exp(min(loss, 700.0)), "tokens": total_tokens, "examples": len(features)}
+
+
+def _batch_nll(model: Any, batch: Sequence[Mapping[str, Sequence[int]]], pad_id: int, device: Any) -> tuple[float, int]:
+    """Summed next-token NLL over the labelled positions of one right-padded batch, and their count."""
+    width = max(len(f["input_ids"]) for f in batch)
+    input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(batch), width), -100, dtype=torch.long)
+    attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
+    for row, feature in enumerate(batch):
+        length = len(feature["input_ids"])
+        input_ids[row, :length] = torch.tensor(list(feature["input_ids"]), dtype=torch.long)
+        labels[row, :length] = torch.tensor(list(feature["labels"]), dtype=torch.long)
+        attention_mask[row, :length] = 1
+    logits = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device)).logits
+    # Position t predicts token t+1; upcast so bf16/fp16 models give a stable sum.
+    shift_logits = logits[:, :-1, :].float()
+    shift_labels = labels[:, 1:].to(shift_logits.device)
+    nll = torch.nn.functional.cross_entropy(
+        shift_logits.reshape(-1, shift_logits.size(-1)), shift_labels.reshape(-1), ignore_index=-100, reduction="sum"
+    )
+    return float(nll), int((shift_labels != -100).sum())
+
+
+def heldout_loss(
+    model: Any,
+    tokenizer: Any,
+    examples: Sequence[Any],
+    *,
+    max_length: int,
+    batch_size: int,
+) -> dict[str, Any]:
+    """:func:`labelled_loss` of ``examples`` encoded as for training (nats per assistant token).
+
+    Examples are encoded by :func:`neftune.data.template.encode_examples` exactly as for training
+    (prompt tokens are masked, only assistant tokens carry labels).  Returns ``{"loss",
+    "perplexity", "tokens", "examples", "encode_stats"}`` where ``encode_stats`` is the counter
+    returned by ``encode_examples`` (e.g. how many examples were dropped or truncated).  Raises
+    :class:`DataError` if no assistant token is left to score.
+    """
+    from neftune.data.template import encode_examples
+
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    features, stats = encode_examples(tokenizer, examples, max_length)
+    result = labelled_loss(model, features, pad_id=pad_token_id(tokenizer), batch_size=batch_size)
+    result["encode_stats"] = dict(stats)
+    return result
 
 
 def evaluate_outputs(

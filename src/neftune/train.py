@@ -207,6 +207,33 @@ class MetricsCallback(TrainerCallback):
             self.bar = None
 
 
+class HeldoutTrainer(Trainer):
+    """transformers' ``Trainer`` whose ``evaluate()`` reports neftune's held-out loss.
+
+    The ``eval_loss`` it logs (to ``metrics.jsonl`` and TensorBoard, at every ``eval_steps`` and at
+    the end) is :func:`neftune.evaluate.labelled_loss`: the mean cross-entropy per assistant token
+    of the held-out set, noise off, the number ``neftune eval`` and ``neftune compare`` report.
+    The Trainer's own evaluation loop would average per-batch means instead.
+    """
+
+    def evaluate(
+        self, eval_dataset: Any = None, ignore_keys: list[str] | None = None, metric_key_prefix: str = "eval"
+    ) -> dict[str, float]:
+        from neftune.evaluate import labelled_loss, pad_token_id
+
+        rows = self.eval_dataset if eval_dataset is None else eval_dataset
+        held = labelled_loss(
+            self.model,
+            rows,
+            pad_id=pad_token_id(self.processing_class),
+            batch_size=self.args.per_device_eval_batch_size,
+        )
+        metrics = {f"{metric_key_prefix}_loss": held["loss"], f"{metric_key_prefix}_tokens": held["tokens"]}
+        self.log(metrics)
+        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
+        return metrics
+
+
 def choose_attention(cfg: Config) -> str | None:
     """The attention implementation to train with, or None to keep the model's own.
 
@@ -351,7 +378,7 @@ def run_training(cfg: Config, *, keep_model: bool = False, extra_callbacks: list
             (out / "metrics.jsonl").unlink()
     callbacks.extend(extra_callbacks or [])
 
-    trainer = Trainer(
+    trainer = HeldoutTrainer(
         model=model,
         args=args,
         train_dataset=train_rows,
@@ -399,10 +426,11 @@ def run_training(cfg: Config, *, keep_model: bool = False, extra_callbacks: list
         "model": info,
     }
     if eval_rows:
-        metrics["heldout_loss"] = trainer.evaluate()["eval_loss"]
-        metrics["heldout_perplexity"] = math.exp(min(metrics["heldout_loss"], 50))
-        if not metrics_cb.heldout_curve or metrics_cb.heldout_curve[-1][0] != trainer.state.global_step:
-            metrics_cb.heldout_curve.append((trainer.state.global_step, metrics["heldout_loss"]))
+        step = trainer.state.global_step
+        if not metrics_cb.heldout_curve or metrics_cb.heldout_curve[-1][0] != step:
+            trainer.evaluate()  # not measured at the last step yet; logged like every evaluation
+        metrics["heldout_loss"] = metrics_cb.heldout_curve[-1][1]
+        metrics["heldout_perplexity"] = math.exp(min(metrics["heldout_loss"], 700.0))
 
     model_dir, merged_dir = out / "model", None
     if is_main_process():

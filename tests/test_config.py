@@ -90,6 +90,15 @@ def test_shipped_configs_load(path):
     load_config(cls, path)
 
 
+def test_no_judge_unless_one_is_configured():
+    assert load_config(CompareConfig).judge.backend == "none"
+    for backend in ("local", "http", "length", "none"):
+        extra = ["judge.base_url=http://127.0.0.1:1/v1", "judge.model=m"] if backend == "http" else []
+        assert load_config(CompareConfig, None, [f"judge.backend={backend}", *extra]).judge.backend == backend
+    with pytest.raises(ConfigError, match=r"judge\.backend must be one of none, local, http, length"):
+        load_config(CompareConfig, None, ["judge.backend=gpt"])
+
+
 def test_compare_validation():
     with pytest.raises(ConfigError, match=r"compare\.alphas must be finite numbers > 0"):
         load_config(CompareConfig, None, ["compare.alphas=[0, 5]"])

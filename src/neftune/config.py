@@ -425,8 +425,9 @@ class GenerateConfig:
 @dataclass
 class JudgeConfig:
     backend: str = setting(
-        "local",
-        "none, local (a transformers model scores A vs B), http (OpenAI-compatible), or length",
+        "none",
+        "none (objective metrics only), local (a transformers model scores A vs B), http (an OpenAI-compatible "
+        "server), or length (prefers the longer answer; for tests)",
         flag="--judge",
     )
     model: str = setting(
@@ -447,9 +448,23 @@ class CompareSection:
         [5.0, 10.0], "NEFTune arms, comma-separated; the alpha=0 baseline is always trained", flag="--alphas"
     )
     seeds: list[int] = setting(
-        [0], "training seeds, comma-separated; one baseline and one arm per alpha for each seed", flag="--seeds"
+        [0, 1],
+        "training seeds, comma-separated; one baseline and one arm per alpha for each seed (two or more measure "
+        "how much the training seed alone moves a result)",
+        flag="--seeds",
     )
     output: str = setting("runs/compare", "experiment directory (arms, outputs, report)", flag="--output")
+    primary: str | None = setting(
+        None,
+        "the metric the verdict rests on, declared before the run: exact_match, ifeval_prompt_strict, "
+        "ifeval_prompt_loose, rouge_l or lc_win_rate (default: the judge's LC win rate when a judge is configured "
+        "and passes its reliability check, else the eval set's own primary metric, else rouge_l)",
+    )
+    overwrite: bool = setting(
+        False,
+        "retrain the arms whose recorded settings differ from this run's (default: stop with an error)",
+        flag="--overwrite",
+    )
 
 
 @dataclass

@@ -230,13 +230,23 @@ def add_audit_parser(sub: Any) -> None:
         const="packed",
         help="each batch flattened into one padding-free row",
     )
-    p.add_argument("--batch-size", type=int, required=True, help="per-device batch size (sequences when packing)")
-    p.add_argument("--max-length", type=int, required=True, help="max tokens per example (longer ones truncated)")
-    p.add_argument("--alpha", type=float, required=True, help="neftune_noise_alpha the framework is given")
-    p.add_argument("--pack-length", type=int, help="with --packed: bin-pack to N tokens first (TRL packing=True)")
-    p.add_argument("--seed", type=int, default=42, help="the Trainer's data seed (default 42, transformers' default)")
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        required=True,
+        metavar="N",
+        help="per-device batch size (packed sequences with --pack-length)",
+    )
+    p.add_argument(
+        "--max-length", type=int, required=True, metavar="N", help="max tokens per example (longer truncated)"
+    )
+    p.add_argument("--alpha", type=float, required=True, metavar="A", help="neftune_noise_alpha the framework is given")
+    p.add_argument(
+        "--pack-length", type=int, metavar="N", help="with --packed: bin-pack to N tokens first (TRL packing=True)"
+    )
+    p.add_argument("--seed", type=int, default=42, metavar="N", help="the Trainer's seed (default 42, transformers')")
     p.add_argument("--format", default="auto", help="auto, alpaca, sharegpt or messages")
-    p.add_argument("--limit", type=int, help="use the first N examples")
+    p.add_argument("--limit", type=int, metavar="N", help="use the first N examples")
     p.add_argument("--on-bad-record", default="error", choices=["error", "skip"], help="stop at, or skip and count")
     p.set_defaults(func=cmd_audit)
 

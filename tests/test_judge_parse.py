@@ -44,6 +44,8 @@ REPLIES: list[tuple[str, str | None]] = [
     ("A is the better answer. It lists three concrete tips while B only says 'eat well'.", "A"),
     ("B is better than A.", "B"),
     ("B. It is more complete.", "B"),
+    ("B: a is too short.", "B"),
+    ("A: a clear winner.", "A"),
     ("**A** - clearer and more accurate", "A"),
     ("Tie: both are fine", "tie"),
     ("Answer B is more helpful because it explains the steps.", "B"),
@@ -76,6 +78,8 @@ REPLIES: list[tuple[str, str | None]] = [
     ("I think both are good", None),
     ("Both answers have merit.", None),
     ("A or B", None),
+    ("A, B", None),  # SmolLM2-135M on llama.cpp's server, judging two answers
+    ("A, B, or tie.", None),
     ("A and B", None),
     ("AB", None),
     ("Answers", None),

@@ -66,6 +66,10 @@ _PREFIX = re.compile(
 )
 # A verdict word opening a longer reply, set off by punctuation: "B. It is more complete", "Tie: both
 # ...".  Punctuation is required so that prose such as "A good answer would ..." is not read as A.
+# ... followed at once by another label, lower-case only when it stands alone ("a, b"), not the article "a".
+_ANOTHER_LABEL = re.compile(
+    r"^[\s\"'`*_(\[]*(?:(?:and|or|vs\.?)\s+)?[\"'`*_(\[]*(?:[AB]\b|tie\b|[ab](?=\s*(?:[,.;:)\]*]|$)))"
+)
 _LEADING = re.compile(r"^[\s\"'`*_(\[{<]*(a|b|tie)[\"'`*_)\]}>]*\s*[.:;,!\u2013\u2014-](?:\s|$)", re.I)
 
 # An answer named in prose: "Answer B", "Output (a)", "(b)", "[A]", or a standalone capital A/B.
@@ -125,8 +129,10 @@ def _line_verdict(line: str) -> str | None:
     word = re.sub(r"^(?:answer|output|response|model|assistant)\s*", "", word).strip(_STRIP)
     if word in _WORDS:
         return _WORDS[word]
-    leading = _LEADING.match(line.strip().lstrip("#*_ "))
-    if leading:
+    text = line.strip().lstrip("#*_ ")
+    leading = _LEADING.match(text)
+    # "A, B" or "A / B" lists the labels rather than choosing one of them
+    if leading and not _ANOTHER_LABEL.match(text[leading.end() :]):
         return _WORDS[leading.group(1).lower()]
     found = set()
     for pattern in (_IS_BETTER, _BETTER_IS, _PREFER, _WINNER):

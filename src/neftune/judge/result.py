@@ -110,6 +110,8 @@ class JudgeResult:
     def _rate(self, value: float, ci: tuple[float, float]) -> str:
         if math.isnan(value):
             return "n/a"
+        if any(math.isnan(bound) for bound in ci):  # e.g. every resample gives the same rate
+            return f"{_pct(value)} (no interval)"
         return f"{_pct(value)} ({round(self.level * 100)}% CI {100 * ci[0]:.1f}-{100 * ci[1]:.1f})"
 
     def summary(self) -> str:

@@ -56,6 +56,8 @@ def test_compare_end_to_end_resumes_and_never_writes_the_key(tmp_path, monkeypat
         args = [
             "compare",
             *SMALL,
+            "--seeds",
+            "0",
             "--output",
             str(out),
             "--judge",
@@ -136,3 +138,71 @@ def test_compare_requires_eval_data_for_custom_training_set(tmp_path, capsys):
     data.write_text(json.dumps({"instruction": "Say hi", "output": "hi"}) + "\n")
     assert main(["compare", "--model", "tiny-random", "--data", str(data), "--output", str(tmp_path / "o")]) == 2
     assert "needs held-out data" in capsys.readouterr().err
+
+
+def _run(args, caplog) -> str:
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="neftune"):
+        assert main(args) == 0
+    return caplog.text
+
+
+def test_compare_two_seeds_pairs_within_seed_pools_and_measures_the_aa_floor(tmp_path, caplog):
+    out = tmp_path / "exp"
+    _run(["compare", *SMALL, "--alphas", "5", "--seeds", "0,1", "--judge", "none", "--output", str(out)], caplog)
+    results = json.loads((out / "results.json").read_text())
+    arms = {a["name"]: a for a in results["arms"]}
+    assert list(arms) == ["alpha=0,seed=0", "alpha=5,seed=0", "alpha=0,seed=1", "alpha=5,seed=1"]
+    assert results["schema_version"] == 2 and results["primary"]["metric"] == "exact_match"
+    analysis = results["analysis"]
+    assert analysis["primary"] == "exact_match" and analysis["seeds"] == [0, 1]
+    assert analysis["seed_variance_measured"] is True and list(analysis["pooled"]) == ["5"]
+    em = analysis["pooled"]["5"]["exact_match"]
+    assert em["role"] == "primary" and em["seeds"] == [0, 1]
+    per_seed = []
+    for seed in (0, 1):
+        treated = arms[f"alpha=5,seed={seed}"]["eval"]["per_example"]["correct"]
+        base = arms[f"alpha=0,seed={seed}"]["eval"]["per_example"]["correct"]
+        per_seed.append(sum(t - b for t, b in zip(treated, base, strict=True)) / len(base))
+    assert [s["estimate"] for s in em["per_seed"]] == pytest.approx(per_seed)
+    assert em["estimate"] == pytest.approx(sum(per_seed) / 2)
+    assert em["p_holm"] == pytest.approx(em["p_value"])  # one alpha: Holm leaves the primary test alone
+    aa = analysis["aa"]["length_chars"]
+    assert aa["measured"] and aa["pairs"][0]["seeds"] == [0, 1]
+    md = (out / "report.md").read_text()
+    verdict = md.split("## Verdict", 1)[1].split("##", 1)[0]
+    assert "Primary metric: exact match (declared by builtin:skills)." in verdict
+    assert any(
+        phrase in verdict
+        for phrase in ("does not show that NEFTune helped or hurt", "NEFTune helped:", "NEFTune hurt:", "Mixed result")
+    )
+    assert "A/A: baseline seeds against each other" in md and "seed 1 \u2212 seed 0" in md
+
+
+def test_compare_rerun_with_other_settings_errors_retrains_or_regenerates(tmp_path, caplog, capsys):
+    out = tmp_path / "exp"
+    base = ["compare", *SMALL, "--alphas", "5", "--seeds", "0", "--judge", "none", "--output", str(out)]
+    _run(base, caplog)
+    capsys.readouterr()
+    # a training setting changed: one line naming it and the ways out, nothing retrained or overwritten
+    assert main([*base, "--lr", "1e-2"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("neftune: error: alpha=0 in ") and "(settings.train.lr: None -> 0.01)" in err
+    assert "--output" in err and "--overwrite" in err
+    assert json.loads((out / "results.json").read_text())["settings"]["lr"] != 0.01
+    # --overwrite retrains exactly the arms whose settings changed (here both)
+    text = _run([*base, "--lr", "1e-2", "--overwrite"], caplog)
+    assert text.count("retraining it (--overwrite)") == 2 and "training (alpha=5" in text
+    results = json.loads((out / "results.json").read_text())
+    assert results["settings"]["lr"] == 0.01  # run details come from the arms' records
+    # a generation setting changed: answers are generated again, nothing is retrained
+    text = _run([*base, "--lr", "1e-2", "--max-new-tokens", "4"], caplog)
+    assert text.count("answering the eval prompts again (training reused)") == 2
+    assert "training (alpha=" not in text and "retraining" not in text
+    results = json.loads((out / "results.json").read_text())
+    assert results["settings"]["generation"]["max_new_tokens"] == 4
+    stamp = json.loads((out / "arms" / "alpha5" / "fingerprint.json").read_text())
+    assert stamp["generate"]["max_new_tokens"] == 4 and stamp["train"]["settings"]["train.lr"] == 0.01
+    # unchanged: everything reused
+    text = _run([*base, "--lr", "1e-2", "--max-new-tokens", "4"], caplog)
+    assert text.count("already finished") == 2

@@ -11,7 +11,14 @@ against its seed's baseline in both orders.  ``report.html`` / ``report.md`` /
 ``results.json`` and plots land in the experiment directory.
 
 Interrupted, it picks up where it stopped: an arm whose ``arm.json`` exists is not retrained, a
-half-trained arm resumes from its last checkpoint, and judge verdicts are cached.
+half-trained arm resumes from its last checkpoint, and judge verdicts are cached.  Each arm records
+what determines it (:mod:`neftune.fingerprint`): a rerun whose model, data or training settings differ
+stops with a one-line error naming the first difference (``--overwrite`` retrains exactly those
+arms), and a change of generation or scoring settings regenerates only the answers.  The report's
+run details are read from the arms' own records.
+
+The verdict rests on one primary metric declared before the run
+(:func:`neftune.report.verdicts.declare_primary`).
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from neftune import fingerprint
 from neftune.config import CompareConfig, write_config
 from neftune.data.presets import defaults_for, resolve_eval_spec
 from neftune.errors import NeftuneError
@@ -90,18 +98,59 @@ def load_eval_examples(cfg: CompareConfig) -> tuple[str, list]:
     return spec, held.examples
 
 
-def run_arm(cfg: CompareConfig, arm: Arm, eval_examples: list, eval_name: str) -> dict[str, Any]:
-    """Train (or resume) one arm, then evaluate it with the noise off; return its results entry."""
-    from neftune.evaluate import evaluate_outputs, heldout_loss
-    from neftune.generate import generate_outputs, write_outputs
+def run_arm(
+    cfg: CompareConfig, arm: Arm, eval_examples: list, eval_name: str, stamp: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """Train (or resume) one arm, then evaluate it with the noise off; return its results entry.
+
+    ``stamp`` is the arm's fingerprint (:func:`arm_fingerprint`), written before training starts.
+    """
     from neftune.train import run_training
 
     started = time.perf_counter()
     train_cfg = cfg.train_config(arm.alpha, arm.seed, output=str(arm.directory))
     # a half-finished arm continues from its last checkpoint
     train_cfg.train.resume = (arm.directory / "checkpoints").is_dir()
+    if stamp is not None:
+        arm.directory.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(arm.directory / fingerprint.FILE, json.dumps(stamp, indent=2, default=str))
     result = run_training(train_cfg, keep_model=True)
-    model, tokenizer = result.model, result.tokenizer
+    entry = evaluate_arm(cfg, arm, result.model, result.tokenizer, eval_examples, eval_name, stamp)
+    entry["wall_time_s"] = time.perf_counter() - started
+    atomic_write_text(arm.directory / ARM_FILE, json.dumps(entry, indent=2))
+    return entry
+
+
+def regenerate_arm(cfg: CompareConfig, arm: Arm, eval_examples: list, eval_name: str, stamp: dict) -> dict[str, Any]:
+    """Answer and score the eval prompts again with an arm's trained model (its training is reused)."""
+    from neftune.models import load_model_and_tokenizer
+
+    started = time.perf_counter()
+    previous = json.loads((arm.directory / ARM_FILE).read_text(encoding="utf-8"))
+    model, tokenizer = load_model_and_tokenizer(
+        str(arm.directory / "model"), trust_remote_code=cfg.model.trust_remote_code, for_training=False
+    )
+    entry = evaluate_arm(cfg, arm, model, tokenizer, eval_examples, eval_name, stamp)
+    train_time = float((previous.get("train") or {}).get("train_time_s") or 0.0)
+    entry["wall_time_s"] = time.perf_counter() - started + train_time
+    atomic_write_text(arm.directory / fingerprint.FILE, json.dumps(stamp, indent=2, default=str))
+    atomic_write_text(arm.directory / ARM_FILE, json.dumps(entry, indent=2))
+    return entry
+
+
+def evaluate_arm(
+    cfg: CompareConfig,
+    arm: Arm,
+    model: Any,
+    tokenizer: Any,
+    eval_examples: list,
+    eval_name: str,
+    stamp: dict[str, Any] | None,
+) -> dict[str, Any]:
+    """Held-out loss, answers to the eval prompts and their metrics for one trained arm (noise off)."""
+    from neftune.evaluate import evaluate_outputs, heldout_loss
+    from neftune.generate import generate_outputs, write_outputs
+
     model.eval()
     tokenizer.padding_side = "left"
 
@@ -127,7 +176,7 @@ def run_arm(cfg: CompareConfig, arm: Arm, eval_examples: list, eval_name: str) -
     )
     write_outputs(arm.directory / "outputs.json", records)
     metrics = evaluate_outputs(records, eval_examples, tokenizer)
-    del model, result
+    del model
     gc.collect()
     summary = _summary(arm.directory)
 
@@ -164,9 +213,8 @@ def run_arm(cfg: CompareConfig, arm: Arm, eval_examples: list, eval_name: str) -
             "ifeval": metrics.get("ifeval"),
         },
         "judge": None,
-        "wall_time_s": time.perf_counter() - started,
+        "fingerprint": stamp,
     }
-    atomic_write_text(arm.directory / ARM_FILE, json.dumps(entry, indent=2))
     return entry
 
 
@@ -276,6 +324,7 @@ def versions() -> dict[str, str]:
 def run_compare(cfg: CompareConfig) -> dict[str, Path]:
     """Run the whole experiment described by ``cfg``; return the report's file paths."""
     from neftune.report import write_report
+    from neftune.report.verdicts import declare_primary
 
     cfg.validate()
     started = time.perf_counter()
@@ -283,52 +332,66 @@ def run_compare(cfg: CompareConfig) -> dict[str, Path]:
     check_output_dir(out)
     write_config(cfg, out / "config.yaml")
     eval_name, eval_examples = load_eval_examples(cfg)
+    primary = declare_primary(
+        cfg.compare.primary,
+        cfg.judge.backend,
+        eval_name,
+        defaults_for(eval_name).primary_metric,
+        any(e.reference for e in eval_examples),
+    )
     arms = plan_arms(cfg)
+    shared = fingerprint.shared_stamp(cfg.model.name, cfg.data.train, eval_examples, versions())
+    generation = {
+        "eval": shared["eval"],
+        "eval_data": eval_spec(cfg),
+        "eval_limit": cfg.data.eval_limit,
+        "max_new_tokens": default_max_new_tokens(cfg),
+        "repetition_penalty": default_repetition_penalty(cfg),
+        "batch_size": cfg.generate.batch_size,
+        "max_length": cfg.data.max_length,
+    }
+    stamps = {
+        arm.name: fingerprint.arm_fingerprint(cfg.train_config(arm.alpha, arm.seed), shared, generation) for arm in arms
+    }
+    states = {
+        arm.name: fingerprint.arm_state(arm.name, arm.directory, stamps[arm.name], cfg.compare.overwrite, ARM_FILE)
+        for arm in arms
+    }
 
     entries: dict[str, dict] = {}
     reused_time = 0.0  # wall time of arms finished by earlier, interrupted invocations
     for index, arm in enumerate(arms, 1):
         done = arm.directory / ARM_FILE
-        if done.exists():
+        if states[arm.name] == "reuse":
             log.info("[%d/%d] %s: already finished, reusing %s", index, len(arms), arm.name, done)
             entries[arm.name] = json.loads(done.read_text(encoding="utf-8"))
             reused_time += float(entries[arm.name].get("wall_time_s") or 0.0)
             continue
+        if states[arm.name] == "regenerate":
+            entries[arm.name] = regenerate_arm(cfg, arm, eval_examples, eval_name, stamps[arm.name])
+            continue
         log.info("[%d/%d] %s: training (alpha=%g, seed=%d)", index, len(arms), arm.name, arm.alpha, arm.seed)
-        entries[arm.name] = run_arm(cfg, arm, eval_examples, eval_name)
+        entries[arm.name] = run_arm(cfg, arm, eval_examples, eval_name, stamps[arm.name])
     judge_arms(cfg, arms, entries)
 
     baseline = _summary(arms[0].directory)  # model description and resolved settings of the run
+    recorded = ((entries[arms[0].name].get("fingerprint") or {}).get("train") or {}).get("settings") or {}
     results = {
         "title": f"NEFTune on {cfg.model.name}: alpha in {{0, {', '.join(f'{a:g}' for a in cfg.compare.alphas)}}}",
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "wall_time_s": time.perf_counter() - started + reused_time,
         "model": {"spec": cfg.model.name, **baseline.get("model", {})},
         "data": {
-            "train": cfg.data.train,
+            "train": recorded.get("data.train", cfg.data.train),
             "eval": eval_name,
             "n_train": baseline.get("train_examples"),
             "n_eval": len(eval_examples),
             "primary_metric": defaults_for(eval_name).primary_metric,
         },
+        "primary": primary,
         "seeds": list(cfg.compare.seeds),
         "versions": versions(),
-        "settings": {
-            "lora": cfg.model.lora,
-            "lora_r": cfg.model.lora_r if cfg.model.lora else None,
-            "lr": baseline.get("learning_rate_used"),
-            "batch_size": cfg.train.batch_size,
-            "max_steps": baseline.get("max_steps"),
-            "max_length": cfg.data.max_length,
-            "packing": cfg.data.packing,
-            "noise": cfg.noise.distribution,
-            "generation": {
-                "greedy": True,
-                "repetition_penalty": default_repetition_penalty(cfg),
-                "max_new_tokens": default_max_new_tokens(cfg),
-            },
-            "judge": cfg.judge.backend,
-        },
+        "settings": fingerprint.recorded_settings(entries[arms[0].name], baseline, cfg.judge.backend),
         "baseline": arms[0].name,
         "arms": [entries[a.name] for a in arms if a.name in entries],
         "examples": _examples(arms, entries),

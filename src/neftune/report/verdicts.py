@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from neftune.report.values import as_float, mapping_at
+from neftune.report.values import as_float, is_interval, mapping_at
 from neftune.stats import aa_floor, compare_seeds, holm, seed_level_test
 
 __all__ = [
@@ -34,6 +34,7 @@ __all__ = [
     "Pooled",
     "Verdicts",
     "build_verdicts",
+    "declare_primary",
 ]
 
 #: Version of the ``results.json`` layout (documented in :mod:`neftune.report`).
@@ -163,12 +164,13 @@ def _judged(alpha: float, key: str, treated: list[Mapping[str, Any]], seeds: lis
     per_seed = []
     for arm, seed, rate in zip(treated, seeds, values, strict=True):
         ci = mapping_at(arm, "judge").get(ci_key)
-        per_seed.append({"seed": seed, "estimate": rate - 0.5, "ci": [c - 0.5 for c in ci] if ci else None})
+        interval = [float(c) - 0.5 for c in ci] if is_interval(ci) else None
+        per_seed.append({"seed": seed, "estimate": rate - 0.5, "ci": interval})
     test = seed_level_test(values, 0.5)
     nan = float("nan")
     if test is None:  # one seed: the judge's own interval, no test across seeds
         ci = mapping_at(treated[0], "judge").get(ci_key)
-        lo_hi = (float(ci[0]) - 0.5, float(ci[1]) - 0.5) if ci and None not in ci else (nan, nan)
+        lo_hi = (float(ci[0]) - 0.5, float(ci[1]) - 0.5) if is_interval(ci) else (nan, nan)
         estimate, p, method = values[0] - 0.5, nan, "one seed: the judge's interval over pairs"
     else:
         lo_hi, estimate, p, method = (
@@ -286,3 +288,35 @@ def build_verdicts(
             if matrix is not None:
                 aa[m.key] = aa_floor(matrix, seed_ids=seeds_all)
     return Verdicts(primary, declared, source, note, seeds_all, measured, pooled, aa, len(family))
+
+
+def declare_primary(
+    chosen: str | None, judge: str, eval_name: str, preset_metric: str | None, has_references: bool
+) -> dict[str, Any]:
+    """The metric the verdict will rest on, declared before any arm is trained.
+
+    ``chosen`` (``compare.primary``) when set; else the judge's length-controlled win rate when a judge is
+    configured (falling back to the eval set's metric if the judge fails its reliability check);
+    else the eval set's preset metric (exact match for builtin:skills, IFEval prompt-level strict
+    for builtin:ifeval); else, for the user's own data, ROUGE-L against the reference answers.
+    """
+    from neftune.errors import ConfigError
+
+    preset = preset_metric
+    data_default = preset or ("rouge_l" if has_references else None)
+    judged = judge != "none"
+    if chosen is not None:
+        if chosen not in PRIMARY_CHOICES:
+            raise ConfigError(f"compare.primary must be one of {', '.join(PRIMARY_CHOICES)}, got {chosen!r}")
+        if chosen == "lc_win_rate" and not judged:
+            raise ConfigError("compare.primary=lc_win_rate needs a judge: set --judge")
+        return {"metric": chosen, "source": "chosen with compare.primary", "fallback": None}
+    if judged:
+        return {
+            "metric": "lc_win_rate",
+            "source": f"the {judge} judge's length-controlled win rate",
+            "fallback": data_default,
+        }
+    if preset:
+        return {"metric": preset, "source": f"declared by {eval_name}", "fallback": None}
+    return {"metric": data_default, "source": "the default for data without a preset", "fallback": None}

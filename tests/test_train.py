@@ -706,12 +706,12 @@ def _train_args_for(argv: list[str], tmp_path: Path):
     return cfg, training_arguments(cfg, Path(cfg.train.output), has_eval=True)
 
 
-def test_embedded_default_is_a_60_step_run_on_builtin_skills(tmp_path):
-    assert get_preset("builtin:skills").default_steps == 60
+def test_embedded_default_is_a_40_step_run_on_builtin_skills(tmp_path):
+    assert get_preset("builtin:skills").default_steps == 40
     cfg, args = _train_args_for([], tmp_path)
     assert cfg.data.train == "builtin:skills" and cfg.model.name == "smollm2-135m"
     assert cfg.train.max_steps is None and cfg.train.epochs is None  # "not given" is not "1 epoch"
-    assert args.max_steps == 60
+    assert args.max_steps == 40
     assert args.eval_strategy == "steps" and args.save_steps == 50 and args.learning_rate == pytest.approx(2e-4)
     assert args.per_device_train_batch_size == 8 and args.seed == 0 and args.data_seed == 0
 
@@ -722,7 +722,7 @@ def test_embedded_default_is_a_60_step_run_on_builtin_skills(tmp_path):
 @pytest.mark.parametrize(
     ("argv", "max_steps", "epochs"),
     [
-        ([], 60, 1.0),  # the preset's default budget
+        ([], 40, 1.0),  # the preset's default budget
         (["--epochs", "1"], -1, 1.0),  # an explicit epoch is an epoch, not the preset's 60 steps
         (["train.epochs=1.0"], -1, 1.0),
         (["--epochs", "2"], -1, 2.0),

@@ -98,7 +98,7 @@ class TrainConfig:
     epochs: float | None = setting(
         None,
         "passes over the training data (default 1; when neither this nor max_steps is set, a built-in data "
-        "set's own default steps apply: 60 for builtin:skills, to finish in minutes on a CPU)",
+        "set's own default steps apply: 40 for builtin:skills, to finish in minutes on a CPU)",
         flag="--epochs",
     )
     max_steps: int | None = setting(None, "optimizer steps; overrides epochs", flag="--max-steps")

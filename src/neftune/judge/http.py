@@ -219,7 +219,8 @@ class HttpJudge(Judge):
                 raise _LogprobsRejected(f"HTTP {status} {detail}")
             if status in _RETRY_STATUS:
                 raise _Transient(f"HTTP {status} {detail}".strip(), _retry_after(response.headers.get("Retry-After")))
-            raise VerdictUnavailable(f"HTTP {status} {detail}".strip())
+            # 400/413/422: this request is refused as it stands (e.g. longer than the context)
+            raise VerdictUnavailable(f"HTTP {status} {detail}".strip(), final=True)
         try:
             data = response.json()
             if not isinstance(data["choices"][0]["message"], dict):
@@ -277,7 +278,8 @@ class HttpJudge(Judge):
             if self.temperature > 0 and attempt <= self.max_retries:
                 self._sleep(self._delay(attempt, None))
                 continue
-            raise VerdictUnavailable(self._unparseable(content, message, choice.get("finish_reason"), attempt))
+            reason = self._unparseable(content, message, choice.get("finish_reason"), attempt)
+            raise VerdictUnavailable(reason, final=self.temperature == 0)
 
     def _unparseable(self, content: str, message: dict[str, Any], finish: Any, attempts: int) -> str:
         quoted = self._redact(" ".join(content.split()))

@@ -3,6 +3,7 @@
     python benchmarks/throughput.py --preset smoke                   # tiny random model, < 1 min on a CPU
     python benchmarks/throughput.py --preset cpu --json cpu.json     # SmolLM2-135M fp32, ShareGPT first turns, ~10 min on 2 cores
     python benchmarks/throughput.py --preset gpu --json gpu.json     # random-init ~1B Llama bf16, Alpaca-like lengths, < 5 min on an H100
+    python benchmarks/throughput.py --preset cpu --data skills --arms c,g --max-length 512   # the labelled-only loss
 
 Any preset value can be overridden (``--steps 8 --batch-sizes 8,16 --arms a,c,e`` ...; ``--help``).
 
@@ -15,13 +16,32 @@ tokenized examples in the same order (sequential sampler), the same batch size, 
     c         neftune packed: DataCollatorWithFlattening + NEFTuneCallback(alpha=5), per-example noise
     d         neftune --no-packing: padded batches + NEFTuneCallback(alpha=5)
     e         neftune packed without NEFTune (alpha=0): (c) against (e) is the cost of the noise
+    g         (c) with the LM head and cross-entropy only at labelled positions, in chunks
+              (``neftune.lmhead``, ``train.loss=labelled``): (g) against (c) is what the prompt tokens' logits cost
     ceiling   the same model on full rows (batch x ceiling_length, no padding, no mask, no position restarts)
 
 Loss: every arm trains on the same ``labels``, neftune's assistant-only labels (the answer and its
 end-of-turn token; prompt tokens are -100), which TRL uses as given when a pre-tokenized dataset has
 a ``labels`` column.  Both padding-free collators also set -100 on each example's first token.  TRL
 computes that loss with its fused LM head (log-probabilities in chunks, no full logits tensor);
-the neftune arms use the model's own loss.  The ceiling arm trains on every token.
+the neftune arms c-f use the model's own loss (``train.loss=full``), arm g neftune's labelled-only
+loss.  The ceiling arm trains on every token.
+
+MFU (model FLOPs utilisation) = model FLOPs of the measured steps / their wall time / the peak matmul
+FLOP/s measured in the same run on the same device (an fp32 GEMM on CPU, bf16 on GPU; the best of
+a measurement before and after the arms).  Model FLOPs are the work the training step needs, the
+same for every arm on the same batches (so MFU ranks arms like real tokens/s does), counted from
+each batch as it is collated:
+
+    per real token       sum over the decoder's matmul weights W: 4|W| if W is frozen (forward 2|W|,
+                         gradient of the input 2|W|), 6|W| if it is trained (+ its gradient 2|W|);
+                         LoRA: the frozen base weights at 4, the adapters at 6
+    per example of L     attention scores and their use: 12 * layers * heads * head_dim * L(L+1)/2
+                         (causal, forward 4, backward 8 per query-key pair and query width)
+    per labelled target  the LM head: 4 * d * V (6 * d * V when the head's weight is trained)
+
+The embedding lookup, norms, activations and the softmax count nothing.  Computing the head at
+unlabelled positions is not model work: arms that do it spend time the formula does not credit.
 
 TRL's packing fills rows of ``max_length`` tokens, and its batch size counts those rows, so 8 rows
 would be 8 x max_length tokens per step against the ~8 x mean-length of the other arms.  By default
@@ -74,14 +94,15 @@ import neftune
 from neftune.data.template import IGNORE_INDEX
 
 RANDOM_LLAMA = "random-llama-1b"
-ARMS = ("a", "b", "c", "d", "e", "f", "ceiling")
+ARMS = ("a", "b", "c", "d", "e", "f", "g", "ceiling")
 ARM_LABELS = {
     "a": "TRL SFTTrainer, padded, built-in NEFTune",
     "b": "TRL SFTTrainer, packing=True (bfd, padding-free), built-in NEFTune",
-    "c": "neftune train, packed (padding-free), per-example NEFTune",
+    "c": "neftune train, packed (padding-free), per-example NEFTune, the model's own loss",
     "d": "neftune train --no-packing (padded), per-example NEFTune",
     "e": "neftune train, packed, no NEFTune",
     "f": "neftune train, packed, per-example NEFTune, transformers' SDPA over the whole row",
+    "g": "neftune train, packed, per-example NEFTune, LM head and loss at labelled positions only",
     "ceiling": "fixed-shape ceiling: full rows, no mask, no NEFTune",
 }
 
@@ -345,7 +366,7 @@ class BenchData:
 def sharegpt_data(settings: Settings, tokenizer: Any, n_rows: int) -> BenchData:
     """First turns (up to and including the first assistant answer) of shuffled ShareGPT conversations."""
     from neftune.data.formats import Example, load_examples
-    from neftune.data.template import encode_examples, encode_prompt
+    from neftune.data.template import encode_examples
 
     loaded = load_examples("builtin:sharegpt", on_bad_record="skip")
     firsts = []
@@ -361,13 +382,7 @@ def sharegpt_data(settings: Settings, tokenizer: Any, n_rows: int) -> BenchData:
         kept, drops = encode_examples(tokenizer, chunk, settings.max_length)
         rows.extend(kept)
         dropped += sum(drops.values())
-    prompts = []
-    for example in firsts[used:]:
-        ids = encode_prompt(tokenizer, example.prompt_messages)
-        if len(ids) <= settings.gen_prompt_max:
-            prompts.append(ids)
-        if len(prompts) == settings.gen_prompts:
-            break
+    prompts = generation_prompts(settings, tokenizer, firsts[used:])
     notes = {
         "source": "builtin:sharegpt first turns",
         "conversations": len(loaded.examples),
@@ -375,6 +390,32 @@ def sharegpt_data(settings: Settings, tokenizer: Any, n_rows: int) -> BenchData:
         "dropped_all_prompt_after_truncation_or_template": dropped,
     }
     return BenchData(rows[:n_rows], prompts, notes)
+
+
+def generation_prompts(settings: Settings, tokenizer: Any, examples: Sequence[Any]) -> list[list[int]]:
+    """Token ids of the first ``gen_prompts`` prompts of ``examples`` no longer than ``gen_prompt_max``."""
+    from neftune.data.template import encode_prompt
+
+    prompts = []
+    for example in examples:
+        ids = encode_prompt(tokenizer, example.prompt_messages)
+        if len(ids) <= settings.gen_prompt_max:
+            prompts.append(ids)
+        if len(prompts) == settings.gen_prompts:
+            break
+    return prompts
+
+
+def skills_data(settings: Settings, tokenizer: Any, n_rows: int) -> BenchData:
+    """Shuffled ``builtin:skills`` training examples (short tasks: mostly prompt, answers of a few tokens)."""
+    from neftune.data.formats import load_examples
+    from neftune.data.template import encode_examples
+
+    examples = list(load_examples("builtin:skills", split="train", seed=settings.seed).examples)
+    random.Random(settings.seed).shuffle(examples)
+    rows, drops = encode_examples(tokenizer, examples[:n_rows], settings.max_length)
+    notes = {"source": "builtin:skills (train split)", "dropped": sum(drops.values())}
+    return BenchData(rows, generation_prompts(settings, tokenizer, examples[n_rows:]), notes)
 
 
 def alpaca_like_data(settings: Settings, tokenizer: Any, n_rows: int) -> BenchData:
@@ -399,6 +440,13 @@ def alpaca_like_data(settings: Settings, tokenizer: Any, n_rows: int) -> BenchDa
         " + eos, random token ids"
     }
     return BenchData(rows, prompts, notes)
+
+
+DATA_SOURCES: dict[str, Callable[[Settings, Any, int], BenchData]] = {
+    "sharegpt": sharegpt_data,
+    "skills": skills_data,
+    "alpaca-like": alpaca_like_data,
+}
 
 
 def plain_token_ids(tokenizer: Any) -> list[int]:
@@ -429,17 +477,83 @@ class TokenCounter:
         self.inner = inner
         self.real: list[int] = []
         self.computed: list[int] = []
+        self.work: list[tuple[int, int]] = []
         self.layout: dict[str, Any] = {}
 
     def __call__(self, features: list[dict]) -> dict:
         batch = self.inner(features)
         self.real.append(sum(len(f["input_ids"]) for f in features))
         self.computed.append(int(batch["input_ids"].numel()))
+        self.work.append(batch_work(batch))
         if not self.layout:
             self.layout = {"keys": sorted(batch), "input_ids_shape": list(batch["input_ids"].shape)}
             if "position_ids" in batch:
                 self.layout["sequences_per_batch"] = int((batch["position_ids"] == 0).sum())
         return batch
+
+
+def batch_work(batch: dict[str, torch.Tensor]) -> tuple[int, int]:
+    """``(labelled targets, causal query-key pairs)`` of a collated batch: the two counts besides its real
+    tokens that its model FLOPs depend on.  Examples are the attention mask's rows, else the segments of
+    restarting ``position_ids``, else whole rows."""
+    ids = batch["input_ids"]
+    labels = batch.get("labels")
+    targets = int((labels[..., 1:] != IGNORE_INDEX).sum()) if labels is not None else ids[..., 1:].numel()
+    if batch.get("attention_mask") is not None:
+        lengths = batch["attention_mask"].sum(-1).flatten()
+    elif batch.get("position_ids") is not None:
+        segments = []
+        for row in batch["position_ids"].reshape(-1, ids.shape[-1]):
+            starts = torch.ones_like(row, dtype=torch.bool)
+            starts[1:] = row[1:] != row[:-1] + 1
+            segments.append(torch.diff(starts.nonzero().flatten(), append=torch.tensor([row.numel()])))
+        lengths = torch.cat(segments)
+    else:
+        lengths = torch.full((ids.reshape(-1, ids.shape[-1]).shape[0],), ids.shape[-1])
+    return targets, int((lengths * (lengths + 1) // 2).sum())
+
+
+@dataclass
+class FlopModel:
+    """Model FLOPs of one training step (the formula in the module docstring), from the trained model."""
+
+    per_token: int
+    per_pair: int
+    per_target: int
+
+    @classmethod
+    def of(cls, model: Any) -> FlopModel:
+        inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+        embedding, head = inner.get_input_embeddings().weight, inner.get_output_embeddings().weight
+        per_token = sum(
+            (6 if p.requires_grad else 4) * p.numel()
+            for p in model.parameters()
+            if p.dim() == 2 and p is not embedding and p is not head
+        )
+        cfg = inner.config
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        per_pair = 12 * cfg.num_hidden_layers * cfg.num_attention_heads * head_dim
+        return cls(per_token, per_pair, (6 if head.requires_grad else 4) * head.numel())
+
+    def step(self, tokens: int, targets: int, pairs: int) -> int:
+        return self.per_token * tokens + self.per_pair * pairs + self.per_target * targets
+
+
+def peak_matmul_flops(seconds: float = 2.0) -> float:
+    """The best FLOP/s of a square GEMM on this device (fp32 on CPU, bf16 on GPU) over ``seconds``."""
+    n, dtype = (8192, torch.bfloat16) if cuda() else (2048, torch.float32)
+    a, b = (torch.randn(n, n, device=device(), dtype=dtype) for _ in range(2))
+    torch.matmul(a, b)
+    best, deadline = 0.0, time.perf_counter() + seconds
+    while time.perf_counter() < deadline:
+        if cuda():
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        torch.matmul(a, b)
+        if cuda():
+            torch.cuda.synchronize()
+        best = max(best, 2 * n**3 / (time.perf_counter() - start))
+    return best
 
 
 class StepTimer(TrainerCallback):
@@ -530,10 +644,14 @@ def make_trainer(
             inner = PaddingCollator(tokenizer.pad_token_id)
         else:
             inner = packing_collator()
-        if arm in ("c", "e"):
+        if arm in ("c", "e", "g"):
             use_neftune_attention(model)
+        if arm == "g":
+            from neftune import lmhead
+
+            lmhead.attach(model)  # this arm's model is discarded after it, hooks and all
         counter = TokenCounter(inner)
-        callbacks = [NEFTuneCallback(alpha=settings.alpha, seed=settings.seed)] if arm in ("c", "d", "f") else []
+        callbacks = [NEFTuneCallback(alpha=settings.alpha, seed=settings.seed)] if arm in ("c", "d", "f", "g") else []
         trainer = Trainer(
             model=model,
             args=TrainingArguments(**args, remove_unused_columns=False),
@@ -587,7 +705,10 @@ def run_arm(arm: str, settings: Settings, batch: int, data: BenchData, tokenizer
         raise RuntimeError(f"only {len(timer.times)} steps ran; nothing left after {settings.warmup} warm-up steps")
     real = counter.real[settings.warmup : settings.warmup + len(measured)]
     computed = counter.computed[settings.warmup : settings.warmup + len(measured)]
+    work = counter.work[settings.warmup : settings.warmup + len(measured)]
     seconds = sum(measured)
+    flops = FlopModel.of(model)
+    model_flops = sum(flops.step(n, t, p) for n, (t, p) in zip(real, work, strict=True))
     result: dict[str, Any] = {
         "label": ARM_LABELS[arm],
         "per_device_train_batch_size": trainer.args.per_device_train_batch_size,
@@ -597,6 +718,10 @@ def run_arm(arm: str, settings: Settings, batch: int, data: BenchData, tokenizer
         "step_ms": [round(t * 1e3, 1) for t in timer.times],
         "real_tokens_per_step": sum(real) / len(real),
         "padding_share": 1 - sum(real) / sum(computed),
+        "labelled_share": sum(t for t, _ in work) / sum(real),
+        "model_flops_per_token": model_flops / sum(real),
+        "model_flops_per_s": model_flops / seconds,
+        "flop_model": dataclasses.asdict(flops),
         "peak_memory_bytes": peak_memory_bytes(),
         "peak_memory_kind": "cuda_max_allocated" if cuda() else ("rss_per_arm" if per_process else "rss_process_peak"),
         "batch_layout": counter.layout,
@@ -671,6 +796,8 @@ def add_ratios(arms: dict[str, dict[str, Any]]) -> dict[str, float]:
         "b_over_a": ("b", "a"),
         "c_over_d": ("c", "d"),
         "c_over_f": ("c", "f"),
+        "g_over_c": ("g", "c"),
+        "g_over_a": ("g", "a"),
         "packed_over_ceiling": ("c", "ceiling"),
     }.items():
         if tps(num) and tps(den):
@@ -681,6 +808,23 @@ def add_ratios(arms: dict[str, dict[str, Any]]) -> dict[str, float]:
         if tps("a") and "tokens_per_s" in result:
             result["vs_a"] = result["tokens_per_s"] / tps("a")
     return ratios
+
+
+def mfu_note(report: dict[str, Any], arms: dict[str, dict[str, Any]]) -> str:
+    """One sentence: the peak the MFU is relative to, and the FLOPs per token behind it."""
+    peak = report["peak_matmul"]
+    done = next((r for r in arms.values() if "flop_model" in r), None)
+    if done is None:
+        return ""
+    f = done["flop_model"]
+    return (
+        f"MFU = model FLOPs / s over the peak {peak['kind']} GEMM measured in this run, "
+        f"{peak['flops'] / 1e9:,.0f} GFLOP/s (before the arms {peak['before'] / 1e9:,.0f}, after {peak['after'] / 1e9:,.0f}). "
+        f"Model FLOPs ({done['model_flops_per_token'] / 1e9:.3f} GFLOP per real token here): "
+        f"{f['per_token'] / 1e6:,.0f} MFLOP per token (decoder matmuls), {f['per_pair'] / 1e3:,.0f} kFLOP per "
+        f"causal query-key pair, {f['per_target'] / 1e6:,.0f} MFLOP per labelled target (LM head); "
+        f"{done['labelled_share']:.0%} of the real tokens are labelled targets."
+    )
 
 
 def gib(n: int) -> str:
@@ -709,12 +853,12 @@ def markdown(report: dict[str, Any]) -> str:
         lines += [
             f"**Batch {batch}**",
             "",
-            f"| arm | setup | real tokens/s | step ms (median) | real tokens/step | padding | {memory} | vs (a) |",
-            "|---|---|---:|---:|---:|---:|---:|---:|",
+            f"| arm | setup | real tokens/s | step ms (median) | real tokens/step | padding | {memory} | MFU | vs (a) |",
+            "|---|---|---:|---:|---:|---:|---:|---:|---:|",
         ]
         for arm, r in arms.items():
             if "error" in r:
-                lines.append(f"| {arm} | {ARM_LABELS[arm]} | failed: {r['error'][:120]} | | | | | |")
+                lines.append(f"| {arm} | {ARM_LABELS[arm]} | failed: {r['error'][:120]} | | | | | | |")
                 continue
             setup = r["label"] + (
                 f" ({r['per_device_train_batch_size']} rows of {s['max_length']})" if arm == "b" else ""
@@ -725,7 +869,7 @@ def markdown(report: dict[str, Any]) -> str:
             lines.append(
                 f"| {arm} | {setup} | {r['tokens_per_s']:,.0f} | {r['step_ms_median']:,.0f} "
                 f"| {r['real_tokens_per_step']:,.0f} | {r['padding_share']:.0%} | {gib(r['peak_memory_bytes'])} "
-                f"| {vs_a} |"
+                f"| {r['mfu']:.1%} | {vs_a} |"
             )
         ratios = report["ratios"][batch]
         parts = []
@@ -735,6 +879,8 @@ def markdown(report: dict[str, Any]) -> str:
             ("b_over_a", "(b)/(a)"),
             ("c_over_d", "(c)/(d)"),
             ("c_over_f", "(c)/(f) varlen vs SDPA"),
+            ("g_over_c", "(g)/(c) labelled-only loss"),
+            ("g_over_a", "(g)/(a)"),
             ("packed_over_ceiling", "packed (c)/ceiling"),
         ):
             if key in ratios:
@@ -742,6 +888,7 @@ def markdown(report: dict[str, Any]) -> str:
         if "neftune_overhead_pct" in ratios:
             parts.append(f"NEFTune overhead (c) vs (e) = {ratios['neftune_overhead_pct']:+.1f}%")
         lines += ["", "Headline: " + "; ".join(parts) if parts else "Headline: -", ""]
+        lines += [mfu_note(report, arms), ""]
     gen = report.get("generation")
     if gen and "error" in gen:
         lines += [f"Generation benchmark failed: {gen['error']}", ""]
@@ -773,7 +920,7 @@ def parse_settings(argv: Sequence[str] | None = None) -> tuple[Settings, Path | 
     parser.add_argument(
         "--model", help=f"neftune model spec (smollm2-135m, tiny-random, a directory) or {RANDOM_LLAMA}"
     )
-    parser.add_argument("--data", choices=["sharegpt", "alpaca-like"])
+    parser.add_argument("--data", choices=["sharegpt", "skills", "alpaca-like"])
     parser.add_argument("--batch-sizes", type=lambda v: [int(x) for x in v.split(",")], help="e.g. 8,32")
     parser.add_argument("--max-length", type=int)
     parser.add_argument("--warmup", type=int, help="steps run before timing starts")
@@ -849,8 +996,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     log(f"throughput benchmark, preset {settings.preset}: {settings}")
     tokenizer = build_tokenizer(settings)
     n_rows = max(settings.batch_sizes) * (settings.warmup + settings.steps)
-    load = sharegpt_data if settings.data == "sharegpt" else alpaca_like_data
-    data = load(settings, tokenizer, n_rows)
+    data = DATA_SOURCES[settings.data](settings, tokenizer, n_rows)
     if len(data.rows) < n_rows:
         log(f"warning: only {len(data.rows)} examples for {n_rows} wanted; arms will repeat data")
     lengths = describe_lengths(data.rows, settings.max_length)
@@ -866,6 +1012,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "results": {},
         "ratios": {},
     }
+    peak_before = peak_matmul_flops()
+    log(f"peak matmul: {peak_before / 1e9:,.1f} GFLOP/s")
     for batch in settings.batch_sizes:
         arms: dict[str, dict[str, Any]] = {}
         for arm in settings.arms:
@@ -879,7 +1027,19 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                 arms[arm] = {"label": ARM_LABELS[arm], "error": one_line(error)}
             release_memory()
         report["results"][str(batch)] = arms
-        report["ratios"][str(batch)] = add_ratios(arms)
+    peak_after = peak_matmul_flops()
+    peak = max(peak_before, peak_after)
+    report["peak_matmul"] = {
+        "kind": "bf16 8192^3" if cuda() else "fp32 2048^3",
+        "flops": peak,
+        "before": peak_before,
+        "after": peak_after,
+    }
+    for batch, arms in report["results"].items():
+        for result in arms.values():
+            if "model_flops_per_s" in result:
+                result["mfu"] = result["model_flops_per_s"] / peak
+        report["ratios"][batch] = add_ratios(arms)
     if settings.gen_prompts > 0 and data.gen_prompts:
         log("generation: sorted by length vs unsorted")
         try:

@@ -1,5 +1,6 @@
-"""Broken data files, configs and arguments through the real ``neftune train``: one short line on
-stderr naming the problem, exit status 2, never a traceback; the cases live in tests/data/bad/cases.yaml.
+"""Broken data files, configs, model files and arguments through the real CLI (``neftune train``,
+``generate``, ``eval``, ``judge``, ``compare``, ``audit``): one short line on stderr naming the problem,
+exit status 2, never a traceback, nothing half-written; the cases live in tests/data/bad/cases.yaml.
 
 Every case runs in-process (``neftune.cli.main``); the ones marked ``subprocess`` also run as
 ``python -m neftune`` in a fresh interpreter, to show what a user's terminal gets.
@@ -17,9 +18,10 @@ from pathlib import Path
 
 import pytest
 import yaml
+from tests.hostile import hostile_files
 
 import neftune.models
-from neftune.cli import main
+from neftune.cli import UNEXPECTED_HINT, main
 from neftune.models import resolve_model
 
 BAD = Path(__file__).parent / "data" / "bad"
@@ -75,6 +77,7 @@ def places(cache, tmp_path_factory) -> dict[str, str]:
     (root / "huge_key.jsonl").write_text(json.dumps({big: "x"}) + "\n")
     (root / "newline_key.jsonl").write_text(json.dumps({"prompt\nresponse": "x"}) + "\n")
     return {
+        **hostile_files(root / "hostile", tiny),
         "d": str(d),
         "file": str(root / "a-file"),
         "huge": str(root / "huge.jsonl"),
@@ -87,13 +90,20 @@ def places(cache, tmp_path_factory) -> dict[str, str]:
 
 
 def argv_for(case: dict, places: dict[str, str], tmp: Path) -> list[str]:
+    """The case's command line: ``argv`` as it stands, or ``train`` BASE followed by ``args``."""
     values = {**places, "tmp": str(tmp)}
-    return [arg.format(**values) for arg in BASE + [str(a) for a in case["args"]]]
+    argv = case["argv"] if "argv" in case else BASE + case["args"]
+    return [str(arg).format(**values) for arg in argv]
+
+
+def files_under(root: Path) -> list[Path]:
+    return [p for p in root.rglob("*") if not p.is_dir()]
 
 
 def check_error_output(case: dict, code: int, err: str) -> str:
     """Exit 2 and exactly one short ``neftune: error:`` line holding every expected fragment."""
     assert "Traceback" not in err, err[-2000:]
+    assert UNEXPECTED_HINT not in err, f"reached the last-resort handler: {err[-2000:]}"
     lines = [line for line in err.splitlines() if line.strip()]
     assert code == 2, f"exit {code}; stderr: {err[-2000:]}"
     assert len(lines) == 1, f"expected one line, got {len(lines)}: {err[:2000]}"
@@ -129,6 +139,8 @@ def test_bad_input(case, places, cache, tmp_path, monkeypatch, capsys, caplog):
         assert "neftune: error" not in err and "Traceback" not in err
         for fragment in case.get("log", []):
             assert fragment in caplog.text, f"{fragment!r} not logged:\n{caplog.text[-2000:]}"
+        if "argv" in case:
+            return
         summary = json.loads((tmp_path / "out" / "train_summary.json").read_text())
         for key, value in case.get("summary", {}).items():
             assert summary[key] == value, (key, summary[key])
@@ -140,6 +152,8 @@ def test_bad_input(case, places, cache, tmp_path, monkeypatch, capsys, caplog):
     if case.get("stage") in ("args", "config", "output"):
         assert loads == [], "the input should be rejected before any model is loaded"
     assert not (tmp_path / "out" / "model").exists()
+    if "argv" in case:  # nothing written, not even half a file
+        assert files_under(tmp_path) == []
 
 
 def test_corpus_has_enough_cases():
@@ -149,6 +163,8 @@ def test_corpus_has_enough_cases():
     assert all(c.get("error") for c in CASES if c.get("exit", 2) == 2)
     stages = {c.get("stage") for c in CASES}
     assert {"data", "config", "args", "output", "model"} <= stages
+    commands = {c.get("argv", BASE)[0] for c in CASES}
+    assert {"train", "generate", "eval", "judge", "compare", "audit"} <= commands
 
 
 SUBPROCESS_CASES = [c for c in CASES if c.get("subprocess")]

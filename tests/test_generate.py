@@ -176,7 +176,8 @@ def test_instruction_of_requires_user_turn():
     ("content", "fragment"),
     [
         ('{"instruction": "a"}', "expected a JSON list"),
-        ('[{"instruction": "a", "output": "b", "generator": "g"}]', "record 0 has no 'dataset'"),
+        ('[{"instruction": "a", "output": "b"}]', "record 0 has no 'generator'"),
+        ('[{"instruction": "a", "output": "b", "generator": "g", "dataset": 1}]', "'dataset' must be a string"),
         ('[{"instruction": "a", "output": "b", "generator": "g", "dataset": "d"}, 3]', "record 1 is int"),
         (
             '[{"instruction": "a", "output": 5, "generator": "g", "dataset": "d"}]',
@@ -196,6 +197,12 @@ def test_read_outputs_rejects_bad_files(tmp_path, content, fragment):
         read_outputs(path)
     message = str(info.value)
     assert fragment in message and str(path) in message and "\n" not in message
+
+
+def test_read_outputs_accepts_alpaca_eval_records_without_dataset(tmp_path):
+    path = tmp_path / "alpaca_eval.json"
+    path.write_text('[{"instruction": "a", "output": "b", "generator": "g"}]', encoding="utf-8")
+    assert read_outputs(path) == [{"instruction": "a", "output": "b", "generator": "g"}]
 
 
 def test_read_outputs_missing_file(tmp_path):

@@ -19,8 +19,10 @@ max_length=N)`` does); ``--batch-size`` then counts those sequences.
 from __future__ import annotations
 
 import argparse
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -149,6 +151,10 @@ def load_tokenizer(spec: str, trust_remote_code: bool = False) -> Any:
     from neftune.models import resolve_model
 
     resolved = resolve_model(spec)
+    if os.path.isdir(resolved):
+        from neftune.model_files import check_model_files
+
+        check_model_files(Path(resolved), weights=False)
     try:
         return AutoTokenizer.from_pretrained(resolved, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as error:

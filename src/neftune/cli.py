@@ -11,6 +11,7 @@ import argparse
 import logging
 import os
 import sys
+import traceback
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -118,8 +119,10 @@ def _answer(args: argparse.Namespace, model, tokenizer, examples) -> list[dict]:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     from neftune.generate import write_outputs
+    from neftune.io import check_output_file
     from neftune.models import load_model_and_tokenizer
 
+    check_output_file(args.output)
     examples = _load_eval_set(args.data, args.format, args.limit, args.on_bad_record)
     model, tokenizer = load_model_and_tokenizer(
         args.model, for_training=False, trust_remote_code=args.trust_remote_code
@@ -135,8 +138,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     from neftune.evaluate import evaluate_outputs, heldout_loss
     from neftune.generate import read_outputs, write_outputs
+    from neftune.io import check_output_file
     from neftune.models import load_model_and_tokenizer
 
+    if args.output:
+        check_output_file(args.output)
+        if args.model and not args.outputs:
+            check_output_file(os.path.splitext(args.output)[0] + ".outputs.json")
     examples = _load_eval_set(args.data, args.format, args.limit, args.on_bad_record)
     report: dict = {"data": args.data}
     tokenizer = None
@@ -180,15 +188,24 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_judge(args: argparse.Namespace) -> int:
     from neftune.data.presets import get_preset
     from neftune.generate import read_outputs
+    from neftune.io import check_output_file
     from neftune.judge import build_judge, judge_pairs
 
+    if args.output:
+        check_output_file(args.output)
     b = read_outputs(args.candidate)
     if get_preset(args.baseline) is not None:  # a prompt set's shipped reference answers as the baseline
         from neftune.data.evalsets import reference_pairs
+        from neftune.errors import DataError
 
-        a, b = reference_pairs(args.baseline, b)
+        try:
+            a, b = reference_pairs(args.baseline, b)
+        except DataError as e:
+            raise DataError(f"{args.candidate}: {e}") from None
     else:
-        a = read_outputs(args.baseline)
+        from neftune.judge.pairing import pair_outputs
+
+        a, b = pair_outputs(read_outputs(args.baseline), b, args.baseline, args.candidate)
     if args.limit:
         a, b = a[: args.limit], b[: args.limit]
     if args.backend == "http" and not (args.base_url and args.judge_model):
@@ -260,6 +277,17 @@ def error_line(message: object, limit: int = 280) -> str:
     return text
 
 
+DEBUG_ENV = "NEFTUNE_DEBUG"
+#: How the last-resort message ends; the bad-input tests check that no case reaches it.
+UNEXPECTED_HINT = f"this is a bug in neftune; rerun with --debug (or {DEBUG_ENV}=1) for the traceback to report it"
+
+
+def unexpected_error_line(error: BaseException) -> str:
+    """One line for an exception no validation caught: its type, its message and how to see more."""
+    detail = error_line(f"{type(error).__name__}: {error}", limit=160)
+    return f"unexpected {detail} ({UNEXPECTED_HINT})"
+
+
 def build_parser() -> argparse.ArgumentParser:
     from neftune.config import CompareConfig, Config
 
@@ -269,6 +297,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"neftune {__version__}")
     parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
+    parser.add_argument(
+        "--debug", action="store_true", help=f"show the full traceback of an error (or set {DEBUG_ENV}=1)"
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     # no abbreviations: `--alpha` must not silently mean compare's `--alphas`
@@ -389,11 +420,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     setup_logging(args.quiet)
     func: Callable[[argparse.Namespace], int] = args.func
+    debug = args.debug or os.environ.get(DEBUG_ENV, "").strip().lower() not in ("", "0", "false", "no")
     try:
         return func(args)
     except NeftuneError as e:
+        if debug:
+            traceback.print_exc()
         print(f"neftune: error: {error_line(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("neftune: interrupted", file=sys.stderr)
         return 130
+    except Exception as e:  # the last resort: one line, the traceback on request
+        if debug:
+            traceback.print_exc()
+        print(f"neftune: error: {unexpected_error_line(e)}", file=sys.stderr)
+        return 1

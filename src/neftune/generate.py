@@ -15,7 +15,8 @@ prompt token sits in the final column and the KV cache can be extended in lockst
 greedily until an end-of-turn token, and returned in the caller's order.
 
 Output files are AlpacaEval ``model_outputs`` files: a JSON list of records with ``instruction``,
-``output``, ``generator`` and ``dataset``.  Records written here may carry two extra keys,
+``output``, ``generator`` and ``dataset`` (``dataset`` is optional when reading, as in AlpacaEval).
+Records written here may carry two extra keys,
 ``reference`` (the dataset's reference answer, a string) and ``meta`` (a small dict of JSON scalars,
 e.g. a builtin example's ``family`` and ``answer``).  AlpacaEval accepts such files unchanged: its
 head-to-head annotation keeps only the ``instruction`` and ``output`` columns of each file.
@@ -34,7 +35,9 @@ import torch
 
 from neftune.data.presets import defaults_for
 from neftune.errors import DataError
-from neftune.io import atomic_write_json
+from neftune.io import atomic_write_json, not_a_regular_file
+from neftune.jsonsafe import JSONProblem
+from neftune.jsonsafe import loads as strict_loads
 
 logger = logging.getLogger(__name__)
 
@@ -51,8 +54,8 @@ __all__ = [
     "write_outputs",
 ]
 
-#: Keys every output record must have, with string values.
-REQUIRED_KEYS: tuple[str, ...] = ("instruction", "output", "generator", "dataset")
+#: Keys every output record must have, with string values (``dataset``, also written, is optional).
+REQUIRED_KEYS: tuple[str, ...] = ("instruction", "output", "generator")
 
 # ChatML end-of-turn marker.  Many chat tokenizers declare a different eos (e.g. <|endoftext|>)
 # while their chat template closes each assistant turn with this token, so generation must stop on
@@ -350,6 +353,8 @@ def _validate_records(records: Any, where: str) -> list[dict[str, Any]]:
                 raise DataError(
                     f"{where}: record {index} field '{key}' must be a string, got {type(record[key]).__name__}"
                 )
+        if "dataset" in record and not isinstance(record["dataset"], str):
+            raise DataError(f"{where}: record {index} field 'dataset' must be a string")
         if "reference" in record and record["reference"] is not None and not isinstance(record["reference"], str):
             raise DataError(f"{where}: record {index} field 'reference' must be a string or null")
         if "meta" in record and not isinstance(record["meta"], dict):
@@ -379,14 +384,23 @@ def read_outputs(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
     field.
     """
     path = Path(path)
+    problem = not_a_regular_file(path)
+    if problem == "does not exist":
+        raise DataError(f"{path}: outputs file not found")
+    if problem:
+        raise DataError(f"outputs file {path} {problem}; expected a JSON list of output records")
     try:
         text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise DataError(f"{path}: outputs file not found") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise DataError(f"{path}: cannot read outputs file ({exc.__class__.__name__}: {exc})") from None
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read outputs file ({exc.strerror or exc})") from None
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    if not text.strip():
+        raise DataError(f"{path}: empty file; expected a JSON list of output records")
     try:
-        data = json.loads(text)
+        data = strict_loads(text.removeprefix("\ufeff"))
     except json.JSONDecodeError as exc:
         raise DataError(f"{path}: not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg})") from None
+    except JSONProblem as exc:
+        raise DataError(f"{path}: not valid JSON ({exc})") from None
     return _validate_records(data, str(path))

@@ -5,7 +5,8 @@ One implementation of each, so that "a crash never leaves half a file" holds eve
 * :func:`atomic_write_bytes` / :func:`atomic_write_text` / :func:`atomic_write_json` write a sibling
   temporary file and ``os.replace`` it over the target; a reader sees the old file or the new one.
 * :func:`atomic_save_dir` does the same for a directory written by a callback (a saved model).
-* :func:`check_output_dir` fails before any expensive work if a directory cannot be written.
+* :func:`check_output_dir` / :func:`check_output_file` fail before any expensive work if a directory
+  or file cannot be written.
 * :func:`file_lock` is an inter-process lock (``filelock``) around work two processes must not
   do at once, such as filling the same cache entry.
 """
@@ -15,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import stat
 import tempfile
 import uuid
 from collections.abc import Callable, Iterator
@@ -32,7 +34,9 @@ __all__ = [
     "atomic_write_json",
     "atomic_write_text",
     "check_output_dir",
+    "check_output_file",
     "file_lock",
+    "not_a_regular_file",
 ]
 
 
@@ -90,6 +94,28 @@ def atomic_save_dir(target: str | os.PathLike[str], write: Callable[[Path], obje
     return target
 
 
+def not_a_regular_file(path: str | os.PathLike[str]) -> str | None:
+    """Why ``path`` cannot be read as an input file, as words to follow its name, or ``None``.
+
+    Reading a named pipe blocks until a writer comes and a device such as ``/dev/zero`` never ends,
+    so readers check this before opening: ``"does not exist"``, ``"is a directory"``, ``"is a named
+    pipe (FIFO), not a regular file"`` and so on.
+    """
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return "does not exist"
+    except OSError as e:
+        return f"cannot be read ({e.strerror or e})"
+    if stat.S_ISREG(mode):
+        return None
+    if stat.S_ISDIR(mode):
+        return "is a directory"
+    kinds = ((stat.S_ISFIFO, "a named pipe (FIFO)"), (stat.S_ISCHR, "a device"), (stat.S_ISBLK, "a device"))
+    kind = next((name for test, name in kinds if test(mode)), "a socket or other special file")
+    return f"is {kind}, not a regular file"
+
+
 def check_output_dir(path: str | os.PathLike[str]) -> Path:
     """Create ``path`` if needed and prove it writable; :class:`ConfigError` naming it otherwise."""
     path = Path(path)
@@ -102,6 +128,22 @@ def check_output_dir(path: str | os.PathLike[str]) -> Path:
         probe.unlink()
     except OSError as e:
         raise ConfigError(f"output directory {path} is not writable ({e.strerror or e})") from None
+    return path
+
+
+def check_output_file(path: str | os.PathLike[str]) -> Path:
+    """Fail early, with :class:`ConfigError` naming ``path``, unless a file can be written there.
+
+    Refuses a directory, a device or a pipe in its place (an atomic write would replace the device
+    node) and a parent directory that cannot be created or written.  Creates the parent directory.
+    """
+    path = Path(path)
+    if path.exists() and not path.is_file():
+        raise ConfigError(f"output file {path} {not_a_regular_file(path)}")
+    try:
+        check_output_dir(path.parent)
+    except ConfigError as e:
+        raise ConfigError(f"cannot write output file {path}: {e}") from None
     return path
 
 

@@ -21,6 +21,7 @@ import logging
 import os
 import re
 import shutil
+import struct
 import time
 import uuid
 from collections.abc import Callable, Mapping
@@ -30,7 +31,7 @@ from typing import Any
 import torch
 
 from neftune.errors import ModelError
-from neftune.io import file_lock
+from neftune.io import file_lock, not_a_regular_file
 from neftune.tiny import save_tiny
 
 logger = logging.getLogger(__name__)
@@ -131,6 +132,8 @@ def resolve_model(spec: str) -> str:
     path = Path(spec).expanduser()
     if path.is_dir():
         return os.path.abspath(path)
+    if path.exists() and not path.is_file():
+        raise ModelError(f"model path {spec} {not_a_regular_file(path)}; expected a model directory or a .gguf file")
     if path.is_file():
         if path.suffix.lower() == ".gguf":
             return str(_gguf_dir(path))
@@ -170,6 +173,10 @@ def convert_gguf(gguf_path: str | Path, out_dir: str | Path) -> Path:
         model = AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), dtype=torch.float32, **load_kwargs)
     except (OSError, ValueError, KeyError, NotImplementedError) as error:
         raise ModelError(f"cannot convert GGUF file {gguf_path}: {one_line(error)}") from error
+    except struct.error:  # the reader asked for bytes past the end of the file
+        raise ModelError(
+            f"cannot convert GGUF file {gguf_path}: truncated or corrupt (its header runs past the end of the file)"
+        ) from None
     _drop_quantization(model)
     max_positions = getattr(model.config, "max_position_embeddings", None)
     # GGUF metadata carries no tokenizer length limit, so the tokenizer would report ~1e30.

@@ -46,6 +46,7 @@ from neftune.model_cache import (
     resolve_model,
     smollm2_gguf_path,
 )
+from neftune.model_files import check_model_files
 
 logger = logging.getLogger(__name__)
 
@@ -172,7 +173,7 @@ def load_model_and_tokenizer(
             use_safetensors=use_safetensors,
             weights_only=True,
         )
-    except (OSError, ValueError) as error:
+    except (OSError, ValueError, RuntimeError) as error:  # RuntimeError: a config.json with impossible sizes
         raise ModelError(describe_failure(error)) from error
 
     _ensure_pad_token(tokenizer, model)
@@ -208,6 +209,7 @@ def _load_adapter(
     from peft import PeftModel
     from transformers import AutoTokenizer
 
+    check_model_files(directory)
     try:
         base = json.loads((directory / "adapter_config.json").read_text(encoding="utf-8")).get(
             "base_model_name_or_path"
@@ -333,6 +335,7 @@ def _check_model_dir(directory: Path) -> bool:
         ggufs = sorted(directory.glob("*.gguf"))
         hint = f"; to use the GGUF file there, pass its path ({ggufs[0]})" if ggufs else ""
         raise ModelError(f"model directory {directory} has no config.json{hint}")
+    check_model_files(directory)
     if not any((directory / name).is_file() for name in _TOKENIZER_FILES):
         raise ModelError(
             f"model directory {directory} has no tokenizer "

@@ -18,6 +18,10 @@ from pathlib import Path
 from typing import Any
 
 from neftune.errors import DataError
+from neftune.io import not_a_regular_file
+from neftune.jsonsafe import JSONProblem
+from neftune.jsonsafe import loads as strict_loads
+from neftune.jsonsafe import raw_decode as strict_raw_decode
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +51,9 @@ def read_records(path: Path, label: str, split: str, notes: list[str]) -> Iterat
     """
     if path.is_dir():
         return _dataset_records(path, label, split)
+    problem = not_a_regular_file(path)
+    if problem:
+        raise DataError(f"{label} {problem}")
     suffix = path.suffix.lower()
     if suffix == ".parquet":
         return _parquet_records(path, label)
@@ -92,11 +99,14 @@ def _jsonl_records(raw: bytes, bom: int, label: str) -> Iterator[Record]:
             yield where, where, BadRecord(INVALID_UTF8, f"invalid UTF-8 (byte offset {line_offset + err.start})")
             continue
         try:
-            record = json.loads(text)
+            record = strict_loads(text)
         except json.JSONDecodeError as err:
             if number == 1:
                 _reject_single_object(raw[bom:], label)
             yield where, where, BadRecord(MALFORMED_JSON, f"malformed JSON: {err.msg} (column {err.colno})")
+            continue
+        except JSONProblem as err:
+            yield where, where, BadRecord(MALFORMED_JSON, f"malformed JSON: {err}")
             continue
         yield where, where, record
 
@@ -104,8 +114,8 @@ def _jsonl_records(raw: bytes, bom: int, label: str) -> Iterator[Record]:
 def _reject_single_object(raw: bytes, label: str) -> None:
     """A pretty-printed JSON object is neither JSON Lines nor a record array: say so."""
     try:
-        whole = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError):
+        whole = strict_loads(raw.decode("utf-8"))
+    except (ValueError, UnicodeDecodeError):  # JSONDecodeError and JSONProblem are ValueErrors
         return
     if isinstance(whole, dict):
         raise DataError(
@@ -120,7 +130,6 @@ _PARTIAL_LITERAL = re.compile(r"(?:t(?:r(?:ue?)?)?|f(?:a(?:l(?:se?)?)?)?|n(?:u(?
 
 def _array_records(text: str, label: str, notes: list[str]) -> Iterator[Record]:
     """Decode a top-level JSON array record by record, recovering from a truncated tail."""
-    decoder = json.JSONDecoder()
     idx = _WHITESPACE.match(text, text.index("[") + 1).end()
     line, counted = 1, 0
     index = 0
@@ -129,7 +138,9 @@ def _array_records(text: str, label: str, notes: list[str]) -> Iterator[Record]:
         line += text.count("\n", counted, idx)
         counted = idx
         try:
-            record, end = decoder.raw_decode(text, idx)
+            record, end = strict_raw_decode(text, idx)
+        except JSONProblem as err:
+            raise DataError(f"{label}:{line}: malformed JSON in record #{index}: {err}") from None
         except json.JSONDecodeError as err:
             if _cut_off(text, err):
                 break

@@ -407,31 +407,3 @@ def test_logprobs_in_the_completions_shape_and_tie_mass() -> None:
     assert p_first_better(None, "A") is None and p_first_better({"content": "junk"}, "A") is None
     # A judge sure of the first answer in both orders: the pair is even, whatever the certainty.
     assert pair_probability(1.0, 1.0) == 0.5 and pair_probability(0.0, 1.0) == pytest.approx(1.0, abs=1e-5)
-
-
-def test_rerun_repeats_no_deterministic_failure(tmp_path) -> None:
-    """A temperature-0 reply naming both answers is final: cached as a failure, so a rerun asks nothing.
-
-    A failure a retry could cure (HTTP 503) is not cached, and a sampled reply (temperature > 0) is asked
-    again on a rerun."""
-    state = {"overloaded": True}
-
-    def lists_labels(payload, nth, headers):
-        if "base 0" in payload["messages"][-1]["content"]:
-            return 200, _reply("A, B")
-        if state["overloaded"] and "base 1" in payload["messages"][-1]["content"]:
-            return 503, '{"error": "busy"}'
-        return llama_server(payload, nth, headers)
-
-    with OpenAIStyleServer(lists_labels) as server:
-        first = judge_pairs(BASELINE, CANDIDATE, _judge(server.url, max_retries=0), n_boot=10, cache_dir=tmp_path)
-        assert len(server.requests) == 10 and first.n_failed == 2
-        state["overloaded"] = False
-        second = judge_pairs(BASELINE, CANDIDATE, _judge(server.url, max_retries=0), n_boot=10, cache_dir=tmp_path)
-        assert len(server.requests) == 12  # only pair 1's two orders, which failed on HTTP 503
-        assert second.pairs[0].error == first.pairs[0].error == "reply names no single answer (A, B or tie): 'A, B'"
-        assert second.n_failed == 1 and any("2 failed queries read from the cache" in n for n in second.notes)
-        sampled = _judge(server.url, max_retries=0, temperature=0.5)
-        judge_pairs(BASELINE, CANDIDATE, sampled, n_boot=10, cache_dir=tmp_path)
-        judge_pairs(BASELINE, CANDIDATE, sampled, n_boot=10, cache_dir=tmp_path)
-        assert len(server.requests) == 12 + 10 + 2  # the rerun at temperature 0.5 asks pair 0 again

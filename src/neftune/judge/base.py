@@ -74,16 +74,7 @@ class Verdict(NamedTuple):
 
 
 class VerdictUnavailable(Exception):
-    """A single verdict could not be obtained; its pair is counted as failed.
-
-    ``final`` marks a failure that asking the same judge again would repeat (a deterministic reply
-    that names no answer, a prompt longer than the judge's context): it is cached like a verdict, so
-    a rerun does not ask again.  Other failures (network, overload) are asked again on a rerun.
-    """
-
-    def __init__(self, reason: str = "", *, final: bool = False) -> None:
-        super().__init__(reason)
-        self.final = final
+    """A single verdict could not be obtained; its pair is counted as failed."""
 
 
 class Judge(ABC):

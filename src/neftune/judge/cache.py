@@ -1,14 +1,13 @@
 """The on-disk verdict cache: a rerun of the same judgement asks the judge nothing it already answered.
 
-One JSONL line per verdict, or per failure that asking again would repeat::
+One JSONL line per successful verdict::
 
-    {"key": "<sha256>", "verdict": "A", "judge": "<identity>", "reply": "<first 200 chars>", "p_first": 0.83}
-    {"key": "<sha256>", "failed": "reply names no single answer (A, B or tie): 'A, B'", "judge": "<identity>"}
+    {"key": "<sha256>", "verdict": "A", "p_first": 0.83, "judge": "<identity>", "reply": "<first 200 chars>"}
 
 The key hashes the judge's identity (backend, URL, model and every setting that changes verdicts,
 never a secret) and the exact messages shown, so each order of a pair is its own entry.  Appends are
 line-sized and locked, so an interrupted run leaves at most one cut-off last line, which is skipped.
-Failures that a retry could cure (network, overload) are not cached: a rerun asks only for them.
+Failed queries are never cached: a rerun asks only for them.
 """
 
 from __future__ import annotations
@@ -22,7 +21,7 @@ import threading
 from pathlib import Path
 
 from neftune.errors import JudgeError
-from neftune.judge.base import VERDICTS, Query, Verdict, VerdictUnavailable, judge_messages
+from neftune.judge.base import VERDICTS, Query, Verdict, judge_messages
 
 __all__ = ["VerdictCache", "cache_key"]
 
@@ -52,13 +51,13 @@ def _probability(value: object) -> float | None:
 
 
 class VerdictCache:
-    """Append-only JSONL of verdicts, and of final failures, in ``directory/verdicts.jsonl``."""
+    """Append-only JSONL of successful verdicts in ``directory/verdicts.jsonl``."""
 
     FILENAME = "verdicts.jsonl"
 
     def __init__(self, directory: str | os.PathLike[str]) -> None:
         self.path = Path(directory) / self.FILENAME
-        self.entries: dict[str, Verdict | VerdictUnavailable] = {}
+        self.entries: dict[str, Verdict] = {}
         self._lock = threading.Lock()
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -68,34 +67,28 @@ class VerdictCache:
             with self.path.open(encoding="utf-8") as handle:
                 for number, line in enumerate(handle, start=1):
                     try:
-                        self._read(json.loads(line))
+                        entry = json.loads(line)
+                        if entry["verdict"] in VERDICTS:
+                            verdict = Verdict(
+                                entry["verdict"], str(entry.get("reply", "")), _probability(entry.get("p_first"))
+                            )
+                            self.entries[str(entry["key"])] = verdict
                     except (ValueError, KeyError, TypeError):
                         # A line cut short by an interrupted run: skip it, the query is simply re-asked.
                         logger.warning("%s:%d: ignoring unreadable cache line", self.path, number)
 
-    def _read(self, entry: dict[str, object]) -> None:
-        key = str(entry["key"])
-        if isinstance(entry.get("failed"), str):
-            self.entries[key] = VerdictUnavailable(str(entry["failed"]), final=True)
-        elif entry["verdict"] in VERDICTS:
-            label, reply = str(entry["verdict"]), str(entry.get("reply", ""))
-            self.entries[key] = Verdict(label, reply, _probability(entry.get("p_first")))
-
-    def get(self, key: str) -> Verdict | VerdictUnavailable | None:
-        """The cached verdict (or final failure) for ``key``, or None."""
+    def get(self, key: str) -> Verdict | None:
+        """The cached verdict for ``key``, or None."""
         return self.entries.get(key)
 
-    def put(self, key: str, outcome: Verdict | VerdictUnavailable, judge: str) -> None:
-        """Record a verdict, or a final failure, under ``key`` (in memory and on disk)."""
-        entry: dict[str, str | float] = {"key": key}
-        if isinstance(outcome, VerdictUnavailable):
-            entry.update(failed=str(outcome), judge=judge)
-        else:
-            entry.update(verdict=outcome.label, judge=judge, reply=outcome.reply[:200])
-            if outcome.p_first is not None:
-                entry["p_first"] = outcome.p_first
+    def put(self, key: str, verdict: Verdict, judge: str) -> None:
+        """Record ``verdict`` under ``key`` (in memory and on disk)."""
+        entry: dict[str, str | float] = {"key": key, "verdict": verdict.label, "judge": judge}
+        entry["reply"] = verdict.reply[:200]
+        if verdict.p_first is not None:
+            entry["p_first"] = verdict.p_first
         line = json.dumps(entry, ensure_ascii=False)
         with self._lock:
-            self.entries[key] = outcome
+            self.entries[key] = verdict
             with self.path.open("a", encoding="utf-8") as handle:
                 handle.write(line + "\n")

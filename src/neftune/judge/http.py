@@ -219,8 +219,7 @@ class HttpJudge(Judge):
                 raise _LogprobsRejected(f"HTTP {status} {detail}")
             if status in _RETRY_STATUS:
                 raise _Transient(f"HTTP {status} {detail}".strip(), _retry_after(response.headers.get("Retry-After")))
-            # 400/413/422: this request is refused as it stands (e.g. longer than the context)
-            raise VerdictUnavailable(f"HTTP {status} {detail}".strip(), final=True)
+            raise VerdictUnavailable(f"HTTP {status} {detail}".strip())
         try:
             data = response.json()
             if not isinstance(data["choices"][0]["message"], dict):
@@ -278,8 +277,7 @@ class HttpJudge(Judge):
             if self.temperature > 0 and attempt <= self.max_retries:
                 self._sleep(self._delay(attempt, None))
                 continue
-            reason = self._unparseable(content, message, choice.get("finish_reason"), attempt)
-            raise VerdictUnavailable(reason, final=self.temperature == 0)
+            raise VerdictUnavailable(self._unparseable(content, message, choice.get("finish_reason"), attempt))
 
     def _unparseable(self, content: str, message: dict[str, Any], finish: Any, attempts: int) -> str:
         quoted = self._redact(" ".join(content.split()))

@@ -127,8 +127,7 @@ class LocalJudge(Judge):
             ids = self._prompt_ids(query)
             if self.max_length is not None and len(ids) > self.max_length:
                 results[index] = VerdictUnavailable(
-                    f"judge prompt has {len(ids)} tokens, more than the judge's context of {self.max_length}",
-                    final=True,
+                    f"judge prompt has {len(ids)} tokens, more than the judge's context of {self.max_length}"
                 )
             else:
                 encoded.append((index, ids))

@@ -14,9 +14,8 @@ judge's pair score *is* that probability; for the http judge it is reported besi
 win rate.
 
 A verdict that cannot be obtained makes its pair *failed*: it is counted in ``n_failed``, listed, and
-left out of every statistic -- never scored as a tie.  Verdicts, and failures the same judge would
-repeat, are cached on disk (:mod:`neftune.judge.cache`), so rerunning a judgement only asks for what
-is missing.
+left out of every statistic -- never scored as a tie.  Successful verdicts are cached on disk
+(:mod:`neftune.judge.cache`), so rerunning a judgement only asks for what is missing.
 """
 
 from __future__ import annotations
@@ -98,17 +97,13 @@ class _Asker:
         self.errors: dict[int, str] = {}
         self.pending: list[tuple[int, bool, Query]] = []
         self.cached_hits = 0
-        self.cached_failures = 0
 
     def add(self, index: int, baseline_first: bool, query: Query) -> None:
         hit = None
         if self.cache is not None and self.identity is not None:
             hit = self.cache.get(cache_key(self.identity, query))
-        if isinstance(hit, VerdictUnavailable):  # a failure that asking again would repeat
-            self.errors.setdefault(index, str(hit))
-            self.cached_failures += 1
         # A judge scored by probability re-asks a cached verdict that has none (written by an older version).
-        elif hit is not None and not (self.judge.scores_by_probability and hit.p_first is None):
+        if hit is not None and not (self.judge.scores_by_probability and hit.p_first is None):
             self.verdicts[(index, baseline_first)] = hit
             self.cached_hits += 1
         else:
@@ -132,11 +127,10 @@ class _Asker:
                         reason = last_reason = str(outcome) or "verdict unavailable"
                         self.errors.setdefault(index, reason)
                         logger.warning("pair %d: no verdict: %s", index, reason)
-                    else:
-                        consecutive = 0
-                        self.verdicts[(index, baseline_first)] = outcome
-                    final = not isinstance(outcome, VerdictUnavailable) or outcome.final
-                    if final and self.cache is not None and self.identity is not None:
+                        continue
+                    consecutive = 0
+                    self.verdicts[(index, baseline_first)] = outcome
+                    if self.cache is not None and self.identity is not None:
                         self.cache.put(cache_key(self.identity, query), outcome, self.identity)
                 bar.update(len(batch))
                 if consecutive >= self.max_consecutive_failures:
@@ -217,11 +211,6 @@ def judge_pairs(
         notes.append(f"{n_failed} of {len(pairs)} pairs failed to get both verdicts and are excluded from all rates")
     if asker.cached_hits:
         notes.append(f"{asker.cached_hits} verdicts read from the cache")
-    if asker.cached_failures:
-        notes.append(
-            f"{asker.cached_failures} failed queries read from the cache (the same judge would fail them again; "
-            "change its settings, e.g. max_tokens, to ask anew)"
-        )
     boot = {"n_boot": n_boot, "seed": seed, "level": level}
     return _summarise(judge, pairs, scored, notes, boot)
 

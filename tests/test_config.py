@@ -73,7 +73,7 @@ def test_secrets_are_redacted_but_env_var_names_are_kept(tmp_path):
     assert data["judge"]["api_key_env"] == "OPENAI_API_KEY"
     apply_overrides(raw := {}, ["judge.api_key=sk-secret"])
     assert raw == {"judge": {"api_key": "sk-secret"}}
-    from neftune.config import _redact
+    from neftune.config_io import _redact
 
     assert _redact({"api_key": "sk-secret", "hf_token": "hf_x", "name": "ok"}) == {
         "api_key": "***",

@@ -9,20 +9,50 @@ one-line :class:`~neftune.errors.ConfigError` naming the offending field.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import functools
 import math
-import types
-import typing
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
-import yaml
-
+from neftune.config_io import (
+    SECRET_MARKERS,
+    Flag,
+    apply_overrides,
+    command_flags,
+    default_of,
+    from_dict,
+    iter_fields,
+    read_yaml,
+    to_dict,
+    write_config,
+)
 from neftune.errors import ConfigError
 
-SECRET_MARKERS = ("key", "token", "secret", "password")
+__all__ = [
+    "SECRET_MARKERS",
+    "CompareConfig",
+    "Config",
+    "DataConfig",
+    "Flag",
+    "GenerateConfig",
+    "JudgeConfig",
+    "ModelConfig",
+    "NoiseConfig",
+    "TrainConfig",
+    "apply_overrides",
+    "command_flags",
+    "default_of",
+    "from_dict",
+    "iter_fields",
+    "load_config",
+    "read_yaml",
+    "setting",
+    "to_dict",
+    "write_config",
+]
 
 
 def setting(default: Any, help: str, *, flag: str | dict[str, bool] | None = None, **kw: Any) -> Any:
@@ -34,7 +64,7 @@ def setting(default: Any, help: str, *, flag: str | dict[str, bool] | None = Non
     """
     metadata = {"help": help, "flag": flag, **kw}
     if isinstance(default, (list, dict)):
-        return field(default_factory=lambda d=default: type(d)(d), metadata=metadata)
+        return field(default_factory=functools.partial(copy.copy, default), metadata=metadata)
     return field(default=default, metadata=metadata)
 
 
@@ -161,13 +191,14 @@ class Config:
             ("model.lora_r", self.model.lora_r),
         ]:
             _positive(name, value)
-        for name, value in [
+        optional: list[tuple[str, int | None]] = [
             ("data.limit", self.data.limit),
             ("data.eval_limit", self.data.eval_limit),
             ("train.max_steps", self.train.max_steps),
-        ]:
-            if value is not None:
-                _positive(name, value)
+        ]
+        for name, maybe in optional:
+            if maybe is not None:
+                _positive(name, maybe)
         epochs = self.train.epochs
         if epochs is not None and not (epochs > 0 and math.isfinite(epochs)):
             raise ConfigError(f"train.epochs must be > 0, got {epochs}")
@@ -192,124 +223,6 @@ def _positive(name: str, value: Any) -> None:
         raise ConfigError(f"{name} must be a positive integer, got {value!r}")
 
 
-# -- building configs from dicts, YAML and overrides ------------------------------------------
-
-
-def from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
-    """Build dataclass ``cls`` from a nested dict, coercing and checking each value's type."""
-    if not isinstance(data, dict):
-        raise ConfigError(f"{prefix.rstrip('.') or 'config'} must be a mapping, got {type(data).__name__}")
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    kwargs = {}
-    for key, value in data.items():
-        if key not in fields:
-            known = ", ".join(sorted(fields))
-            raise ConfigError(
-                f"unknown setting {prefix}{key} (known under {prefix.rstrip('.') or 'top level'}: {known})"
-            )
-        kwargs[key] = _coerce(hints[key], value, f"{prefix}{key}")
-    return cls(**kwargs)
-
-
-def _coerce(hint: Any, value: Any, name: str) -> Any:
-    if dataclasses.is_dataclass(hint):
-        return from_dict(hint, value if value is not None else {}, name + ".")
-    origin = typing.get_origin(hint)
-    args = typing.get_args(hint)
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        inner = [a for a in args if a is not type(None)]
-        errors = []
-        for candidate in inner:
-            try:
-                return _coerce(candidate, value, name)
-            except ConfigError as e:
-                errors.append(str(e))
-        raise ConfigError(errors[0])
-    if origin is list:
-        if isinstance(value, str):
-            value = [v.strip() for v in value.split(",") if v.strip()]
-        elif isinstance(value, (int, float, bool)):
-            value = [value]  # `--alphas 5` or `alphas: 5`: a list of one
-        if not isinstance(value, list):
-            raise ConfigError(f"{name} must be a list, got {value!r}")
-        return [_coerce(args[0], v, name) for v in value]
-    if hint is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("true", "yes", "1", "on", "false", "no", "0", "off"):
-            return value.lower() in ("true", "yes", "1", "on")
-        raise ConfigError(f"{name} must be true or false, got {value!r}")
-    if hint is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, str):
-            try:
-                return int(value)
-            except ValueError:
-                pass
-        raise ConfigError(f"{name} must be an integer, got {value!r}")
-    if hint is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        raise ConfigError(f"{name} must be a number, got {value!r}")
-    if hint is str:
-        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
-            return str(value)
-        raise ConfigError(f"{name} must be a string, got {value!r}")
-    return value
-
-
-def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply ``a.b=value`` strings to a nested dict (values parsed as YAML scalars)."""
-    for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"override {item!r} must look like section.key=value")
-        key, raw = item.split("=", 1)
-        parts = key.strip().split(".")
-        if not all(parts):
-            raise ConfigError(f"override {item!r} has an empty key")
-        try:
-            value = yaml.safe_load(raw) if raw.strip() else ""
-        except yaml.YAMLError:
-            value = raw
-        node = data
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"override {item!r}: {part} is not a section")
-        node[parts[-1]] = value
-    return data
-
-
-def read_yaml(path: str | Path) -> dict[str, Any]:
-    """Read a YAML config file into a dict, with one-line errors naming the file and line."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except UnicodeDecodeError as e:
-        raise ConfigError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f":{mark.line + 1}" if mark is not None else ""
-        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
-        raise ConfigError(f"{path}{where}: invalid YAML ({problem})") from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(data).__name__}")
-    return data
-
-
 def load_config(cls: type = Config, path: str | Path | None = None, overrides: list[str] | None = None) -> Any:
     """Defaults, then the YAML file, then overrides; validated."""
     data = read_yaml(path) if path else {}
@@ -317,94 +230,6 @@ def load_config(cls: type = Config, path: str | Path | None = None, overrides: l
     cfg = from_dict(cls, data)
     cfg.validate()
     return cfg
-
-
-def to_dict(cfg: Any, redact: bool = True) -> dict[str, Any]:
-    """The config as plain data; with ``redact``, values of secret-looking keys become '***'."""
-    data = dataclasses.asdict(cfg)
-    return _redact(data) if redact else data
-
-
-def _redact(node: Any, key: str = "") -> Any:
-    if isinstance(node, dict):
-        return {k: _redact(v, k) for k, v in node.items()}
-    if isinstance(node, list):
-        return [_redact(v, key) for v in node]
-    lowered = key.lower()
-    # `*_env` fields hold the *name* of an environment variable, which is not a secret; markers are
-    # matched per word (`api_key`, `apikey`, `hf_token`) so that `max_new_tokens` is not a secret
-    words = lowered.replace("-", "_").split("_")
-    secret = any(word.endswith(m) for word in words for m in SECRET_MARKERS)
-    if node and secret and not lowered.endswith("_env"):
-        return "***"
-    return node
-
-
-def write_config(cfg: Any, path: str | Path) -> None:
-    """Write the resolved, redacted config as YAML."""
-    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False), encoding="utf-8")
-
-
-def iter_fields(cls: type, prefix: str = "") -> Iterator[tuple[str, dataclasses.Field[Any], Any]]:
-    """Yield ``(dotted_name, field, type_hint)`` for every leaf setting (for --help and docs)."""
-    hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
-        hint = hints[f.name]
-        if dataclasses.is_dataclass(hint):
-            yield from iter_fields(hint, f"{prefix}{f.name}.")
-        else:
-            yield f"{prefix}{f.name}", f, hint
-
-
-@dataclass(frozen=True)
-class Flag:
-    """A command-line flag generated from a setting's metadata (see :func:`setting`)."""
-
-    name: str
-    """e.g. ``"--lr"``."""
-    key: str
-    """The setting it sets, e.g. ``"train.lr"``."""
-    const: bool | None
-    """``None``: the flag takes a value; ``True``/``False``: it sets a bool setting to that value."""
-    help: str
-    metavar: str
-    """What the value looks like: ``N`` (integer), ``X`` (number), ``X,Y`` (list) or ``VALUE``."""
-
-
-def command_flags(cls: type) -> list[Flag]:
-    """The flags of every setting of ``cls`` that declares one, in tree order.
-
-    Settings a config sets itself (``cls.SET_PER_ARM``) get no flag.  Two settings claiming one flag
-    is a programming error (``ValueError``).
-    """
-    skip = set(getattr(cls, "SET_PER_ARM", ()))
-    flags: list[Flag] = []
-    owner: dict[str, str] = {}
-    for key, f, hint in iter_fields(cls):
-        spec = f.metadata.get("flag")
-        if spec is None or key in skip:
-            continue
-        names = {spec: True if hint is bool else None} if isinstance(spec, str) else dict(spec)
-        for name, const in names.items():
-            if name in owner:
-                raise ValueError(f"flag {name} is claimed by both {owner[name]} and {key}")
-            owner[name] = key
-            flags.append(Flag(name, key, const, f.metadata.get("help", ""), _metavar(hint)))
-    return flags
-
-
-def _metavar(hint: Any) -> str:
-    inner = [a for a in typing.get_args(hint) if a is not type(None)]
-    if typing.get_origin(hint) in (typing.Union, types.UnionType) and len(inner) == 1:
-        hint = inner[0]
-    if typing.get_origin(hint) is list:
-        return "X,Y"
-    return {int: "N", float: "X"}.get(hint, "VALUE")
-
-
-def default_of(f: dataclasses.Field[Any]) -> Any:
-    """A field's default value (a fresh copy for list/dict settings)."""
-    return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
 
 
 @dataclass

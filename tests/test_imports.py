@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -136,3 +137,15 @@ def test_an_import_cycle_is_caught(tmp_path):
     failures = import_each(tmp_path, "cyclic", preload=())
     assert sorted(failures) == ["cyclic.a", "cyclic.b"]
     assert all("partially initialized module" in trace for trace in failures.values())
+
+
+def test_the_readme_code_map_names_every_module():
+    readme = (SRC.parent / "README.md").read_text(encoding="utf-8")
+    code_map = readme.split("## Where the code is", 1)[1].split("\n## ", 1)[0]
+    listed = set(re.findall(r"([\w/]+\.py)\b", code_map))
+    missing = [
+        str(path.relative_to(SRC / "neftune"))
+        for path in sorted((SRC / "neftune").rglob("*.py"))
+        if path.name != "__init__.py" and path.name not in {Path(name).name for name in listed}
+    ]
+    assert not missing, f"README's 'Where the code is' lacks {missing}"

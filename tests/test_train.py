@@ -577,7 +577,7 @@ def test_full_disk_while_saving_the_final_model(data_dir, tmp_path, monkeypatch,
     before = _previous_model(out / "model")
     import neftune.train
 
-    monkeypatch.setattr(neftune.train, "_save", lambda model, tokenizer, directory: _disk_full(directory))
+    monkeypatch.setattr(neftune.train, "_save", lambda model, tokenizer, directory, state=None: _disk_full(directory))
     rc = main(
         [
             "train",

@@ -256,7 +256,7 @@ def describe_model(model: nn.Module) -> dict[str, Any]:
     by_dtype: dict[torch.dtype, int] = {}
     device = None
     for param in model.parameters():
-        count = param.numel()
+        count = getattr(param, "ds_numel", None) or param.numel()  # ds_numel: a ZeRO-3 partition's full size
         n_params += count
         if param.requires_grad:
             trainable += count

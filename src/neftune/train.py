@@ -22,13 +22,20 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers import IntervalStrategy, Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 from neftune.callback import NEFTuneCallback
 from neftune.config import Config, write_config
 from neftune.data.presets import bad_record_policy, defaults_for, resolve_eval_spec
 from neftune.data.types import LoadResult, describe_counts
+from neftune.distributed import (
+    check_can_save,
+    device_arguments,
+    full_state_dict,
+    max_over_ranks,
+    sum_over_ranks,
+)
 from neftune.errors import DataError, NeftuneError
 from neftune.io import atomic_save_dir, atomic_write_text, check_output_dir
 
@@ -162,7 +169,8 @@ class MetricsCallback(TrainerCallback):
         self.loss_curve: list[tuple[int, float]] = []
         self.heldout_curve: list[tuple[int, float]] = []
         self._t0 = self._tokens0 = 0.0
-        self.tokens_per_s = 0.0
+        self.tokens_per_s = self.seconds = 0.0
+        self.tokens_trained = 0
 
     def on_train_begin(self, args, state, control, **kwargs):
         self._t0, self._tokens0 = time.perf_counter(), self.counter.tokens
@@ -174,9 +182,12 @@ class MetricsCallback(TrainerCallback):
             )
 
     def on_step_end(self, args, state, control, **kwargs):
-        elapsed = time.perf_counter() - self._t0
+        self.seconds = time.perf_counter() - self._t0
+        self.tokens_trained = self.counter.tokens - self._tokens0
+        # this rank's tokens times the ranks: the live estimate of the bar and metrics.jsonl; the run's
+        # tokens/s (the "done" line, train_summary.json) sums the tokens every rank counted
         world = max(args.world_size, 1)
-        self.tokens_per_s = (self.counter.tokens - self._tokens0) * world / elapsed if elapsed > 0 else 0.0
+        self.tokens_per_s = self.tokens_trained * world / self.seconds if self.seconds > 0 else 0.0
         if self.bar is not None:
             self.bar.update(state.global_step - self.bar.n)
             self.bar.set_postfix(tok_s=f"{self.tokens_per_s:.0f}", refresh=False)
@@ -251,12 +262,20 @@ def choose_attention(cfg: Config) -> str | None:
 
 
 def build_model(cfg: Config) -> tuple[Any, Any]:
-    """Load model and tokenizer, wrap in LoRA if asked."""
-    from neftune.models import default_lora_targets, load_model_and_tokenizer
+    """Load model and tokenizer, wrap in LoRA if asked.
+
+    The model is loaded on the CPU and the Trainer places it (on ``cuda:<local rank>`` under DDP);
+    under FSDP and DeepSpeed accelerate places and shards it.  Call this after the run's
+    ``TrainingArguments`` exist: they register a DeepSpeed ZeRO-3 config, which makes
+    ``from_pretrained`` load each rank's partition only, and start the process group that
+    FSDP's rank-0-only loading (``fsdp_cpu_ram_efficient_loading``) needs.
+    """
+    from neftune.models import default_lora_targets, load_model_and_tokenizer, resolve_dtype
 
     model, tokenizer = load_model_and_tokenizer(
         cfg.model.name,
-        dtype=cfg.model.dtype,
+        dtype=resolve_dtype(cfg.model.dtype, "cuda" if torch.cuda.is_available() else "cpu"),  # the training device's
+        device="cpu",
         trust_remote_code=cfg.model.trust_remote_code,
         for_training=True,
     )
@@ -322,7 +341,7 @@ def training_arguments(cfg: Config, out: Path, has_eval: bool) -> TrainingArgume
         eval_steps=cfg.train.eval_steps if has_eval else None,
         report_to=[],
         disable_tqdm=True,
-        use_cpu=not cuda,
+        **device_arguments(cuda),
         bf16=bf16,
         activation_checkpointing=grad_ckpt,
         activation_checkpointing_kwargs={"use_reentrant": False} if grad_ckpt else None,
@@ -351,10 +370,13 @@ def run_training(cfg: Config, *, keep_model: bool = False, extra_callbacks: list
             log.info("resuming from %s", resume_from)
 
     train_data, held_data = read_training_data(cfg)
+    # before the model: TrainingArguments start the process group and register a ZeRO-3 config
+    args = training_arguments(cfg, out, has_eval=held_data is not None and bool(held_data.examples))
     model, tokenizer = build_model(cfg)
     labelled_loss = lmhead.attach(model) if lmhead.loss_wanted(cfg.train.loss) else None
     train_rows, eval_rows, data_report = tokenize_training_data(cfg, tokenizer, train_data, held_data)
-    args = training_arguments(cfg, out, has_eval=bool(eval_rows))
+    if not eval_rows:  # every held-out example was dropped by tokenization
+        args.eval_strategy = IntervalStrategy.NO
     if args.activation_checkpointing and cfg.model.lora:
         model.enable_input_require_grads()
 
@@ -389,6 +411,7 @@ def run_training(cfg: Config, *, keep_model: bool = False, extra_callbacks: list
         processing_class=tokenizer,
         callbacks=callbacks,
     )
+    check_can_save(trainer)
     trainer.remove_callback(ProgressCallback)  # replaced by MetricsCallback's bar (tokens/s, ETA)
     trainer.remove_callback(PrinterCallback)
     info = describe_model(model)
@@ -416,14 +439,19 @@ def run_training(cfg: Config, *, keep_model: bool = False, extra_callbacks: list
             if isinstance(cb, NEFTuneCallback):
                 cb.remove()
     train_time = time.perf_counter() - started
+    # every rank's real tokens, over the slowest rank's time from the first to the last step
+    real_tokens, trained_tokens = sum_over_ranks(trainer, [collator.tokens, metrics_cb.tokens_trained])
+    seconds = max_over_ranks(trainer, metrics_cb.seconds)
 
     metrics: dict[str, Any] = {
         **result.metrics,
         "train_time_s": train_time,
-        "tokens_per_s": metrics_cb.tokens_per_s,
+        "tokens_per_s": trained_tokens / seconds if seconds > 0 else 0.0,
         "learning_rate_used": args.learning_rate,
         "max_steps": trainer.state.max_steps,
-        "real_tokens": collator.tokens,
+        "world_size": trainer.accelerator.num_processes,
+        "distributed_type": str(trainer.accelerator.distributed_type).rsplit(".", 1)[-1],
+        "real_tokens": int(real_tokens),
         **data_report,
         "model": info,
     }
@@ -435,12 +463,13 @@ def run_training(cfg: Config, *, keep_model: bool = False, extra_callbacks: list
         metrics["heldout_perplexity"] = math.exp(min(metrics["heldout_loss"], 700.0))
 
     model_dir, merged_dir = out / "model", None
+    state = full_state_dict(trainer)  # a sharded model is gathered to rank 0, every rank taking part
     if is_main_process():
         unwrapped = trainer.accelerator.unwrap_model(trainer.model)
-        _save_model(model_dir, unwrapped, tokenizer)
+        _save_model(model_dir, unwrapped, tokenizer, state)
         if cfg.model.lora and cfg.model.merge:
             merged_dir = out / "merged"
-            merged = unwrapped.merge_and_unload()
+            merged = unwrapped.merge_and_unload() if state is None else _merge_saved_adapter(cfg, model_dir, args)
             _save_model(merged_dir, merged, tokenizer)
         summary = {k: v for k, v in metrics.items() if isinstance(v, (int, float, str, dict, list))}
         summary["loss_curve"] = metrics_cb.loss_curve
@@ -461,14 +490,37 @@ def run_training(cfg: Config, *, keep_model: bool = False, extra_callbacks: list
     )
 
 
-def _save_model(target: Path, model: Any, tokenizer: Any) -> None:
-    """Atomically write model + tokenizer to ``target``; a full disk etc. becomes a one-line error."""
+def _save_model(target: Path, model: Any, tokenizer: Any, state: dict | None = None) -> None:
+    """Atomically write model + tokenizer to ``target``; a full disk etc. becomes a one-line error.
+
+    ``state`` is the gathered state dict of a sharded model (:func:`neftune.distributed.full_state_dict`),
+    written in place of the model's own (sharded) tensors.  Rank 0 alone writes, so the rename into
+    place is atomic under every launcher; under sharding, only the gathering needs every rank.
+    """
     try:
-        atomic_save_dir(target, lambda tmp: _save(model, tokenizer, tmp))
+        atomic_save_dir(target, lambda tmp: _save(model, tokenizer, tmp, state))
     except OSError as e:
         raise NeftuneError(f"could not write the model to {target}: {e.strerror or e}") from e
 
 
-def _save(model: Any, tokenizer: Any, directory: Path) -> None:
-    model.save_pretrained(directory, safe_serialization=True)
+def _save(model: Any, tokenizer: Any, directory: Path, state: dict | None = None) -> None:
+    model.save_pretrained(directory, safe_serialization=True, state_dict=state)
     tokenizer.save_pretrained(directory)
+
+
+def _merge_saved_adapter(cfg: Config, adapter_dir: Path, args: TrainingArguments) -> Any:
+    """LoRA-merged weights after a sharded run: the saved (gathered) adapter applied to a fresh copy
+    of the base model on rank 0's CPU and merged there (LoRA leaves the base weights unchanged, so
+    this equals merging the trained model)."""
+    from neftune.distributed import zero3_init_off
+    from neftune.models import load_model_and_tokenizer, resolve_dtype
+
+    with zero3_init_off():
+        merged, _ = load_model_and_tokenizer(
+            str(adapter_dir),
+            dtype=resolve_dtype(cfg.model.dtype, args.device),
+            device="cpu",
+            trust_remote_code=cfg.model.trust_remote_code,
+            for_training=False,
+        )
+    return merged

@@ -219,6 +219,8 @@ def _compare_cmd(output: Path) -> list[str]:
         "compare",
         "--model",
         "tiny-random",
+        "--seeds",
+        "0",
         "--output",
         str(output),
         "--max-steps",

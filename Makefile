@@ -3,13 +3,14 @@
 #   make demo   - run the main job on the embedded default (SmolLM2-135M + builtin:skills)
 #   make lint   - ruff (lint + format check) and mypy on src/neftune
 #   make package-test - build sdist + wheel, install the wheel into a fresh venv outside the checkout, run the CLI
+#   make gpu-check - everything that needs a GPU, <= 8 min on one GPU (`make gpu-check PY=python3` without .venv)
 PYTHON ?= python3
 VENV   ?= .venv
 TORCH  ?= torch==2.13.0
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.neftune-installed
 
-.PHONY: test test-fast lint package-test demo train-demo bench clean venv
+.PHONY: test test-fast lint package-test demo train-demo bench gpu-check clean venv
 
 venv: $(STAMP)
 
@@ -50,6 +51,9 @@ train-demo: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/noise_overhead.py
+
+gpu-check:
+	$(PY) benchmarks/gpu_check.py --results benchmarks/results/gpu-check
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

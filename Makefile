@@ -1,6 +1,7 @@
 # neftune developer entry points. Each target sets up what it needs by itself.
 #   make test   - build .venv from nothing (torch first, pinned) and run the test suite
 #   make demo   - run the main job on the embedded default (SmolLM2-135M + builtin:skills)
+#   make llama-server - build/install llama-cpp-python[server] (cached wheel) for the `server` tests
 #   make lint   - ruff (lint + format check) and mypy on src/neftune
 #   make package-test - build sdist + wheel, install the wheel into a fresh venv outside the checkout, run the CLI
 #   make gpu-check - everything that needs a GPU, <= 8 min on one GPU (`make gpu-check PY=python3` without .venv)
@@ -10,7 +11,7 @@ TORCH  ?= torch==2.13.0
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.neftune-installed
 
-.PHONY: test test-fast lint package-test demo train-demo bench gpu-check clean venv
+.PHONY: test test-fast lint package-test demo train-demo bench gpu-check clean venv llama-server
 
 venv: $(STAMP)
 
@@ -33,7 +34,7 @@ test: $(STAMP)
 	$(PY) -m pytest -q
 
 test-fast: $(STAMP)
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q -m "not slow and not server"
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
@@ -42,6 +43,9 @@ lint: $(STAMP)
 
 package-test: $(STAMP)
 	TORCH="$(TORCH)" .ci/package-test $(PY)
+
+llama-server: $(STAMP)
+	.ci/install-llama-server $(PY)
 
 demo: $(STAMP)
 	$(VENV)/bin/neftune compare --output runs/demo

@@ -12,7 +12,7 @@ import logging
 import os
 import sys
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from neftune import __version__
@@ -193,7 +193,8 @@ def cmd_judge(args: argparse.Namespace) -> int:
 
     if args.output:
         check_output_file(args.output)
-    b = read_outputs(args.candidate)
+    a: Sequence[Mapping[str, Any]]
+    b: Sequence[Mapping[str, Any]] = read_outputs(args.candidate)
     if get_preset(args.baseline) is not None:  # a prompt set's shipped reference answers as the baseline
         from neftune.data.evalsets import reference_pairs
         from neftune.errors import DataError
@@ -220,6 +221,8 @@ def cmd_judge(args: argparse.Namespace) -> int:
         max_tokens=args.max_tokens,
         temperature=args.temperature,
     )
+    if judge is None:
+        raise NeftuneError("neftune judge needs a judge: --backend http, local or length")
     result = judge_pairs(a, b, judge, cache_dir=args.cache, seed=args.seed, progress=not args.no_progress)
     if args.output:
         result.save(args.output)
@@ -264,7 +267,7 @@ def _add_generation_args(p: argparse.ArgumentParser) -> None:
 class _Parser(argparse.ArgumentParser):
     """argparse, but a usage error is one ``neftune: error:`` line (exit 2) like every other error."""
 
-    def error(self, message: str):  # type: ignore[override]
+    def error(self, message: str):
         self.exit(2, f"neftune: error: {error_line(message)} (see {self.prog} --help)\n")
 
 

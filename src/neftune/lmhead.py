@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import inspect
 import os
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -66,7 +66,7 @@ class LinearCrossEntropy(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(  # type: ignore[override]
+    def forward(
         ctx: Any,
         hidden: torch.Tensor,
         weight: torch.Tensor,
@@ -106,7 +106,7 @@ class LinearCrossEntropy(torch.autograd.Function):
         return total
 
     @staticmethod
-    def backward(ctx: Any, grad_total: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
+    def backward(ctx: Any, grad_total: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         grads: list[torch.Tensor | None] = []
         for saved, present, dtype in zip(ctx.saved_tensors, ctx.present, ctx.dtypes, strict=True):
             grads.append((saved * grad_total).to(dtype) if present else None)
@@ -172,7 +172,7 @@ class LabelledLossHandle:
             decoder.register_forward_hook(self._capture_hidden),
             causal_lm.register_forward_hook(self._after),
         ]
-        causal_lm._neftune_labelled_loss = self  # marks the model, so attaching twice fails
+        causal_lm._neftune_labelled_loss = self  # type: ignore[assignment]  # a marker attribute: attaching twice fails
 
     @property
     def attached(self) -> bool:
@@ -209,7 +209,7 @@ class LabelledLossHandle:
         kwargs.pop("shift_labels", None)
         ignore_index = kwargs.pop("ignore_index", IGNORE_INDEX)
         frame = {"num_items": kwargs.pop("num_items_in_batch", None)}
-        targets = shift if shift is not None else shifted_targets(labels, ignore_index)
+        targets = shift if shift is not None else shifted_targets(labels, ignore_index)  # type: ignore[arg-type]  # _before returns early when neither labels nor shift_labels is given
         keep = targets != ignore_index
         # the model computes its own logits at the first CHECK_ROWS labelled positions: _after compares them
         check = keep & (keep.reshape(-1).cumsum(0) <= CHECK_ROWS).reshape(keep.shape)
@@ -313,7 +313,7 @@ def attach(model: nn.Module) -> LabelledLossHandle:
         value = getattr(config, field, None)
         if value not in (None, 1, 1.0):
             raise ModelError(f"labelled-only loss: {name} rescales its logits ({field}={value}); " + _TURN_OFF)
-    head = causal_lm.get_output_embeddings()
+    head = cast(Any, causal_lm).get_output_embeddings()  # a transformers method, not an nn.Module attribute
     if not isinstance(head, nn.Linear) or type(head).forward is not nn.Linear.forward:
         raise ModelError(
             f"labelled-only loss needs a plain nn.Linear LM head; {name}'s is {type(head).__name__} "
@@ -324,7 +324,7 @@ def attach(model: nn.Module) -> LabelledLossHandle:
         raise ModelError(
             f"labelled-only loss: {name}'s head has {head.out_features} outputs for a vocabulary of {vocab}"
         )
-    decoder = causal_lm.get_decoder()
+    decoder = cast(Any, causal_lm).get_decoder()
     if decoder is causal_lm or not isinstance(decoder, nn.Module):
         raise ModelError(f"labelled-only loss: cannot find the decoder of {name}; " + _TURN_OFF)
     return LabelledLossHandle(causal_lm, decoder, head)

@@ -110,8 +110,8 @@ def check_safetensors(path: Path) -> None:
 def _data_end(path: Path, name: str, entry: object) -> int:
     offsets = entry.get("data_offsets") if isinstance(entry, dict) else None
     valid = isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int and o >= 0 for o in offsets)
-    if not valid or offsets[0] > offsets[1]:
+    if not valid or offsets[0] > offsets[1]:  # type: ignore[index]  # valid implies a list of two ints
         raise ModelError(
             f"weights file {path} is not a valid safetensors file (tensor {name[:60]!r} has no data offsets)"
         )
-    return offsets[1]
+    return int(offsets[1])  # type: ignore[index]  # valid implies a list of two ints

@@ -29,7 +29,7 @@ import logging
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -178,7 +178,7 @@ def load_model_and_tokenizer(
 
     _ensure_pad_token(tokenizer, model)
     if target.type != "cpu":
-        model.to(target)
+        cast(Any, model).to(target)  # transformers types .to() of a PreTrainedModel too narrowly
     if for_training:
         tokenizer.padding_side = "right"
         model.config.use_cache = False
@@ -263,7 +263,7 @@ def describe_model(model: nn.Module) -> dict[str, Any]:
         by_dtype[param.dtype] = by_dtype.get(param.dtype, 0) + count
         device = device or param.device
     config = getattr(model, "config", None)
-    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    text_config = config.get_text_config() if config is not None and hasattr(config, "get_text_config") else config
 
     def config_int(*names: str) -> int | None:
         for name in names:
@@ -274,9 +274,9 @@ def describe_model(model: nn.Module) -> dict[str, Any]:
 
     vocab = config_int("vocab_size")
     if vocab is None and hasattr(model, "get_input_embeddings"):
-        embedding = model.get_input_embeddings()
+        embedding = cast(Any, model).get_input_embeddings()
         vocab = getattr(embedding, "num_embeddings", None)
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = cast(Any, model).get_base_model() if hasattr(model, "get_base_model") else model
     dtype = max(by_dtype, key=by_dtype.__getitem__) if by_dtype else None
     return {
         "architecture": type(base).__name__,
@@ -304,7 +304,7 @@ def default_lora_targets(model: nn.Module) -> list[str]:
         linear_types = (nn.Linear, Conv1D)
     except ImportError:  # pragma: no cover - transformers always ships Conv1D
         pass
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    head = cast(Any, model).get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     names: list[str] = []
     head_names: set[str] = set()
     for qualified, module in model.named_modules():

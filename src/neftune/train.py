@@ -19,7 +19,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from transformers import IntervalStrategy, Trainer, TrainerCallback, TrainingArguments
@@ -38,6 +38,7 @@ from neftune.distributed import (
 )
 from neftune.errors import DataError, NeftuneError
 from neftune.io import atomic_save_dir, atomic_write_text, check_output_dir
+from neftune.noise import Distribution
 
 log = logging.getLogger("neftune")
 
@@ -235,7 +236,7 @@ class HeldoutTrainer(Trainer):
         rows = self.eval_dataset if eval_dataset is None else eval_dataset
         held = labelled_loss(
             self.model,
-            rows,
+            rows,  # type: ignore[arg-type]  # train passes its tokenized examples as the eval dataset
             pad_id=pad_token_id(self.processing_class),
             batch_size=self.args.per_device_eval_batch_size,
         )
@@ -251,7 +252,7 @@ def choose_attention(cfg: Config) -> str | None:
     ``auto`` picks :mod:`neftune.varlen` for packed rows on CPU, where it is measured faster than
     SDPA over the whole row (BENCHMARKS.md); on CUDA it keeps the model's default until measured.
     """
-    choice = cfg.model.attention
+    choice: str | None = cfg.model.attention
     if choice == "auto":
         choice = "varlen" if cfg.data.packing and not torch.cuda.is_available() else None
     if choice == "varlen":
@@ -386,7 +387,10 @@ def run_training(cfg: Config, *, keep_model: bool = False, extra_callbacks: list
     callbacks: list[TrainerCallback] = [metrics_cb]
     if cfg.noise.alpha > 0:
         callbacks.insert(
-            0, NEFTuneCallback(alpha=cfg.noise.alpha, distribution=cfg.noise.distribution, seed=cfg.train.seed)
+            0,
+            NEFTuneCallback(
+                alpha=cfg.noise.alpha, distribution=cast(Distribution, cfg.noise.distribution), seed=cfg.train.seed
+            ),
         )
     if is_main_process():
         from torch.utils.tensorboard import SummaryWriter

@@ -176,7 +176,7 @@ def _resolve(reference: str) -> Loader:
         loader = getattr(importlib.import_module(module), name)
     except (ImportError, AttributeError) as err:
         raise DataError(f"cannot load the data loader {reference!r}: {err}") from None
-    return loader  # type: ignore[no-any-return]
+    return loader
 
 
 # -- the built-in sets --------------------------------------------------------------------------

@@ -125,12 +125,20 @@ def _reject_single_object(raw: bytes, label: str) -> None:
 
 
 _WHITESPACE = re.compile(r"[ \t\n\r]*")
+
+
+def _skip_ws(text: str, pos: int) -> int:
+    """Index of the first non-whitespace character at or after ``pos`` (JSON whitespace)."""
+    match = _WHITESPACE.match(text, pos)
+    return match.end() if match else pos
+
+
 _PARTIAL_LITERAL = re.compile(r"(?:t(?:r(?:ue?)?)?|f(?:a(?:l(?:se?)?)?)?|n(?:u(?:ll?)?)?|[-+.0-9eE]*)\s*")
 
 
 def _array_records(text: str, label: str, notes: list[str]) -> Iterator[Record]:
     """Decode a top-level JSON array record by record, recovering from a truncated tail."""
-    idx = _WHITESPACE.match(text, text.index("[") + 1).end()
+    idx = _skip_ws(text, text.index("[") + 1)
     line, counted = 1, 0
     index = 0
     closed = idx < len(text) and text[idx] == "]"
@@ -149,18 +157,18 @@ def _array_records(text: str, label: str, notes: list[str]) -> Iterator[Record]:
             ) from None
         yield f"{label}:{line}", f"{label}:{line} (record #{index})", record
         index += 1
-        idx = _WHITESPACE.match(text, end).end()
+        idx = _skip_ws(text, end)
         if idx >= len(text):
             break
         if text[idx] == ",":
-            idx = _WHITESPACE.match(text, idx + 1).end()
+            idx = _skip_ws(text, idx + 1)
         elif text[idx] == "]":
             closed = True
         else:
             at_line = text.count("\n", 0, idx) + 1
             raise DataError(f"{label}:{at_line}: malformed JSON after record #{index - 1}: expected ',' or ']'")
     if closed:
-        rest = _WHITESPACE.match(text, idx + 1).end()
+        rest = _skip_ws(text, idx + 1)
         if rest < len(text):
             at_line = text.count("\n", 0, rest) + 1
             raise DataError(f"{label}:{at_line}: unexpected data after the closing ']' of the array")

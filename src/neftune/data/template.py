@@ -234,9 +234,9 @@ def _encode(tokenizer: Any, examples: Sequence[Example], max_length: int | None)
         for k, n in enumerate(changed):
             ids_list[n], offsets_list[n] = again[0][k], again[1][k]
 
-    labelled = [n for n, d in enumerate(drafts) if d.spans is not None]
-    mismatched = _prefix_mismatches(tokenizer, drafts, labelled, ids_list, offsets_list, budget)
-    for n in labelled:
+    with_spans = [n for n, d in enumerate(drafts) if d.spans is not None]
+    mismatched = _prefix_mismatches(tokenizer, drafts, with_spans, ids_list, offsets_list, budget)
+    for n in with_spans:
         draft = drafts[n]
         ids, offsets = ids_list[n][:budget], offsets_list[n][:budget]
         ids, labels, straddles = _offset_labels(ids, offsets, draft.spans or [])
@@ -295,8 +295,13 @@ def _tokenize_windows(
         retry = []
         for k, i in enumerate(todo):
             ids, offsets = enc["input_ids"][k], enc["offset_mapping"][k]
-            whole = cut is None or len(texts[i]) <= cut
-            if whole or (len(ids) > budget and offsets[budget - 1][1] <= cut - _CUT_MARGIN):
+            # the whole text was tokenized, or the cut holds the wanted tokens with a margin to spare
+            if (
+                cut is None
+                or budget is None
+                or len(texts[i]) <= cut
+                or (len(ids) > budget and offsets[budget - 1][1] <= cut - _CUT_MARGIN)
+            ):
                 ids_list[i], offsets_list[i] = ids, offsets
             else:
                 retry.append(i)

@@ -195,7 +195,7 @@ def judge_verdict(ci: Sequence[float] | None) -> str | None:
     """Verdict of a win rate against a tie (50%), from its CI; ``None`` when there is no CI."""
     if not is_interval(ci):
         return None
-    lo, hi = float(ci[0]), float(ci[1])  # type: ignore[index]
+    lo, hi = float(ci[0]), float(ci[1])
     return _verdict(lo - 0.5, hi - 0.5, True)
 
 

@@ -19,6 +19,11 @@ N_EXAMPLES_SHOWN = 4
 _Cell = Callable[[Mapping[str, Any], Mapping[str, Any]], str]  # (eval, train) -> cell text
 
 
+def _length_cell(unit: str, stat: str) -> _Cell:
+    """The cell showing one statistic of the answer lengths in one unit."""
+    return lambda ev, tr: fmt_value(mapping_at(ev, f"length_{unit}").get(stat), 0)
+
+
 def _per_arm_rows() -> list[tuple[str, _Cell]]:
     rows: list[tuple[str, _Cell]] = [
         ("held-out loss", lambda ev, tr: fmt_value(ev.get("heldout_loss"), 3)),
@@ -31,12 +36,7 @@ def _per_arm_rows() -> list[tuple[str, _Cell]]:
     ]
     for unit in ("chars", "tokens"):
         for stat in ("mean", "median", "p90"):
-            rows.append(
-                (
-                    f"length ({unit}) {stat}",
-                    lambda ev, tr, u=unit, s=stat: fmt_value(mapping_at(ev, f"length_{u}").get(s), 0),
-                )
-            )
+            rows.append((f"length ({unit}) {stat}", _length_cell(unit, stat)))
     rows += [
         ("train time", lambda ev, tr: fmt_duration(tr.get("train_time_s"))),
         ("tokens / s", lambda ev, tr: fmt_value(tr.get("tokens_per_s"), 0)),
@@ -167,7 +167,8 @@ def examples_section(a: Analysis) -> Section | None:
     )
     order = [arm["name"] for arm in a.arms] + [arm["name"] for arm in a.failed]
     for i, ex in enumerate(shown, 1):
-        outputs = ex.get("outputs") if isinstance(ex.get("outputs"), Mapping) else {}
+        raw_outputs = ex.get("outputs")
+        outputs: Mapping[str, Any] = raw_outputs if isinstance(raw_outputs, Mapping) else {}
         names = [n for n in order if n in outputs] + [n for n in outputs if n not in order]
         reference = ex.get("reference")
         answers = [

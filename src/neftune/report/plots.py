@@ -188,15 +188,15 @@ def plot_lengths(a: Analysis, colors: Colors) -> Figure | None:
     # a few very long answers would squeeze every histogram into one bar; fold them into the last bin
     top = float(np.percentile(everything, 99)) if everything.size > 20 else float(everything.max())
     top = max(top, float(everything.min()) + 1.0)
-    bins = np.linspace(0.0, top, 31)
+    bins = np.linspace(0.0, top, 31).tolist()
     fig = _new_figure(10.0, 3.6)
     ax = fig.subplots()
     _style(ax)
-    for name, values in lengths.items():
+    for name, arm_lengths in lengths.items():
         color = colors[name]
-        clipped = np.clip(values, 0.0, top)
+        clipped = np.clip(arm_lengths, 0.0, top)
         ax.hist(clipped, bins=bins, histtype="stepfilled", color=color, alpha=0.12)
-        median = float(np.median(values))
+        median = float(np.median(arm_lengths))
         label = f"{a.labels[name]} (median {median:,.0f})"
         ax.hist(clipped, bins=bins, histtype="step", color=color, linewidth=1.6, label=label)
         ax.axvline(median, color=color, linestyle="--", linewidth=1.1)
@@ -261,7 +261,7 @@ def plot_metrics(a: Analysis, colors: Colors) -> Figure | None:
     for ax, metric in zip(axes, metrics, strict=False):
         _style(ax)
         ax.axhline(0, color="#111827", linewidth=1.0)
-        shown = []
+        shown: list[str] = []
         for arm in arms:
             effect = a.effects[arm["name"]].get(metric.key)
             if effect is None:

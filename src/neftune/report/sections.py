@@ -66,7 +66,7 @@ def rate_with_ci(rate: Any, ci: Sequence[float] | None) -> str:
     """A win rate with its interval when it has one, e.g. ``61.0% [54.2%, 67.5%]``."""
     text = fmt_percent(rate)
     if is_interval(ci):
-        text += f" {fmt_interval(ci, 100, 1, '%', False)}"  # type: ignore[arg-type]
+        text += f" {fmt_interval(ci, 100, 1, '%', False)}"
     return text
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, TypeGuard
 
 __all__ = ["arm_name", "as_float", "is_interval", "mapping_at"]
 
@@ -24,7 +24,7 @@ def as_float(x: Any) -> float | None:
     return f if math.isfinite(f) else None
 
 
-def is_interval(ci: Any) -> bool:
+def is_interval(ci: Any) -> TypeGuard[Sequence[Any]]:
     """Whether ``ci`` is a ``[lo, hi]`` pair of finite numbers."""
     return (
         isinstance(ci, Sequence)

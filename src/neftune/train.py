@@ -438,6 +438,10 @@ def run_training(cfg: Config, *, keep_model: bool = False, extra_callbacks: list
             else "no checkpoint had been completed"
         )
         raise NeftuneError(f"writing to {out} failed ({error.strerror or error}); {kept}") from error
+    except BaseException:
+        if labelled_loss is not None:
+            labelled_loss.remove()  # training failed: leave no hook of ours on the model
+        raise
     finally:
         for cb in callbacks:
             if isinstance(cb, NEFTuneCallback):

@@ -6,7 +6,7 @@
 A random-init Llama with Llama 3's vocabulary (128,256 tokens; width 576, 2 layers, untied head, fp32,
 LoRA r=16 unless ``--full``) trains a few steps (SGD, so no optimizer state) on one packed row of
 ``--examples`` examples of ``--length`` tokens, the first quarter of each a prompt (label -100), as
-``neftune train`` collates them.  Each variant runs in its own process, so its peak RSS is its own:
+``neftune train`` collates them and with the packed-row attention it uses on CPU.  Each variant runs in its own process, so its peak RSS is its own:
 
     full       the model's own loss (``train.loss=full``): logits at every position, then cross-entropy
     labelled   ``neftune.lmhead``: LM head and cross-entropy at labelled positions only, in chunks
@@ -48,6 +48,7 @@ def build(args: argparse.Namespace) -> tuple[Any, dict[str, torch.Tensor]]:
     """The model (LoRA-wrapped unless ``--full``) and one packed batch."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    from neftune import varlen
     from neftune.data.collate import packing_collator
 
     torch.manual_seed(0)
@@ -63,6 +64,7 @@ def build(args: argparse.Namespace) -> tuple[Any, dict[str, torch.Tensor]]:
         attn_implementation="sdpa",
     )
     model = LlamaForCausalLM(config).float().train()
+    model.set_attn_implementation(varlen.register())  # as neftune train on CPU: no T x T mask for the packed row
     if not args.full:
         from peft import LoraConfig, get_peft_model
 

@@ -211,3 +211,28 @@ def test_generate_and_judge_against_alpaca_eval_references(tmp_path, tiny_model_
     assert main(command) == 2
     err = capsys.readouterr().err.strip()
     assert "record 0: its instruction is not one of builtin:alpaca_eval's" in err and "\n" not in err
+
+
+def test_sharegpt_first_turns_have_a_fixed_heldout_split_within_the_caps():
+    from neftune.data.presets import FIRST_TURN_ANSWER_CHARS, FIRST_TURN_PROMPT_CHARS, FIRST_TURN_TEST_SIZE
+
+    train = load_examples("builtin:sharegpt_first", split="train", seed=0)
+    test = load_eval_examples("builtin:sharegpt_first")
+    assert len(test.examples) == FIRST_TURN_TEST_SIZE and len(train.examples) > 5000
+    for loaded in (train, test):  # every record is accounted for
+        assert len(loaded.examples) + sum(loaded.skipped.values()) == loaded.total
+        assert loaded.skipped["outside the first-turn caps"] > 0
+
+    def prompts(examples):
+        return {" ".join(e.messages[0]["content"].lower().split()) for e in examples}
+
+    assert not prompts(test.examples) & prompts(train.examples)  # no question both trained on and held out
+    assert len(prompts(train.examples)) == len(train.examples) and train.skipped["repeated first prompt"] > 0
+    for e in train.examples[:500] + test.examples:
+        assert [m["role"] for m in e.messages] == ["user", "assistant"]
+        assert FIRST_TURN_PROMPT_CHARS[0] <= len(e.messages[0]["content"]) <= FIRST_TURN_PROMPT_CHARS[1]
+        assert FIRST_TURN_ANSWER_CHARS[0] <= len(e.messages[1]["content"]) <= FIRST_TURN_ANSWER_CHARS[1]
+    # the split never depends on the training seed; a limit keeps a prefix
+    assert load_examples("builtin:sharegpt_first", split="train", seed=7).examples[:50] == train.examples[:50]
+    assert load_eval_examples("builtin:sharegpt_first", limit=10).examples == test.examples[:10]
+    assert load_eval_examples("builtin:sharegpt_first", limit=10).skipped["beyond the limit"] == 246

@@ -1,6 +1,7 @@
 # neftune developer entry points. Each target sets up what it needs by itself.
 #   make test   - build .venv from nothing (torch first, pinned) and run the test suite
-#   make demo   - run the main job on the embedded default (SmolLM2-135M + builtin:skills)
+#   make demo   - run the main job on the embedded default (SmolLM2-135M, ShareGPT first turns, IFEval subset; ~15 min)
+#   make study  - the longer experiment of docs/experiments/ (alpha 0/5/10/15 x 3 seeds; ~80 min on 2 CPU cores)
 #   make llama-server - build/install llama-cpp-python[server] (cached wheel) for the `server` tests
 #   make lint   - ruff (lint + format check) and mypy on src/neftune
 #   make package-test - build sdist + wheel, install the wheel into a fresh venv outside the checkout, run the CLI
@@ -11,7 +12,7 @@ TORCH  ?= torch==2.13.0
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.neftune-installed
 
-.PHONY: test test-fast lint package-test demo train-demo bench gpu-check clean venv llama-server
+.PHONY: test test-fast lint package-test demo study train-demo bench gpu-check clean venv llama-server
 
 venv: $(STAMP)
 
@@ -48,7 +49,10 @@ llama-server: $(STAMP)
 	.ci/install-llama-server $(PY)
 
 demo: $(STAMP)
-	$(VENV)/bin/neftune compare --output runs/demo
+	$(VENV)/bin/neftune compare --preset demo
+
+study: $(STAMP)
+	$(VENV)/bin/neftune compare --preset study
 
 train-demo: $(STAMP)
 	$(VENV)/bin/neftune train --output runs/train-demo

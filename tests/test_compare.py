@@ -206,3 +206,47 @@ def test_compare_rerun_with_other_settings_errors_retrains_or_regenerates(tmp_pa
     # unchanged: everything reused
     text = _run([*base, "--lr", "1e-2", "--max-new-tokens", "4"], caplog)
     assert text.count("already finished") == 2
+
+
+def test_compare_answers_a_separate_prompt_set_and_measures_loss_on_the_heldout_data(tmp_path, caplog):
+    """generate.prompts: the arms answer IFEval prompts while the held-out loss uses the skills split."""
+    out = tmp_path / "exp"
+    args = ["compare", *SMALL, "--alphas", "5", "--seeds", "0", "--output", str(out)]
+    _run([*args, "--prompts", "builtin:ifeval", "--prompts-limit", "5"], caplog)
+    results = json.loads((out / "results.json").read_text())
+    assert results["data"]["eval"] == "builtin:ifeval" and results["data"]["n_eval"] == 5
+    assert results["data"]["heldout"] == "builtin:skills" and results["data"]["n_heldout"] == 8
+    assert results["primary"]["metric"] == "ifeval_prompt_strict"
+    for arm in results["arms"]:
+        assert len(arm["eval"]["per_example"]["ifeval_prompt_strict"]) == 5
+        # the held-out loss is the one training measured at its end on the same 8 skills examples
+        summary = json.loads((out / "arms" / arm["name"].replace("=", "") / "train_summary.json").read_text())
+        assert arm["eval"]["heldout_loss"] == summary["heldout_loss"]
+        assert len(json.loads((out / "arms" / arm["name"].replace("=", "") / "outputs.json").read_text())) == 5
+    assert "held-out loss on 8 examples (builtin:skills)" in (out / "report.md").read_text()
+    # the prompt set is part of each arm's generation fingerprint: another subset regenerates, no retraining
+    log = _run([*args, "--prompts", "builtin:ifeval", "--prompts-limit", "4"], caplog)
+    assert "training (" not in log
+    assert json.loads((out / "results.json").read_text())["data"]["n_eval"] == 4
+
+
+def test_compare_preset_recipes(tmp_path, capsys):
+    from neftune.config import CompareConfig, load_config, recipe_names
+
+    assert recipe_names() == ["demo", "skills", "study"]
+    for name in recipe_names():  # every shipped recipe is a valid config
+        cfg = load_config(CompareConfig, recipe=name)
+        assert cfg.compare.output == f"runs/{name}" and len(cfg.compare.seeds) >= 2
+    demo = load_config(CompareConfig, recipe="demo")
+    assert (demo.data.train, demo.generate.prompts) == ("builtin:sharegpt_first", "builtin:ifeval")
+    study = load_config(CompareConfig, recipe="study")
+    assert study.compare.alphas == [5.0, 10.0, 15.0] and study.compare.seeds == [0, 1, 2]
+    # a --config file and flags override the recipe, section by section
+    extra = tmp_path / "extra.yaml"
+    extra.write_text("train:\n  max_steps: 3\n")
+    cfg = load_config(CompareConfig, extra, ["compare.seeds=0,1,2"], recipe="demo")
+    assert cfg.train.max_steps == 3 and cfg.train.batch_size == demo.train.batch_size
+    assert cfg.compare.seeds == [0, 1, 2] and cfg.generate.prompts == "builtin:ifeval"
+    assert main(["compare", "--preset", "nope", "--output", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "unknown preset 'nope'; use one of demo, skills, study" in err and "Traceback" not in err

@@ -60,7 +60,7 @@ def config_from_args(args: argparse.Namespace, cls: type) -> Any:
     for dest, value in vars(args).items():
         if dest.startswith("set:") and value is not None:
             overrides.append(f"{dest[4:]}={value}")
-    return load_config(cls, args.config, overrides)
+    return load_config(cls, args.config, overrides, recipe=getattr(args, "preset", None))
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -321,6 +321,13 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train a baseline (alpha=0) and NEFTune arms on identical data and seed, "
         "evaluate and judge them, and write report.html.",
         allow_abbrev=False,
+    )
+    compare.add_argument(
+        "--preset",
+        metavar="NAME",
+        help="start from a shipped experiment recipe: demo (ShareGPT first turns, IFEval subset, ~15 min on 2 CPU "
+        "cores), skills (builtin:skills, the fast sanity check) or study (alpha 0/5/10/15 x 3 seeds, ~3 h); "
+        "--config, key=value and flags override it",
     )
     add_config_flags(compare, CompareConfig)
     compare.set_defaults(func=cmd_compare)

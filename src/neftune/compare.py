@@ -67,43 +67,75 @@ def plan_arms(cfg: CompareConfig) -> list[Arm]:
 
 
 def eval_spec(cfg: CompareConfig) -> str:
-    """The held-out prompts' data: ``data.eval``, else the training set's held-out split."""
+    """The held-out data (loss with the noise off): ``data.eval``, else the training set's held-out split."""
     spec = resolve_eval_spec(cfg.data.train, cfg.data.eval)
     if spec is None:
         raise NeftuneError("compare needs held-out data: set --eval-data (or data.eval) for a custom training set")
     return spec
 
 
+def prompts_spec(cfg: CompareConfig) -> str:
+    """The prompts every arm answers: ``generate.prompts``, else the held-out data."""
+    return cfg.generate.prompts or eval_spec(cfg)
+
+
+def prompts_limit(cfg: CompareConfig) -> int | None:
+    """How many prompts are answered: ``generate.limit``, else ``data.eval_limit``."""
+    return cfg.generate.limit if cfg.generate.limit is not None else cfg.data.eval_limit
+
+
 def default_max_new_tokens(cfg: CompareConfig) -> int:
-    """``generate.max_new_tokens``, else the eval data's default (:mod:`neftune.data.presets`)."""
+    """``generate.max_new_tokens``, else the prompt set's default (:mod:`neftune.data.presets`)."""
     from neftune.generate import default_max_new_tokens as for_data
 
-    return for_data(eval_spec(cfg), cfg.generate.max_new_tokens)
+    return for_data(prompts_spec(cfg), cfg.generate.max_new_tokens)
 
 
 def default_repetition_penalty(cfg: CompareConfig) -> float:
-    """``generate.repetition_penalty``, else the eval data's default (:mod:`neftune.data.presets`)."""
+    """``generate.repetition_penalty``, else the prompt set's default (:mod:`neftune.data.presets`)."""
     from neftune.generate import default_repetition_penalty as for_data
 
-    return for_data(eval_spec(cfg), cfg.generate.repetition_penalty)
+    return for_data(prompts_spec(cfg), cfg.generate.repetition_penalty)
 
 
 def load_eval_examples(cfg: CompareConfig) -> tuple[str, list]:
-    """The held-out prompts every arm answers (and the reference answers when present)."""
+    """The prompts every arm answers (and their reference answers when present)."""
     from neftune.data.formats import load_eval_examples as load
 
-    spec = eval_spec(cfg)
-    held = load(spec, fmt=cfg.data.format, on_bad_record=cfg.data.on_bad_record, limit=cfg.data.eval_limit)
-    log.info("eval: %s", held.summary())
+    spec = prompts_spec(cfg)
+    held = load(spec, fmt=cfg.data.format, on_bad_record=cfg.data.on_bad_record, limit=prompts_limit(cfg))
+    log.info("prompts: %s", held.summary())
     return spec, held.examples
 
 
+def load_heldout_examples(cfg: CompareConfig, prompts: list) -> list:
+    """The examples whose answers the held-out loss is measured on (noise off).
+
+    When the arms answer the held-out data itself these are the prompts that carry a reference
+    answer; with a separate prompt set (``generate.prompts``) they are read from the held-out data.
+    """
+    from neftune.data.formats import load_eval_examples as load
+
+    spec = eval_spec(cfg)
+    if spec == prompts_spec(cfg) and prompts_limit(cfg) == cfg.data.eval_limit:
+        return [e for e in prompts if e.reference is not None]
+    held = load(spec, fmt=cfg.data.format, on_bad_record=cfg.data.on_bad_record, limit=cfg.data.eval_limit)
+    log.info("held-out loss: %s", held.summary())
+    return [e for e in held.examples if e.reference is not None]
+
+
 def run_arm(
-    cfg: CompareConfig, arm: Arm, eval_examples: list, eval_name: str, stamp: dict[str, Any] | None = None
+    cfg: CompareConfig,
+    arm: Arm,
+    eval_examples: list,
+    eval_name: str,
+    stamp: dict[str, Any] | None = None,
+    heldout: list | None = None,
 ) -> dict[str, Any]:
     """Train (or resume) one arm, then evaluate it with the noise off; return its results entry.
 
-    ``stamp`` is the arm's fingerprint (:func:`arm_fingerprint`), written before training starts.
+    ``stamp`` is the arm's fingerprint (:func:`arm_fingerprint`), written before training starts;
+    ``heldout`` the examples of the held-out loss (default: the prompts that carry a reference answer).
     """
     from neftune.train import run_training
 
@@ -115,13 +147,18 @@ def run_arm(
         arm.directory.mkdir(parents=True, exist_ok=True)
         atomic_write_text(arm.directory / fingerprint.FILE, json.dumps(stamp, indent=2, default=str))
     result = run_training(train_cfg, keep_model=True)
-    entry = evaluate_arm(cfg, arm, result.model, result.tokenizer, eval_examples, eval_name, stamp)
+    # training ends by measuring the held-out loss on these same examples, the same way (noise off)
+    measured = result.metrics.get("heldout_loss")
+    known = None if measured is None else {"loss": measured, "perplexity": result.metrics.get("heldout_perplexity")}
+    entry = evaluate_arm(cfg, arm, result.model, result.tokenizer, eval_examples, eval_name, stamp, heldout, known)
     entry["wall_time_s"] = time.perf_counter() - started
     atomic_write_text(arm.directory / ARM_FILE, json.dumps(entry, indent=2))
     return entry
 
 
-def regenerate_arm(cfg: CompareConfig, arm: Arm, eval_examples: list, eval_name: str, stamp: dict) -> dict[str, Any]:
+def regenerate_arm(
+    cfg: CompareConfig, arm: Arm, eval_examples: list, eval_name: str, stamp: dict, heldout: list | None = None
+) -> dict[str, Any]:
     """Answer and score the eval prompts again with an arm's trained model (its training is reused)."""
     from neftune.models import load_model_and_tokenizer
 
@@ -130,7 +167,7 @@ def regenerate_arm(cfg: CompareConfig, arm: Arm, eval_examples: list, eval_name:
     model, tokenizer = load_model_and_tokenizer(
         str(arm.directory / "model"), trust_remote_code=cfg.model.trust_remote_code, for_training=False
     )
-    entry = evaluate_arm(cfg, arm, model, tokenizer, eval_examples, eval_name, stamp)
+    entry = evaluate_arm(cfg, arm, model, tokenizer, eval_examples, eval_name, stamp, heldout)
     train_time = float((previous.get("train") or {}).get("train_time_s") or 0.0)
     entry["wall_time_s"] = time.perf_counter() - started + train_time
     atomic_write_text(arm.directory / fingerprint.FILE, json.dumps(stamp, indent=2, default=str))
@@ -146,18 +183,24 @@ def evaluate_arm(
     eval_examples: list,
     eval_name: str,
     stamp: dict[str, Any] | None,
+    heldout: list | None = None,
+    known_loss: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Held-out loss, answers to the eval prompts and their metrics for one trained arm (noise off)."""
+    """Held-out loss, answers to the eval prompts and their metrics for one trained arm (noise off).
+
+    ``known_loss`` (``{"loss", "perplexity"}``) is the held-out loss training already measured on
+    ``heldout``; it is not measured again.
+    """
     from neftune.evaluate import evaluate_outputs, heldout_loss
     from neftune.generate import generate_outputs, write_outputs
 
     model.eval()
     tokenizer.padding_side = "left"
 
-    # prompt sets without reference answers (builtin:ifeval) have no held-out loss to measure
-    scored = [e for e in eval_examples if e.reference is not None]
-    loss: dict[str, Any] = {"loss": None, "perplexity": None}
-    if scored:
+    # prompt sets without reference answers (builtin:ifeval) have no held-out loss of their own
+    scored = heldout if heldout is not None else [e for e in eval_examples if e.reference is not None]
+    loss: dict[str, Any] = known_loss or {"loss": None, "perplexity": None}
+    if scored and known_loss is None:
         loss = heldout_loss(
             model, tokenizer, scored, max_length=cfg.data.max_length, batch_size=cfg.generate.batch_size
         )
@@ -332,6 +375,7 @@ def run_compare(cfg: CompareConfig) -> dict[str, Path]:
     check_output_dir(out)
     write_config(cfg, out / "config.yaml")
     eval_name, eval_examples = load_eval_examples(cfg)
+    heldout = load_heldout_examples(cfg, eval_examples)
     primary = declare_primary(
         cfg.compare.primary,
         cfg.judge.backend,
@@ -345,6 +389,9 @@ def run_compare(cfg: CompareConfig) -> dict[str, Path]:
         "eval": shared["eval"],
         "eval_data": eval_spec(cfg),
         "eval_limit": cfg.data.eval_limit,
+        "prompts": prompts_spec(cfg),
+        "prompts_limit": prompts_limit(cfg),
+        "heldout": fingerprint.examples_digest(heldout),
         "max_new_tokens": default_max_new_tokens(cfg),
         "repetition_penalty": default_repetition_penalty(cfg),
         "batch_size": cfg.generate.batch_size,
@@ -368,10 +415,10 @@ def run_compare(cfg: CompareConfig) -> dict[str, Path]:
             reused_time += float(entries[arm.name].get("wall_time_s") or 0.0)
             continue
         if states[arm.name] == "regenerate":
-            entries[arm.name] = regenerate_arm(cfg, arm, eval_examples, eval_name, stamps[arm.name])
+            entries[arm.name] = regenerate_arm(cfg, arm, eval_examples, eval_name, stamps[arm.name], heldout)
             continue
         log.info("[%d/%d] %s: training (alpha=%g, seed=%d)", index, len(arms), arm.name, arm.alpha, arm.seed)
-        entries[arm.name] = run_arm(cfg, arm, eval_examples, eval_name, stamps[arm.name])
+        entries[arm.name] = run_arm(cfg, arm, eval_examples, eval_name, stamps[arm.name], heldout)
     judge_arms(cfg, arms, entries)
 
     baseline = _summary(arms[0].directory)  # model description and resolved settings of the run
@@ -384,8 +431,10 @@ def run_compare(cfg: CompareConfig) -> dict[str, Path]:
         "data": {
             "train": recorded.get("data.train", cfg.data.train),
             "eval": eval_name,
+            "heldout": eval_spec(cfg),
             "n_train": baseline.get("train_examples"),
             "n_eval": len(eval_examples),
+            "n_heldout": len(heldout),
             "primary_metric": defaults_for(eval_name).primary_metric,
         },
         "primary": primary,

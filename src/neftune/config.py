@@ -223,17 +223,63 @@ def _positive(name: str, value: Any) -> None:
         raise ConfigError(f"{name} must be a positive integer, got {value!r}")
 
 
-def load_config(cls: type = Config, path: str | Path | None = None, overrides: list[str] | None = None) -> Any:
-    """Defaults, then the YAML file, then overrides; validated."""
-    data = read_yaml(path) if path else {}
+def load_config(
+    cls: type = Config,
+    path: str | Path | None = None,
+    overrides: list[str] | None = None,
+    recipe: str | None = None,
+) -> Any:
+    """Defaults, then the recipe (:func:`recipe_path`), then the YAML file, then overrides; validated."""
+    data = read_yaml(recipe_path(recipe)) if recipe else {}
+    if path:
+        merge_tree(data, read_yaml(path))
     apply_overrides(data, overrides or [])
     cfg = from_dict(cls, data)
     cfg.validate()
     return cfg
 
 
+RECIPES = Path(__file__).parent / "recipes"
+"""Shipped experiment recipes: ``neftune compare --preset NAME`` starts from ``recipes/NAME.yaml``."""
+
+
+def recipe_names() -> list[str]:
+    """The names ``--preset`` accepts, sorted."""
+    return sorted(p.stem for p in RECIPES.glob("*.yaml"))
+
+
+def recipe_path(name: str) -> Path:
+    """The YAML file of recipe ``name``; a one-line error naming the known recipes."""
+    path = RECIPES / f"{name}.yaml"
+    if not name.replace("-", "").replace("_", "").isalnum() or not path.is_file():
+        raise ConfigError(f"unknown preset {name[:40]!r}; use one of {', '.join(recipe_names())}")
+    return path
+
+
+def merge_tree(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    """Merge the nested mapping ``top`` into ``base`` (``top`` wins, sections merge); return ``base``."""
+    for key, value in top.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            merge_tree(base[key], value)
+        else:
+            base[key] = value
+    return base
+
+
 @dataclass
 class GenerateConfig:
+    prompts: str | None = setting(
+        None,
+        "prompt set every arm answers, e.g. builtin:ifeval (default: the held-out data, data.eval); the held-out "
+        "loss is still measured on the held-out data",
+        flag="--prompts",
+    )
+    limit: int | None = setting(
+        None,
+        "answer at most this many prompts (default: data.eval_limit); a built-in prompt set keeps a fixed "
+        "stratified subset",
+        flag="--prompts-limit",
+    )
     max_new_tokens: int | None = setting(
         None,
         "tokens to generate per answer (default: the eval data's; 64 for builtin:skills, 256 for files)",
@@ -321,6 +367,10 @@ class CompareConfig(Config):
         _choice("judge.backend", self.judge.backend, ("none", "local", "http", "length"))
         if self.judge.backend == "http" and not (self.judge.base_url and self.judge.model):
             raise ConfigError("judge.backend=http needs judge.base_url and judge.model")
+        if self.generate.limit is not None:
+            _positive("generate.limit", self.generate.limit)
+        if self.generate.prompts is not None and not str(self.generate.prompts).strip():
+            raise ConfigError("generate.prompts must name a prompt set or file (or be left unset)")
         if self.generate.max_new_tokens is not None:
             _positive("generate.max_new_tokens", self.generate.max_new_tokens)
         _positive("generate.batch_size", self.generate.batch_size)

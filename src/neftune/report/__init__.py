@@ -22,7 +22,8 @@ Input schema (every part not marked *required* may be missing or ``null``)::
     {
       "title": str, "created": ISO-8601 str, "wall_time_s": float,
       "model": {"spec": str, "n_params": int, "trainable_params": int, "dtype": str, ...},
-      "data": {"train": str, "eval": str, "n_train": int, "n_eval": int},
+      "data": {"train": str, "eval": str, "n_train": int, "n_eval": int,   # eval: the prompts answered
+               "heldout": str, "n_heldout": int},   # the held-out loss's data (== eval unless --prompts)
       "seeds": [int],
       "versions": {"neftune": str, "torch": str, "transformers": str, "python": str, ...},
       "settings": {...free-form training settings, may nest (lr, steps, batch, lora: {...})...},

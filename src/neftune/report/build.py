@@ -22,8 +22,12 @@ def _meta(a: Analysis) -> str:
     if spec:
         parts.append(f"model {spec}")
     n = a.n_eval()
+    data = mapping_at(r, "data")
     if n:
-        parts.append(f"{n} eval examples")
+        parts.append(f"{n} eval prompts" + (f" ({data['eval']})" if data.get("eval") else ""))
+    held, n_held = data.get("heldout"), data.get("n_heldout")
+    if held and n_held and held != data.get("eval"):
+        parts.append(f"held-out loss on {n_held} examples ({held})")
     if a.arms or a.failed:
         parts.append("arms: " + ", ".join(a.labels[x["name"]] for x in [*a.arms, *a.failed]))
     return " \u00b7 ".join(parts)

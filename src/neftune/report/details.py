@@ -117,10 +117,7 @@ def judge_section(a: Analysis) -> Section:
     judged = [arm for arm in a.treatments if judge_of(arm)]
     if not judged:
         sec.blocks.append(
-            Para(
-                "No LLM judge was run, so there are no win rates; the verdict rests on the "
-                "reference-based metrics above."
-            )
+            Para("No LLM judge was run, so there are no win rates; the verdict rests on the objective metrics above.")
         )
         return sec
     sec.blocks.append(

@@ -421,3 +421,24 @@ def test_seed_level_test():
     ref = sps.ttest_1samp([0.60, 0.64, 0.56], 0.5)
     assert e.estimate == pytest.approx(0.6) and e.p_value == pytest.approx(ref.pvalue) and e.df == 2
     assert e.ci == pytest.approx(tuple(ref.confidence_interval()))
+
+
+def test_power_calculation_is_calibrated_against_fresh_simulations():
+    """detectable_effect finds the effect that the pooled test detects in 80% of experiments it did not
+    see (other random numbers), and power() keeps the level under the null."""
+    from neftune.stats.power import detectable_effect, power
+
+    kw = {"prompts": 96, "seeds": 5, "discordance": 0.15, "seed_sd": 0.02, "arms": 3}
+    mde = detectable_effect(**kw, sims=1000)
+    assert mde is not None and 0.05 < mde < 0.25
+    fresh = power(mde, **kw, sims=2000, seed=1)
+    assert fresh == pytest.approx(0.8, abs=0.04)
+    assert power(0.0, **kw, sims=2000, seed=2) <= mc_limit(0.05 / 3)
+    # more prompts or seeds detect smaller effects; seed spread costs power
+    assert detectable_effect(**{**kw, "prompts": 384}, sims=1000) < mde
+    assert detectable_effect(**{**kw, "seeds": 8}, sims=1000) < mde
+    assert detectable_effect(**{**kw, "seed_sd": 0.05}, sims=1000) > mde
+    # 6 paired answers: even all six in the arm's favour give an exact p of 1/32 > 0.05 / 3
+    assert detectable_effect(prompts=3, seeds=2, discordance=0.1, arms=3, sims=200) is None
+    with pytest.raises(ValueError, match="discordance"):
+        power(0.1, prompts=10, seeds=2, discordance=0.0)

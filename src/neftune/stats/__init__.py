@@ -6,6 +6,8 @@
   per-seed paired effects, a pooled effect whose interval includes training-seed variance, and the
   A/A (baseline against baseline) noise floor.
 * :mod:`neftune.stats.length_control` -- AlpacaEval's length-controlled win rate.
+* :mod:`neftune.stats.power` -- the smallest effect on a 0/1 metric an experiment of a given size
+  detects, simulated through the pooled test of :mod:`neftune.stats.seeds`.
 
 Each method is calibrated by simulation in ``tests/test_stats.py`` without a model.
 """

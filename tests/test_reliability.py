@@ -168,18 +168,18 @@ def test_no_hook_remains_after_an_exception_inside_training(tmp_path, monkeypatc
 
 
 def test_no_hook_remains_after_an_exception_inside_compare_evaluation(tmp_path, monkeypatch):
-    import neftune.evaluate
+    import neftune.generate
     from neftune.cli import main
 
     monkeypatch.setenv("NEFTUNE_CACHE", str(tmp_path / "cache"))
     seen = {}
 
-    def exploding_heldout_loss(model, *args, **kwargs):
+    def exploding_generate_outputs(model, *args, **kwargs):
         seen["neftune_hooks"] = _neftune_hooks(model)
         seen["hooks"] = hook_count(model)
         raise RuntimeError("evaluation failed")
 
-    monkeypatch.setattr(neftune.evaluate, "heldout_loss", exploding_heldout_loss)
+    monkeypatch.setattr(neftune.generate, "generate_outputs", exploding_generate_outputs)
     # an unexpected error is one line and exit status 1 (cli.main's last resort)
     assert (
         main(

@@ -35,7 +35,15 @@ def _draws(sims: int, seeds: int, prompts: int, seed: int) -> tuple[np.ndarray, 
 
 
 def _power(
-    delta: float, prompts: int, seeds: int, discordance: float, seed_sd: float, arms: int, level: float, u, z
+    delta: float,
+    prompts: int,
+    seeds: int,
+    discordance: float,
+    seed_sd: float,
+    arms: int,
+    level: float,
+    u: np.ndarray,
+    z: np.ndarray,
 ) -> float:
     # per-seed true difference, on top of the chance disagreement `discordance` (split evenly)
     d = np.clip(delta + seed_sd * z, discordance - 1, 1 - discordance)

@@ -1,7 +1,7 @@
 # neftune developer entry points. Each target sets up what it needs by itself.
 #   make test   - build .venv from nothing (torch first, pinned) and run the test suite
 #   make demo   - run the main job on the embedded default (SmolLM2-135M, ShareGPT first turns, IFEval subset; ~15 min)
-#   make study  - the longer experiment of docs/experiments/ (alpha 0/5/10/15 x 3 seeds; ~80 min on 2 CPU cores)
+#   make study  - the longer experiment of docs/experiments/ (alpha 0/5/10/15 x 3 seeds; ~95 min on 2 CPU cores)
 #   make llama-server - build/install llama-cpp-python[server] (cached wheel) for the `server` tests
 #   make lint   - ruff (lint + format check) and mypy on src/neftune
 #   make package-test - build sdist + wheel, install the wheel into a fresh venv outside the checkout, run the CLI

@@ -326,7 +326,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--preset",
         metavar="NAME",
         help="start from a shipped experiment recipe: demo (ShareGPT first turns, IFEval subset, ~15 min on 2 CPU "
-        "cores), skills (builtin:skills, the fast sanity check) or study (alpha 0/5/10/15 x 3 seeds, ~3 h); "
+        "cores), skills (builtin:skills, the fast sanity check) or study (alpha 0/5/10/15 x 3 seeds, ~95 min); "
         "--config, key=value and flags override it",
     )
     add_config_flags(compare, CompareConfig)

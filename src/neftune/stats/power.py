@@ -22,6 +22,8 @@ is monotone.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 
 from neftune.stats.seeds import compare_arms
@@ -29,30 +31,30 @@ from neftune.stats.seeds import compare_arms
 __all__ = ["detectable_effect", "power"]
 
 
-def _draws(sims: int, seeds: int, prompts: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+def _simulator(
+    prompts: int, seeds: int, discordance: float, seed_sd: float, arms: int, level: float, sims: int, seed: int
+) -> Callable[[float], float]:
+    """Check the design and draw its random numbers once; return ``delta -> power`` on those draws."""
+    if prompts < 1 or seeds < 1 or arms < 1:
+        raise ValueError("prompts, seeds and arms must be >= 1")
+    if not 0 < discordance <= 1:
+        raise ValueError(f"discordance must be in (0, 1], got {discordance}")
+    if seed_sd < 0:
+        raise ValueError(f"seed_sd must be >= 0, got {seed_sd}")
     rng = np.random.default_rng(seed)
-    return rng.random((sims, seeds, prompts)), rng.standard_normal((sims, seeds, 1))
+    u, z = rng.random((sims, seeds, prompts)), rng.standard_normal((sims, seeds, 1))
 
+    def power_at(delta: float) -> float:
+        # per-seed true difference, on top of the chance disagreement `discordance` (split evenly)
+        d = np.clip(delta + seed_sd * z, discordance - 1, 1 - discordance)
+        up = discordance / 2 + np.maximum(d, 0.0)  # P(treated right, baseline wrong)
+        down = discordance / 2 + np.maximum(-d, 0.0)  # P(baseline right, treated wrong)
+        treated = (u < up).astype(float)
+        baseline = ((u >= up) & (u < up + down)).astype(float)
+        r = compare_arms(treated, baseline, binary=True, level=1 - level)
+        return float(np.mean((r["p_value"] < level / arms) & (r["estimate"] * np.sign(delta or 1.0) > 0)))
 
-def _power(
-    delta: float,
-    prompts: int,
-    seeds: int,
-    discordance: float,
-    seed_sd: float,
-    arms: int,
-    level: float,
-    u: np.ndarray,
-    z: np.ndarray,
-) -> float:
-    # per-seed true difference, on top of the chance disagreement `discordance` (split evenly)
-    d = np.clip(delta + seed_sd * z, discordance - 1, 1 - discordance)
-    up = discordance / 2 + np.maximum(d, 0.0)  # P(treated right, baseline wrong)
-    down = discordance / 2 + np.maximum(-d, 0.0)  # P(baseline right, treated wrong)
-    treated = (u < up).astype(float)
-    baseline = ((u >= up) & (u < up + down)).astype(float)
-    r = compare_arms(treated, baseline, binary=True, level=1 - level)
-    return float(np.mean((r["p_value"] < level / arms) & (r["estimate"] * np.sign(delta or 1.0) > 0)))
+    return power_at
 
 
 def power(
@@ -79,9 +81,7 @@ def power(
         arms: number of alphas tested (Holm family of the primary metric).
         level: family-wise significance level.
     """
-    _check(prompts, seeds, discordance, seed_sd, arms)
-    u, z = _draws(sims, seeds, prompts, seed)
-    return _power(delta, prompts, seeds, discordance, seed_sd, arms, level, u, z)
+    return _simulator(prompts, seeds, discordance, seed_sd, arms, level, sims, seed)(delta)
 
 
 def detectable_effect(
@@ -98,11 +98,10 @@ def detectable_effect(
 ) -> float | None:
     """Smallest true difference detected in ``target`` of simulations (bisection to 0.1 point);
     ``None`` when even the largest possible one (``1 - discordance``) is not."""
-    _check(prompts, seeds, discordance, seed_sd, arms)
-    u, z = _draws(sims, seeds, prompts, seed)
+    power_at = _simulator(prompts, seeds, discordance, seed_sd, arms, level, sims, seed)
 
     def found(delta: float) -> bool:
-        return _power(delta, prompts, seeds, discordance, seed_sd, arms, level, u, z) >= target
+        return power_at(delta) >= target
 
     lo, hi = 0.0, 1.0 - discordance
     if not found(hi):
@@ -111,12 +110,3 @@ def detectable_effect(
         mid = (lo + hi) / 2
         lo, hi = (lo, mid) if found(mid) else (mid, hi)
     return hi
-
-
-def _check(prompts: int, seeds: int, discordance: float, seed_sd: float, arms: int) -> None:
-    if prompts < 1 or seeds < 1 or arms < 1:
-        raise ValueError("prompts, seeds and arms must be >= 1")
-    if not 0 < discordance <= 1:
-        raise ValueError(f"discordance must be in (0, 1], got {discordance}")
-    if seed_sd < 0:
-        raise ValueError(f"seed_sd must be >= 0, got {seed_sd}")

@@ -235,14 +235,14 @@ def _sharegpt_first(split: str, limit: int | None, seed: int) -> LoadResult:
     kept: list[Example] = []
     capped = duplicates = 0
     seen: set[str] = set()
+    lo_p, hi_p = FIRST_TURN_PROMPT_CHARS
+    lo_a, hi_a = FIRST_TURN_ANSWER_CHARS
     for example in loaded.examples:
         messages = [m for m in example.messages if m["role"] != "system"]
         if len(messages) < 2 or messages[0]["role"] != "user" or messages[1]["role"] != "assistant":
             capped += 1
             continue
         prompt, answer = len(messages[0]["content"]), len(messages[1]["content"])
-        lo_p, hi_p = FIRST_TURN_PROMPT_CHARS
-        lo_a, hi_a = FIRST_TURN_ANSWER_CHARS
         if not (lo_p <= prompt <= hi_p and lo_a <= answer <= hi_a):
             capped += 1
             continue
@@ -265,9 +265,8 @@ def _sharegpt_first(split: str, limit: int | None, seed: int) -> LoadResult:
         chosen = chosen[:limit]
     result = LoadResult(chosen, loaded.total, skipped, "builtin:sharegpt_first")
     result.notes = [
-        *getattr(loaded, "notes", []),
-        f"first turns with a {FIRST_TURN_PROMPT_CHARS[0]}-{FIRST_TURN_PROMPT_CHARS[1]} character prompt and a "
-        f"{FIRST_TURN_ANSWER_CHARS[0]}-{FIRST_TURN_ANSWER_CHARS[1]} character answer; {len(test)} held out",
+        *loaded.notes,
+        f"first turns with a {lo_p}-{hi_p} character prompt and a {lo_a}-{hi_a} character answer; {len(test)} held out",
     ]
     return result
 

@@ -1,0 +1,208 @@
+"""One arm of a ``neftune compare`` experiment: what it is evaluated on, and its results entry.
+
+Every arm answers the same prompts (:func:`load_eval_examples`: ``generate.prompts``, else the held-out
+data) and is scored on the same held-out loss examples (:func:`load_heldout_examples`), with the noise
+off.  :func:`evaluate_arm` turns one trained model into the arm's entry of ``results.json``: held-out
+loss, the answers (written to the arm's ``outputs.json``) and their metrics, plus the training curves
+read back from the arm's directory.  :mod:`neftune.compare` trains the arms and calls it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from neftune.config import CompareConfig
+from neftune.data.presets import resolve_eval_spec
+from neftune.errors import NeftuneError
+
+log = logging.getLogger("neftune")
+
+
+@dataclasses.dataclass
+class Arm:
+    """One trained configuration of the experiment."""
+
+    name: str
+    alpha: float
+    seed: int
+    directory: Path
+
+
+def eval_spec(cfg: CompareConfig) -> str:
+    """The held-out data (loss with the noise off): ``data.eval``, else the training set's held-out split."""
+    spec = resolve_eval_spec(cfg.data.train, cfg.data.eval)
+    if spec is None:
+        raise NeftuneError("compare needs held-out data: set --eval-data (or data.eval) for a custom training set")
+    return spec
+
+
+def prompts_spec(cfg: CompareConfig) -> str:
+    """The prompts every arm answers: ``generate.prompts``, else the held-out data."""
+    return cfg.generate.prompts or eval_spec(cfg)
+
+
+def prompts_limit(cfg: CompareConfig) -> int | None:
+    """How many prompts are answered: ``generate.limit``, else ``data.eval_limit``."""
+    return cfg.generate.limit if cfg.generate.limit is not None else cfg.data.eval_limit
+
+
+def default_max_new_tokens(cfg: CompareConfig) -> int:
+    """``generate.max_new_tokens``, else the prompt set's default (:mod:`neftune.data.presets`)."""
+    from neftune.generate import default_max_new_tokens as for_data
+
+    return for_data(prompts_spec(cfg), cfg.generate.max_new_tokens)
+
+
+def default_repetition_penalty(cfg: CompareConfig) -> float:
+    """``generate.repetition_penalty``, else the prompt set's default (:mod:`neftune.data.presets`)."""
+    from neftune.generate import default_repetition_penalty as for_data
+
+    return for_data(prompts_spec(cfg), cfg.generate.repetition_penalty)
+
+
+def load_eval_examples(cfg: CompareConfig) -> tuple[str, list]:
+    """The prompts every arm answers (and their reference answers when present)."""
+    from neftune.data.formats import load_eval_examples as load
+
+    spec = prompts_spec(cfg)
+    held = load(spec, fmt=cfg.data.format, on_bad_record=cfg.data.on_bad_record, limit=prompts_limit(cfg))
+    log.info("prompts: %s", held.summary())
+    return spec, held.examples
+
+
+def load_heldout_examples(cfg: CompareConfig, prompts: list) -> list:
+    """The examples whose answers the held-out loss is measured on (noise off).
+
+    When the arms answer the held-out data itself these are the prompts that carry a reference
+    answer; with a separate prompt set (``generate.prompts``) they are read from the held-out data.
+    """
+    from neftune.data.formats import load_eval_examples as load
+
+    spec = eval_spec(cfg)
+    if spec == prompts_spec(cfg) and prompts_limit(cfg) == cfg.data.eval_limit:
+        return [e for e in prompts if e.reference is not None]
+    held = load(spec, fmt=cfg.data.format, on_bad_record=cfg.data.on_bad_record, limit=cfg.data.eval_limit)
+    log.info("held-out loss: %s", held.summary())
+    return [e for e in held.examples if e.reference is not None]
+
+
+def evaluate_arm(
+    cfg: CompareConfig,
+    arm: Arm,
+    model: Any,
+    tokenizer: Any,
+    eval_examples: list,
+    eval_name: str,
+    stamp: dict[str, Any] | None,
+    heldout: list | None = None,
+    known_loss: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Held-out loss, answers to the eval prompts and their metrics for one trained arm (noise off).
+
+    ``known_loss`` (``{"loss", "perplexity"}``) is the held-out loss training already measured on
+    ``heldout``; it is not measured again.
+    """
+    from neftune.evaluate import evaluate_outputs, heldout_loss
+    from neftune.generate import generate_outputs, write_outputs
+
+    model.eval()
+    tokenizer.padding_side = "left"
+
+    # prompt sets without reference answers (builtin:ifeval) have no held-out loss of their own
+    scored = heldout if heldout is not None else [e for e in eval_examples if e.reference is not None]
+    loss: dict[str, Any] = known_loss or {"loss": None, "perplexity": None}
+    if scored and known_loss is None:
+        loss = heldout_loss(
+            model, tokenizer, scored, max_length=cfg.data.max_length, batch_size=cfg.generate.batch_size
+        )
+        log.info("%s: held-out loss %.4f (noise off)", arm.name, loss["loss"])
+    log.info("%s: generating %d answers", arm.name, len(eval_examples))
+    records = generate_outputs(
+        model,
+        tokenizer,
+        eval_examples,
+        generator_name=f"{cfg.model.name}-neftune-{arm.name}",
+        dataset_name=eval_name,
+        max_new_tokens=default_max_new_tokens(cfg),
+        repetition_penalty=default_repetition_penalty(cfg),
+        batch_size=cfg.generate.batch_size,
+        progress=cfg.train.progress,
+    )
+    write_outputs(arm.directory / "outputs.json", records)
+    metrics = evaluate_outputs(records, eval_examples, tokenizer)
+    del model
+    gc.collect()
+    summary = read_summary(arm.directory)
+
+    em = metrics.get("exact_match")
+    rouge = metrics.get("rouge_l")
+    entry = {
+        "name": arm.name,
+        "alpha": arm.alpha,
+        "seed": arm.seed,
+        "train": {
+            "loss_curve": [list(p) for p in _curve(arm.directory, "loss")],
+            "heldout_curve": [list(p) for p in _curve(arm.directory, "eval_loss")],
+            "train_time_s": summary.get("train_time_s"),
+            "tokens_per_s": summary.get("tokens_per_s"),
+        },
+        "eval": {
+            "heldout_loss": loss["loss"],
+            "perplexity": loss["perplexity"],
+            "exact_match": em["accuracy"] if em else None,
+            "exact_match_by_family": {f: v["accuracy"] for f, v in (em or {}).get("per_family", {}).items()},
+            "distinct_1": metrics["distinct_1"],
+            "distinct_2": metrics["distinct_2"],
+            "repetition_rate": metrics["repetition_4"],
+            "rouge_l": rouge["mean"] if rouge else None,
+            "length_chars": _stats(metrics["lengths"].get("chars")),
+            "length_tokens": _stats(metrics["lengths"].get("tokens")),
+            "per_example": {
+                "correct": _as_ints(metrics["per_example"].get("correct")),
+                "length_chars": metrics["per_example"]["length_chars"],
+                "rouge_l": metrics["per_example"].get("rouge_l"),
+                "ifeval_prompt_strict": metrics["per_example"].get("ifeval_prompt_strict"),
+                "ifeval_prompt_loose": metrics["per_example"].get("ifeval_prompt_loose"),
+            },
+            "ifeval": metrics.get("ifeval"),
+        },
+        "judge": None,
+        "fingerprint": stamp,
+    }
+    return entry
+
+
+def _curve(directory: Path, key: str) -> list[tuple[int, float]]:
+    """(step, value) pairs of ``key`` from the arm's metrics.jsonl (survives resumes)."""
+    points: dict[int, float] = {}
+    path = directory / "metrics.jsonl"
+    if path.exists():
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                row = json.loads(line)
+            except ValueError:
+                continue  # a line cut off by a kill; the rest of the file is intact
+            if key in row:
+                points[int(row["step"])] = float(row[key])
+    return sorted(points.items())
+
+
+def read_summary(directory: Path) -> dict[str, Any]:
+    """The arm's ``train_summary.json`` (empty when training has not written it)."""
+    path = directory / "train_summary.json"
+    return json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
+
+
+def _stats(block: dict | None) -> dict[str, Any] | None:
+    if not block:
+        return None
+    return {k: block[k] for k in ("mean", "median", "p90") if k in block}
+
+
+def _as_ints(flags: list | None) -> list | None:
+    return None if flags is None else [None if f is None else int(bool(f)) for f in flags]

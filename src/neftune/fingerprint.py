@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from neftune.errors import NeftuneError
+from neftune.io import sha256_files
 
 __all__ = [
     "FILE",
@@ -56,21 +57,6 @@ _NOT_TRAINING = {
     "data.eval",
     "data.eval_limit",
 }
-_WHOLE_FILE_LIMIT = 4 << 30  # weights above this size are identified by name, size and mtime
-
-
-def _sha256_files(paths: Iterable[Path]) -> str:
-    digest = hashlib.sha256()
-    for path in sorted(paths):
-        digest.update(path.name.encode())
-        stat = path.stat()
-        if stat.st_size > _WHOLE_FILE_LIMIT:
-            digest.update(f"{stat.st_size}:{stat.st_mtime_ns}".encode())
-            continue
-        with path.open("rb") as handle:
-            for block in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(block)
-    return digest.hexdigest()[:32]
 
 
 def model_identity(spec: str) -> dict[str, Any]:
@@ -89,7 +75,7 @@ def model_identity(spec: str) -> dict[str, Any]:
             built = json.loads(manifest.read_text(encoding="utf-8"))
             found["weights"] = {"entry": directory.name, "format": built.get("format"), "source": built.get("source")}
         else:
-            found["weights"] = _sha256_files(files)
+            found["weights"] = sha256_files(files)
     return found
 
 
@@ -104,11 +90,11 @@ def data_digest(spec: str) -> str:
     preset = get_preset(spec)
     if preset is not None:
         path = preset.path() if preset.path is not None else None
-        return _sha256_files([path]) if path is not None else f"{spec} (generated)"
+        return sha256_files([path]) if path is not None else f"{spec} (generated)"
     path = Path(spec).expanduser()
     if path.is_dir():
-        return _sha256_files(p for p in path.rglob("*") if p.is_file())
-    return _sha256_files([path]) if path.is_file() else spec
+        return sha256_files(p for p in path.rglob("*") if p.is_file())
+    return sha256_files([path]) if path.is_file() else spec
 
 
 def examples_digest(examples: Iterable[Any]) -> str:

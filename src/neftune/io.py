@@ -9,17 +9,21 @@ One implementation of each, so that "a crash never leaves half a file" holds eve
   or file cannot be written.
 * :func:`file_lock` is an inter-process lock (``filelock``) around work two processes must not
   do at once, such as filling the same cache entry.
+* :func:`build_once` builds a cache entry (a converted model, prepared data) once, atomically,
+  under that lock, in :func:`cache_root`.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
 import stat
 import tempfile
+import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -33,10 +37,13 @@ __all__ = [
     "atomic_write_bytes",
     "atomic_write_json",
     "atomic_write_text",
+    "build_once",
+    "cache_root",
     "check_output_dir",
     "check_output_file",
     "file_lock",
     "not_a_regular_file",
+    "sha256_files",
 ]
 
 
@@ -155,3 +162,97 @@ def file_lock(path: str | os.PathLike[str], timeout: float = -1) -> Iterator[Non
     """
     with FileLock(os.fspath(path), timeout=timeout):
         yield
+
+
+def cache_root() -> Path:
+    """The neftune cache directory: ``$NEFTUNE_CACHE``, else ``$XDG_CACHE_HOME/neftune``, else
+    ``~/.cache/neftune``.  Converted models live under ``models/``, prepared data under ``data/``.
+    It is not created here."""
+    explicit = os.environ.get("NEFTUNE_CACHE")
+    if explicit:
+        return Path(explicit).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
+    return base / "neftune"
+
+
+_WHOLE_FILE_LIMIT = 4 << 30  # files above this size are identified by name, size and mtime
+
+
+def sha256_files(paths: Iterable[Path]) -> str:
+    """A short hash of the names and bytes of ``paths`` (order-independent).
+
+    Files over 4 GiB are identified by size and modification time instead of their bytes.
+    """
+    digest = hashlib.sha256()
+    for path in sorted(paths):
+        digest.update(path.name.encode())
+        info = path.stat()
+        if info.st_size > _WHOLE_FILE_LIMIT:
+            digest.update(f"{info.st_size}:{info.st_mtime_ns}".encode())
+            continue
+        with path.open("rb") as handle:
+            for block in iter(lambda: handle.read(1 << 22), b""):
+                digest.update(block)
+    return digest.hexdigest()[:32]
+
+
+def build_once(
+    root: Path,
+    name: str,
+    build: Callable[[Path], object],
+    *,
+    marker: str,
+    describe: Callable[[float], dict[str, Any]],
+    error: Callable[[str], Exception],
+) -> tuple[Path, bool]:
+    """``root/name``, built by ``build(tmp)`` first if it is not complete; return it and whether it was built.
+
+    An entry is complete exactly when its ``marker`` file exists: ``describe(seconds)`` is written
+    there last, inside a temporary sibling directory that is then renamed into place in one step, so
+    a process killed at any moment (even ``kill -9``) leaves no entry that looks complete.  A lock
+    file keeps two processes from building the same entry at once; debris of a killed build is
+    removed by the next one.  Failures become ``error(message)``.
+    """
+    final = root / name
+    if (final / marker).is_file():
+        return final, False
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise error(
+            f"cannot create the cache {root}: {_first_line(err)} (set NEFTUNE_CACHE to a writable directory)"
+        ) from err
+    try:
+        with file_lock(root / f".{name}.lock"):
+            if (final / marker).is_file():
+                return final, False
+            # Holding the lock, nobody else is writing this entry: whatever is here is debris.
+            shutil.rmtree(final, ignore_errors=True)
+            for stale in root.glob(f".tmp-{name}-*"):
+                shutil.rmtree(stale, ignore_errors=True)
+            started = time.perf_counter()
+            # mkdir rather than mkdtemp: the entry gets the umask's permissions, not 0700, so a cache
+            # shared through NEFTUNE_CACHE stays readable by the group.
+            tmp = root / f".tmp-{name}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+            try:
+                tmp.mkdir()
+                build(tmp)
+                info = describe(time.perf_counter() - started)
+                (tmp / marker).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+                os.rename(tmp, final)
+            except OSError as err:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise error(f"cannot write the cache entry {final}: {_first_line(err)}") from err
+            except BaseException:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
+    except OSError as err:  # the lock file itself; the steps inside raise error(...)
+        raise error(f"cannot lock the cache entry {final}: {_first_line(err)}") from err
+    return final, True
+
+
+def _first_line(err: BaseException) -> str:
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    text = lines[0] if lines else type(err).__name__
+    return text if len(text) <= 300 else text[:297] + "..."

@@ -16,14 +16,11 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
-import json
 import logging
 import os
 import re
-import shutil
 import struct
 import time
-import uuid
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -31,7 +28,7 @@ from typing import Any
 import torch
 
 from neftune.errors import ModelError
-from neftune.io import file_lock, not_a_regular_file
+from neftune.io import build_once, cache_root, not_a_regular_file
 from neftune.tiny import save_tiny
 
 logger = logging.getLogger(__name__)
@@ -81,14 +78,8 @@ _HUB_ID = re.compile(r"^(?:[A-Za-z0-9][\w.-]{0,95}/)?[A-Za-z0-9][\w.-]{0,95}$")
 
 
 def cache_dir() -> Path:
-    """Return the neftune cache directory: ``$NEFTUNE_CACHE``, else ``$XDG_CACHE_HOME/neftune``,
-    else ``~/.cache/neftune``.  It is not created here."""
-    explicit = os.environ.get("NEFTUNE_CACHE")
-    if explicit:
-        return Path(explicit).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
-    return base / "neftune"
+    """Return the neftune cache directory (:func:`neftune.io.cache_root`); it is not created here."""
+    return cache_root()
 
 
 def smollm2_gguf_path() -> Path:
@@ -255,53 +246,23 @@ def _digest(*parts: bytes) -> str:
 def _cached_entry(name: str, build: Callable[[Path], object], source: str) -> Path:
     """Return ``cache_dir()/models/name``, building it with ``build(tmp)`` first if absent.
 
-    The entry is complete exactly when its manifest exists; the manifest is written last inside a
-    temporary sibling directory, which is then renamed to the final name in one step.
+    The entry is complete exactly when its manifest exists (:func:`neftune.io.build_once`).
     """
-    root = cache_dir() / "models"
-    final = root / name
-    if (final / MANIFEST).is_file():
-        return final
-    try:
-        root.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise ModelError(
-            f"cannot create the model cache {root}: {one_line(error)} (set NEFTUNE_CACHE to a writable directory)"
-        ) from error
-    try:
-        with file_lock(root / f".{name}.lock"):
-            if (final / MANIFEST).is_file():
-                return final
-            # Holding the lock, nobody else is writing this entry: whatever is here is debris from a
-            # killed process.
-            shutil.rmtree(final, ignore_errors=True)
-            for stale in root.glob(f".tmp-{name}-*"):
-                shutil.rmtree(stale, ignore_errors=True)
-            logger.info("building model cache entry %s from %s (once)", final, source)
-            started = time.perf_counter()
-            # mkdir rather than mkdtemp: the entry should get the umask's permissions, not 0700, so a
-            # cache shared through NEFTUNE_CACHE stays readable by the group.
-            tmp = root / f".tmp-{name}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-            try:
-                tmp.mkdir()
-                build(tmp)
-                manifest = {
-                    "format": CACHE_FORMAT,
-                    "source": source,
-                    "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                    "seconds": round(time.perf_counter() - started, 2),
-                }
-                (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
-                os.rename(tmp, final)
-            except OSError as error:
-                shutil.rmtree(tmp, ignore_errors=True)
-                raise ModelError(f"cannot write the model cache entry {final}: {one_line(error)}") from error
-            except BaseException:
-                shutil.rmtree(tmp, ignore_errors=True)
-                raise
-    except OSError as error:  # the lock file itself; the steps inside raise ModelError
-        raise ModelError(f"cannot lock the model cache entry {final}: {one_line(error)}") from error
-    return final
+
+    def describe(seconds: float) -> dict[str, Any]:
+        return {
+            "format": CACHE_FORMAT,
+            "source": source,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "seconds": round(seconds, 2),
+        }
+
+    def announce(tmp: Path) -> object:
+        logger.info("building model cache entry %s from %s (once)", cache_dir() / "models" / name, source)
+        return build(tmp)
+
+    entry, _ = build_once(cache_dir() / "models", name, announce, marker=MANIFEST, describe=describe, error=ModelError)
+    return entry
 
 
 def one_line(error: BaseException) -> str:

@@ -14,11 +14,11 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 from neftune.data.presets import bad_record_policy, defaults_for, get_preset
 from neftune.data.readers import INVALID_UTF8, MALFORMED_JSON, BadRecord, Record, clip, read_records
+from neftune.data.sources import Opened, open_records
 from neftune.data.types import Example, LoadResult, describe_counts
 from neftune.errors import ConfigError, DataError
 
@@ -82,13 +82,15 @@ def load_examples(
     limit: int | None = None,
     seed: int = 0,
     require_response: bool = True,
+    subset: str | None = None,
 ) -> LoadResult:
     """Load instruction examples from ``spec``.
 
     Args:
         spec: a registered built-in set such as ``builtin:skills`` or ``builtin:sharegpt`` (see
             :mod:`neftune.data.presets`), a ``.json`` (array or JSON Lines), ``.jsonl`` or
-            ``.parquet`` file, or a directory saved with ``save_to_disk``.
+            ``.parquet`` file, a directory saved with ``save_to_disk``, a dataset repository
+            directory or a hub id (:mod:`neftune.data.sources`).
         fmt: ``"auto"`` (from the first record's keys), ``"alpaca"``, ``"sharegpt"`` or
             ``"messages"``.
         split: split of a built-in set (e.g. ``"train"``/``"test"``) or of a saved ``DatasetDict``.
@@ -98,6 +100,7 @@ def load_examples(
         seed: seed of generated sets (``builtin:skills``).
         require_response: reject conversations without a final assistant answer; pass ``False``
             for prompt sets, where a conversation may end with the user.
+        subset: the configuration (subset) of a hub data set or dataset repository.
 
     Raises:
         DataError: unknown or unreadable source, malformed data, a bad record in ``"error"`` mode,
@@ -114,18 +117,14 @@ def load_examples(
     preset = get_preset(spec)
     if preset is not None and preset.path is None:
         return preset.load_split(split, limit, seed)
+    notes: list[str] = []
     if preset is not None and preset.path is not None:
         path = preset.path()
-        label = path.name
+        opened = Opened(path.name, read_records(path, path.name, split, notes))
     else:
-        path = Path(spec).expanduser()
-        label = spec
-        if not path.exists():
-            raise DataError(f"{spec}: no such file or directory")
-
-    notes: list[str] = []
-    records = read_records(path, label, split, notes)
-    result = _collect(records, label, None if fmt == "auto" else fmt, on_bad_record, limit, require_response, notes)
+        opened = open_records(spec, split=split, subset=subset, notes=notes)
+    fixed = None if fmt == "auto" else fmt
+    result = _collect(opened.records, opened.label, fixed, on_bad_record, limit, require_response, notes)
     result.source = spec
     return result
 
@@ -137,6 +136,7 @@ def load_eval_examples(
     on_bad_record: str = "error",
     limit: int | None = None,
     require_response: bool = True,
+    subset: str | None = None,
 ) -> LoadResult:
     """The held-out or eval examples of ``spec``, the same for every command and every arm.
 
@@ -151,11 +151,69 @@ def load_eval_examples(
         limit=limit,
         seed=0,
         require_response=require_response,
+        subset=subset,
     )
 
 
 # --------------------------------------------------------------------------------------------
 # Validation and normalization.
+
+
+class Validation:
+    """The running account of :func:`validate_records`: records seen, skips by reason, repairs, notes."""
+
+    def __init__(self, label: str, notes: list[str]) -> None:
+        self.label = label
+        self.total = 0
+        self.kept = 0
+        self.skipped: Counter[str] = Counter()
+        self.repairs: Counter[str] = Counter()
+        self.notes = notes
+
+    def finish(self) -> None:
+        """Add the repairs to the notes; raise when no record was usable."""
+        if self.repairs:
+            fixes = ", ".join(f"{reason} in {n} records" for reason, n in self.repairs.most_common())
+            self.notes.append(f"{self.label}: {fixes}")
+        if not self.kept:
+            why = f" (skipped: {describe_counts(self.skipped)})" if self.skipped else ""
+            raise DataError(f"{self.label}: no usable records{why}")
+
+
+def validate_records(
+    records: Iterator[Record],
+    account: Validation,
+    fmt: str | None,
+    on_bad_record: str,
+    limit: int | None,
+    require_response: bool,
+) -> Iterator[Example]:
+    """The usable records of ``records`` as examples, one at a time; the rest counted in ``account``.
+
+    A bad record raises :class:`DataError` naming where it is (``on_bad_record="error"``) or is
+    counted under its reason (``"skip"``).  The format is detected from the first object record when
+    ``fmt`` is ``None``.  Stops after ``limit`` usable examples.
+    """
+    for source, where, record in records:
+        account.total += 1
+        try:
+            if isinstance(record, BadRecord):
+                raise record
+            if not isinstance(record, dict):
+                raise BadRecord(NOT_AN_OBJECT, f"record is {_kind(record)}, not an object")
+            if fmt is None:
+                fmt = _detect(record, where)
+            example = _NORMALIZERS[fmt](record, require_response, account.repairs)
+        except BadRecord as bad:
+            if on_bad_record == "error":
+                raise DataError(f"{where}: {bad.detail}") from None
+            account.skipped[bad.reason] += 1
+            continue
+        example.meta["source"] = source
+        account.kept += 1
+        yield example
+        if limit is not None and account.kept >= limit:
+            break
 
 
 def _collect(
@@ -167,36 +225,10 @@ def _collect(
     require_response: bool,
     notes: list[str],
 ) -> LoadResult:
-    examples: list[Example] = []
-    skipped: Counter[str] = Counter()
-    repairs: Counter[str] = Counter()
-    total = 0
-    for source, where, record in records:
-        total += 1
-        try:
-            if isinstance(record, BadRecord):
-                raise record
-            if not isinstance(record, dict):
-                raise BadRecord(NOT_AN_OBJECT, f"record is {_kind(record)}, not an object")
-            if fmt is None:
-                fmt = _detect(record, where)
-            example = _NORMALIZERS[fmt](record, require_response, repairs)
-        except BadRecord as bad:
-            if on_bad_record == "error":
-                raise DataError(f"{where}: {bad.detail}") from None
-            skipped[bad.reason] += 1
-            continue
-        example.meta["source"] = source
-        examples.append(example)
-        if limit is not None and len(examples) >= limit:
-            break
-    if repairs:
-        fixes = ", ".join(f"{reason} in {n} records" for reason, n in repairs.most_common())
-        notes.append(f"{label}: {fixes}")
-    if not examples:
-        why = f" (skipped: {describe_counts(skipped)})" if skipped else ""
-        raise DataError(f"{label}: no usable records{why}")
-    return LoadResult(examples, total, skipped, label, notes)
+    account = Validation(label, notes)
+    examples = list(validate_records(records, account, fmt, on_bad_record, limit, require_response))
+    account.finish()
+    return LoadResult(examples, account.total, account.skipped, label, notes)
 
 
 def _detect(record: dict[str, Any], where: str) -> str:

@@ -67,55 +67,80 @@ def read_records(path: Path, label: str, split: str, notes: list[str]) -> Iterat
 
 def _json_records(path: Path, label: str, notes: list[str]) -> Iterator[Record]:
     try:
-        raw = path.read_bytes()
+        handle = path.open("rb")
     except OSError as err:
         raise DataError(f"{label}: cannot read: {err.strerror or err}") from None
-    # A UTF-8 byte-order mark is common in files saved by Windows editors; it carries no data.
-    bom = len(codecs.BOM_UTF8) if raw.startswith(codecs.BOM_UTF8) else 0
-    if not raw[bom:].strip():
+    with handle:
+        bom = len(codecs.BOM_UTF8) if handle.read(len(codecs.BOM_UTF8)) == codecs.BOM_UTF8 else 0
+        handle.seek(bom)
+        first = _first_data(handle)
+    if first is None:
         raise DataError(f"{label}: empty file")
-    start = len(raw) - len(raw[bom:].lstrip())
-    if raw[start : start + 1] == b"[":
+    if first == b"[":
+        # A JSON array is decoded as one text (records are found by the decoder, not by lines).
+        try:
+            raw = path.read_bytes()
+        except OSError as err:
+            raise DataError(f"{label}: cannot read: {err.strerror or err}") from None
         try:
             text = raw[bom:].decode("utf-8")
         except UnicodeDecodeError as err:
             offset = bom + err.start
             line = raw.count(b"\n", 0, offset) + 1
             raise DataError(f"{label}:{line}: invalid UTF-8 (byte offset {offset})") from None
+        del raw
         return _array_records(text, label, notes)
-    return _jsonl_records(raw, bom, label)
+    return _jsonl_records(path, bom, label)
 
 
-def _jsonl_records(raw: bytes, bom: int, label: str) -> Iterator[Record]:
-    offset = bom
-    for number, line in enumerate(raw[bom:].split(b"\n"), start=1):
-        where = f"{label}:{number}"
-        line_offset, offset = offset, offset + len(line) + 1
-        if not line.strip():
-            continue
-        try:
-            text = line.decode("utf-8")
-        except UnicodeDecodeError as err:
-            yield where, where, BadRecord(INVALID_UTF8, f"invalid UTF-8 (byte offset {line_offset + err.start})")
-            continue
-        try:
-            record = strict_loads(text)
-        except json.JSONDecodeError as err:
-            if number == 1:
-                _reject_single_object(raw[bom:], label)
-            yield where, where, BadRecord(MALFORMED_JSON, f"malformed JSON: {err.msg} (column {err.colno})")
-            continue
-        except JSONProblem as err:
-            yield where, where, BadRecord(MALFORMED_JSON, f"malformed JSON: {err}")
-            continue
-        yield where, where, record
+def _first_data(handle: Any) -> bytes | None:
+    """The first non-whitespace byte from the handle's position on (``None``: the rest is blank)."""
+    for block in iter(lambda: handle.read(1 << 16), b""):
+        body = block.lstrip()
+        if body:
+            return body[:1]
+    return None
 
 
-def _reject_single_object(raw: bytes, label: str) -> None:
+def _jsonl_records(path: Path, bom: int, label: str) -> Iterator[Record]:
+    """JSON Lines read line by line: memory does not grow with the file."""
+    with path.open("rb") as handle:
+        handle.seek(bom)
+        offset = bom
+        for number, line in enumerate(handle, start=1):
+            where = f"{label}:{number}"
+            line_offset, offset = offset, offset + len(line)
+            line = line.rstrip(b"\n")
+            if not line.strip():
+                continue
+            try:
+                text = line.decode("utf-8")
+            except UnicodeDecodeError as err:
+                yield where, where, BadRecord(INVALID_UTF8, f"invalid UTF-8 (byte offset {line_offset + err.start})")
+                continue
+            try:
+                record = strict_loads(text)
+            except json.JSONDecodeError as err:
+                if number == 1:
+                    _reject_single_object(path, bom, label)
+                yield where, where, BadRecord(MALFORMED_JSON, f"malformed JSON: {err.msg} (column {err.colno})")
+                continue
+            except JSONProblem as err:
+                yield where, where, BadRecord(MALFORMED_JSON, f"malformed JSON: {err}")
+                continue
+            yield where, where, record
+
+
+_SINGLE_OBJECT_LIMIT = 64 << 20
+
+
+def _reject_single_object(path: Path, bom: int, label: str) -> None:
     """A pretty-printed JSON object is neither JSON Lines nor a record array: say so."""
     try:
-        whole = strict_loads(raw.decode("utf-8"))
-    except (ValueError, UnicodeDecodeError):  # JSONDecodeError and JSONProblem are ValueErrors
+        if path.stat().st_size > _SINGLE_OBJECT_LIMIT:
+            return  # a file this large whose first line fails is JSON Lines with a bad first line
+        whole = strict_loads(path.read_bytes()[bom:].decode("utf-8"))
+    except (OSError, ValueError, UnicodeDecodeError):  # JSONDecodeError and JSONProblem are ValueErrors
         return
     if isinstance(whole, dict):
         raise DataError(
@@ -217,9 +242,18 @@ def _dataset_records(path: Path, label: str, split: str) -> Iterator[Record]:
             raise DataError(f"{label}: no split {split!r}; it has {', '.join(loaded)}")
         loaded = loaded[split]
         label = f"{label}[{split}]"
-    for index, row in enumerate(loaded):
-        where = f"{label}[#{index}]"
-        yield where, where, row
+    return dataset_records(loaded, label)
+
+
+def dataset_records(loaded: Any, label: str) -> Iterator[Record]:
+    """The rows of a ``datasets`` ``Dataset`` or ``IterableDataset``, each named ``label[#index]``."""
+    index = 0
+    for batch in loaded.iter(batch_size=1000):
+        columns = list(batch)
+        for values in zip(*(batch[c] for c in columns), strict=True):
+            where = f"{label}[#{index}]"
+            yield where, where, dict(zip(columns, values, strict=True))
+            index += 1
 
 
 def one_line(err: BaseException) -> str:

@@ -133,11 +133,13 @@ def test_generate_eval_judge_commands(tmp_path, tiny_model_dir, capsys):
     assert err.startswith("neftune: error:") and "\n" not in err
 
 
-def test_compare_requires_eval_data_for_custom_training_set(tmp_path, capsys):
+def test_compare_holds_out_part_of_a_custom_training_set_it_cannot_spare(tmp_path, capsys):
     data = tmp_path / "d.jsonl"
     data.write_text(json.dumps({"instruction": "Say hi", "output": "hi"}) + "\n")
     assert main(["compare", "--model", "tiny-random", "--data", str(data), "--output", str(tmp_path / "o")]) == 2
-    assert "needs held-out data" in capsys.readouterr().err
+    err = capsys.readouterr().err.strip()
+    assert "data.eval_size=0.1 would hold out 1 of 1 usable examples, leaving none to train on" in err
+    assert str(data) in err and "\n" not in err
 
 
 def _run(args, caplog) -> str:

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from neftune.config import CompareConfig
+from neftune.data.prepare import auto_split, heldout_examples, heldout_name
 from neftune.data.presets import resolve_eval_spec
 from neftune.errors import NeftuneError
 
@@ -34,10 +35,15 @@ class Arm:
 
 
 def eval_spec(cfg: CompareConfig) -> str:
-    """The held-out data (loss with the noise off): ``data.eval``, else the training set's held-out split."""
+    """The held-out data (loss with the noise off): ``data.eval``, the training set's held-out split, or
+    the examples ``data.eval_size`` splits off the training data (named ``"SPEC (held out: ...)"``)."""
+    if auto_split(cfg.data):
+        return heldout_name(cfg.data)
     spec = resolve_eval_spec(cfg.data.train, cfg.data.eval)
     if spec is None:
-        raise NeftuneError("compare needs held-out data: set --eval-data (or data.eval) for a custom training set")
+        raise NeftuneError(
+            "compare needs held-out data: set --eval-data (or data.eval), or --eval-size to split it off the training set"
+        )
     return spec
 
 
@@ -70,7 +76,10 @@ def load_eval_examples(cfg: CompareConfig) -> tuple[str, list]:
     from neftune.data.formats import load_eval_examples as load
 
     spec = prompts_spec(cfg)
-    held = load(spec, fmt=cfg.data.format, on_bad_record=cfg.data.on_bad_record, limit=prompts_limit(cfg))
+    if cfg.generate.prompts is None and auto_split(cfg.data):
+        held = heldout_examples(cfg.data, limit=prompts_limit(cfg))
+    else:
+        held = load(spec, fmt=cfg.data.format, on_bad_record=cfg.data.on_bad_record, limit=prompts_limit(cfg))
     log.info("prompts: %s", held.summary())
     return spec, held.examples
 
@@ -86,7 +95,10 @@ def load_heldout_examples(cfg: CompareConfig, prompts: list) -> list:
     spec = eval_spec(cfg)
     if spec == prompts_spec(cfg) and prompts_limit(cfg) == cfg.data.eval_limit:
         return [e for e in prompts if e.reference is not None]
-    held = load(spec, fmt=cfg.data.format, on_bad_record=cfg.data.on_bad_record, limit=cfg.data.eval_limit)
+    if auto_split(cfg.data):
+        held = heldout_examples(cfg.data, limit=cfg.data.eval_limit)
+    else:
+        held = load(spec, fmt=cfg.data.format, on_bad_record=cfg.data.on_bad_record, limit=cfg.data.eval_limit)
     log.info("held-out loss: %s", held.summary())
     return [e for e in held.examples if e.reference is not None]
 

@@ -46,7 +46,7 @@ from neftune.arms import (
     read_summary,
 )
 from neftune.config import CompareConfig, write_config
-from neftune.data.presets import defaults_for
+from neftune.data.presets import defaults_for, resolve_eval_spec
 from neftune.io import atomic_write_text, check_output_dir
 
 log = logging.getLogger("neftune")
@@ -189,12 +189,30 @@ def versions() -> dict[str, str]:
     return found
 
 
+DEFAULT_HOLDOUT_SHARE = 0.1
+"""The share of a custom training set ``compare`` holds out when no held-out data is named."""
+
+
+def hold_out_by_default(cfg: CompareConfig) -> None:
+    """Give ``cfg`` an automatic held-out split when it names no held-out data.
+
+    A training file alone is enough for ``compare``: 10% of its examples (a streamed set: the first
+    ``data.eval_limit``) are held out, the same ones for every arm and seed, and never trained on.
+    """
+    data = cfg.data
+    if data.eval_size is not None or resolve_eval_spec(data.train, data.eval) is not None:
+        return
+    data.eval_size = float(data.eval_limit or 64) if data.streaming else DEFAULT_HOLDOUT_SHARE
+    log.info("compare: no held-out data named; holding out data.eval_size=%g of %s", data.eval_size, data.train)
+
+
 def run_compare(cfg: CompareConfig) -> dict[str, Path]:
     """Run the whole experiment described by ``cfg``; return the report's file paths."""
     from neftune.report import write_report
     from neftune.report.verdicts import declare_primary
 
     cfg.validate()
+    hold_out_by_default(cfg)
     started = time.perf_counter()
     out = Path(cfg.compare.output)
     check_output_dir(out)
@@ -209,7 +227,7 @@ def run_compare(cfg: CompareConfig) -> dict[str, Path]:
         any(e.reference for e in eval_examples),
     )
     arms = plan_arms(cfg)
-    shared = fingerprint.shared_stamp(cfg.model.name, cfg.data.train, eval_examples, versions())
+    shared = fingerprint.shared_stamp(cfg.model.name, cfg.data, eval_examples, versions())
     generation = {
         "eval": shared["eval"],
         "eval_data": eval_spec(cfg),

@@ -94,8 +94,15 @@ class ModelConfig:
 class DataConfig:
     train: str = setting(
         "builtin:skills",
-        "training data: builtin:skills, builtin:sharegpt, or a .json/.jsonl/.parquet/dataset dir",
+        "training data: builtin:skills, builtin:sharegpt, a .json/.jsonl/.parquet file, a datasets directory "
+        "(save_to_disk or a dataset repository) or a hub data set id (owner/name)",
         flag="--data",
+    )
+    split: str = setting(
+        "train", "split of a datasets directory, dataset repository or hub data set to train on", flag="--data-split"
+    )
+    subset: str | None = setting(
+        None, "configuration (subset) of a hub data set or dataset repository", flag="--data-subset"
     )
     eval: str | None = setting(
         None,
@@ -114,6 +121,28 @@ class DataConfig:
     )
     limit: int | None = setting(None, "use at most this many training examples")
     eval_limit: int | None = setting(64, "use at most this many held-out examples", flag="--eval-limit")
+    eval_size: float | None = setting(
+        None,
+        "hold out this many (>= 1) or this share (< 1) of the training examples when there is no --eval-data, the "
+        "same ones whatever the training seed (default: none for train; 0.1 for compare on data without a "
+        "held-out split)",
+        flag="--eval-size",
+    )
+    streaming: bool = setting(
+        False,
+        "stream the training data (datasets' IterableDataset, tokenized and packed on the fly): for sets larger "
+        "than memory or disk; needs max_steps, shuffles within a buffer, and is not cached",
+        flag={"--streaming": True},
+    )
+    shuffle_buffer: int = setting(10_000, "streaming: examples shuffled together (an exact shuffle needs no streaming)")
+    cache_dir: str | None = setting(
+        None,
+        "where read and tokenized data is cached (default: $NEFTUNE_CACHE/data, else ~/.cache/neftune/data)",
+        flag="--data-cache-dir",
+    )
+    num_proc: int | None = setting(
+        None, "processes that tokenize (default: up to 8 from 20,000 examples on, else 1)", flag="--num-proc"
+    )
 
 
 @dataclass
@@ -189,16 +218,29 @@ class Config:
             ("train.eval_steps", self.train.eval_steps),
             ("train.logging_steps", self.train.logging_steps),
             ("model.lora_r", self.model.lora_r),
+            ("data.shuffle_buffer", self.data.shuffle_buffer),
         ]:
             _positive(name, value)
         optional: list[tuple[str, int | None]] = [
             ("data.limit", self.data.limit),
             ("data.eval_limit", self.data.eval_limit),
+            ("data.num_proc", self.data.num_proc),
             ("train.max_steps", self.train.max_steps),
         ]
         for name, maybe in optional:
             if maybe is not None:
                 _positive(name, maybe)
+        size = self.data.eval_size
+        if size is not None and (
+            isinstance(size, bool) or not isinstance(size, (int, float)) or not math.isfinite(size) or size <= 0
+        ):
+            raise ConfigError(f"data.eval_size must be a count >= 1 or a share in (0, 1), got {size!r}")
+        if size is not None and size >= 1 and size != int(size):
+            raise ConfigError(f"data.eval_size above 1 is a count of examples and must be whole, got {size!r}")
+        if self.data.streaming and self.train.max_steps is None:
+            raise ConfigError("data.streaming needs train.max_steps (--max-steps): a stream has no known length")
+        if self.data.streaming and size is not None and size < 1:
+            raise ConfigError("data.streaming holds out a count of examples (data.eval_size >= 1), not a share")
         epochs = self.train.epochs
         if epochs is not None and not (epochs > 0 and math.isfinite(epochs)):
             raise ConfigError(f"train.epochs must be > 0, got {epochs}")

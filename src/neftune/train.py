@@ -27,8 +27,8 @@ from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 from neftune.callback import NEFTuneCallback
 from neftune.config import Config, write_config
-from neftune.data.presets import bad_record_policy, defaults_for, resolve_eval_spec
-from neftune.data.types import LoadResult, describe_counts
+from neftune.data.prepare import PreparedData, ReadData
+from neftune.data.presets import defaults_for
 from neftune.distributed import (
     check_can_save,
     device_arguments,
@@ -36,7 +36,7 @@ from neftune.distributed import (
     max_over_ranks,
     sum_over_ranks,
 )
-from neftune.errors import DataError, NeftuneError
+from neftune.errors import NeftuneError
 from neftune.io import atomic_save_dir, atomic_write_text, check_output_dir
 from neftune.noise import Distribution
 from neftune.trainer_parts import CountingCollator, HeldoutTrainer, MetricsCallback
@@ -65,65 +65,22 @@ def is_main_process() -> bool:
     return distributed_rank() == 0
 
 
-def read_training_data(cfg: Config) -> tuple[LoadResult, LoadResult | None]:
-    """Read and validate training and held-out records (before any model is loaded, so bad data
-    fails in seconds); return the two :class:`~neftune.data.types.LoadResult` (held-out may be None).
+def read_training_data(cfg: Config) -> ReadData:
+    """Read and validate the training and held-out examples before any model is loaded, so bad data
+    fails in seconds; they are stored once in the data cache (:mod:`neftune.data.prepare`).
 
-    The held-out examples are those every command and every arm sees (:func:`load_eval_examples`),
-    whatever the training seed.
+    The held-out examples are those every command and every arm sees, whatever the training seed.
     """
-    from neftune.data.formats import load_eval_examples, load_examples
+    from neftune.data.prepare import read_training_data as read
 
-    train = load_examples(
-        cfg.data.train,
-        fmt=cfg.data.format,
-        split="train",
-        on_bad_record=bad_record_policy(cfg.data.train, cfg.data.on_bad_record),
-        limit=cfg.data.limit,
-        seed=cfg.train.seed,
-    )
-    log.info(train.summary())
-    held = None
-    eval_spec = resolve_eval_spec(cfg.data.train, cfg.data.eval)
-    if eval_spec:
-        held = load_eval_examples(
-            eval_spec, fmt=cfg.data.format, on_bad_record=cfg.data.on_bad_record, limit=cfg.data.eval_limit
-        )
-    return train, held
+    return read(cfg.data, seed=cfg.train.seed, progress=cfg.train.progress)
 
 
-def tokenize_training_data(
-    cfg: Config, tokenizer: Any, train: LoadResult, held: LoadResult | None
-) -> tuple[list[dict], list[dict], dict[str, Any]]:
-    """Tokenize with assistant-only labels; return (train rows, held-out rows, data report)."""
-    from neftune.data.template import encode_examples
+def tokenize_training_data(cfg: Config, tokenizer: Any, read: ReadData) -> PreparedData:
+    """Tokenize with assistant-only labels (or reuse the cached tokens): training rows, held-out rows, account."""
+    from neftune.data.prepare import tokenize_training_data as tokenize
 
-    train_rows, train_dropped = encode_examples(tokenizer, train.examples, cfg.data.max_length)
-    report: dict[str, Any] = {
-        "train": cfg.data.train,
-        "train_records": train.total,
-        "train_examples": len(train_rows),
-        "train_skipped": dict(train.skipped),
-        "train_dropped": dict(train_dropped),
-    }
-    if train_dropped:
-        log.warning("dropped %s", describe_counts(train_dropped))
-    if not train_rows:
-        raise DataError(
-            f"{cfg.data.train}: no example has a trainable response token within max_length={cfg.data.max_length}"
-        )
-    eval_rows: list[dict] = []
-    if held is not None:
-        eval_rows, eval_dropped = encode_examples(tokenizer, held.examples, cfg.data.max_length)
-        report.update(
-            {
-                "eval": held.source,
-                "eval_examples": len(eval_rows),
-                "eval_skipped": dict(held.skipped),
-                "eval_dropped": dict(eval_dropped),
-            }
-        )
-    return train_rows, eval_rows, report
+    return tokenize(cfg.data, tokenizer, read, seed=cfg.train.seed, progress=cfg.train.progress)
 
 
 def last_complete_checkpoint(directory: Path) -> Path | None:
@@ -272,12 +229,14 @@ def run_training(cfg: Config, *, keep_model: bool = False, extra_callbacks: list
         else:
             log.info("resuming from %s", resume_from)
 
-    train_data, held_data = read_training_data(cfg)
+    read = read_training_data(cfg)
     # before the model: TrainingArguments start the process group and register a ZeRO-3 config
-    args = training_arguments(cfg, out, has_eval=held_data is not None and bool(held_data.examples))
+    has_eval = read.eval is not None or read.eval_from_train or (cfg.data.streaming and bool(cfg.data.eval_size))
+    args = training_arguments(cfg, out, has_eval=has_eval)
     model, tokenizer = build_model(cfg)
     labelled_loss = lmhead.attach(model) if lmhead.loss_wanted(cfg.train.loss) else None
-    train_rows, eval_rows, data_report = tokenize_training_data(cfg, tokenizer, train_data, held_data)
+    prepared = tokenize_training_data(cfg, tokenizer, read)
+    train_rows, eval_rows, data_report = prepared.train, prepared.eval_rows, prepared.report
     if not eval_rows:  # every held-out example was dropped by tokenization
         args.eval_strategy = IntervalStrategy.NO
     if args.activation_checkpointing and cfg.model.lora:
@@ -322,11 +281,11 @@ def run_training(cfg: Config, *, keep_model: bool = False, extra_callbacks: list
     trainer.remove_callback(PrinterCallback)
     info = describe_model(model)
     log.info(
-        "model %s: %s parameters, %s trainable; %d training examples",
+        "model %s: %s parameters, %s trainable; %s training examples",
         cfg.model.name,
         f"{info.get('n_params', 0):,}",
         f"{info.get('trainable_params', 0):,}",
-        len(train_rows),
+        "streamed" if cfg.data.streaming else f"{len(train_rows):,}",
     )
 
     started = time.perf_counter()
@@ -363,6 +322,7 @@ def run_training(cfg: Config, *, keep_model: bool = False, extra_callbacks: list
         "distributed_type": str(trainer.accelerator.distributed_type).rsplit(".", 1)[-1],
         "real_tokens": int(real_tokens),
         **data_report,
+        **(prepared.stream.report() if prepared.stream is not None else {}),
         "model": info,
     }
     if eval_rows:

@@ -1,7 +1,9 @@
-"""Instruction data: the shared types (:mod:`.types`), file readers (:mod:`.readers`), record layouts
+"""Instruction data: the shared types (:mod:`.types`), file readers (:mod:`.readers`), data specs to
+records (:mod:`.sources`: files, ``datasets`` directories, dataset repositories, hub ids), record layouts
 and loading (:mod:`.formats`), registered built-in sets and their defaults (:mod:`.presets`), the
 generated skills set (:mod:`.builtin`), prompt rendering and assistant-only tokenization
-(:mod:`.template`) and batch collators (:mod:`.collate`).
+(:mod:`.template`), the cached Arrow pipeline (:mod:`.pipeline`), a run's training data
+(:mod:`.prepare`), streamed training rows (:mod:`.streaming`) and batch collators (:mod:`.collate`).
 """
 
 from __future__ import annotations

@@ -31,7 +31,7 @@ from typing import Any
 
 from neftune.data.readers import Record, dataset_records, one_line, read_records
 from neftune.errors import DataError
-from neftune.io import sha256_files
+from neftune.io import not_a_regular_file, sha256_files
 
 __all__ = ["Opened", "is_hub_id", "open_records", "source_identity"]
 
@@ -66,6 +66,9 @@ def _kind(spec: str) -> tuple[str, Path]:
             repository = (path / "README.md").is_file() or (path / "data").is_dir()
             # anything else is reported as a directory that save_to_disk did not write
             return ("repository" if repository else "saved"), path
+        problem = not_a_regular_file(path)  # a FIFO or /dev/zero would never finish hashing
+        if problem:
+            raise DataError(f"{spec} {problem}")
         return "file", path
     if is_hub_id(spec) and path.suffix.lower() not in _FILE_SUFFIXES:
         return "hub", path

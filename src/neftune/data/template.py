@@ -175,6 +175,27 @@ class _Draft:
 
 def _encode(tokenizer: Any, examples: Sequence[Example], max_length: int | None) -> list[dict[str, list[int]] | str]:
     """Encode ``examples``; each result is an encoding or a drop reason."""
+    results, mismatched = encode_batch(tokenizer, examples, max_length)
+    if mismatched:
+        warn_mismatches(mismatched, len(examples))
+    return results
+
+
+def warn_mismatches(mismatched: int, total: int) -> None:
+    """The one warning about examples whose prompt tokenizes differently alone than in context."""
+    logger.warning(
+        "%d of %d examples tokenize differently across a prompt/answer boundary than the "
+        "prompt alone does (generation will see other tokens); labels follow character offsets",
+        mismatched,
+        total,
+    )
+
+
+def encode_batch(
+    tokenizer: Any, examples: Sequence[Example], max_length: int | None
+) -> tuple[list[dict[str, list[int]] | str], int]:
+    """Encode ``examples`` without logging: the results (an encoding or a drop reason each) and how
+    many examples tokenize differently across a prompt/answer boundary (see the module docstring)."""
     if max_length is not None and max_length < 1:
         raise ValueError(f"max_length must be positive, got {max_length}")
     chat = has_chat_template(tokenizer)
@@ -201,14 +222,14 @@ def _encode(tokenizer: Any, examples: Sequence[Example], max_length: int | None)
                 text += segment
             drafts.append(_Draft(i, messages, text, spans))
     if not drafts:
-        return results
+        return results, 0
 
     bos = [] if chat else bos_ids(tokenizer)
     budget = None if max_length is None else max_length - len(bos)
     if budget is not None and budget < 1:
         for draft in drafts:
             results[draft.index] = DROP_TRUNCATED
-        return results
+        return results, 0
     info = chat_info(tokenizer) if chat else ChatInfo([], None)
     if not getattr(tokenizer, "is_fast", False):
         for draft in drafts:
@@ -216,7 +237,7 @@ def _encode(tokenizer: Any, examples: Sequence[Example], max_length: int | None)
             results[draft.index] = (
                 located if isinstance(located, str) else _finish(*_label_by_segments(tokenizer, draft), bos, budget)
             )
-        return results
+        return results, 0
 
     ids_list, offsets_list = _tokenize_windows(tokenizer, [d.text for d in drafts], budget)
     changed: list[int] = []
@@ -243,14 +264,7 @@ def _encode(tokenizer: Any, examples: Sequence[Example], max_length: int | None)
         if straddles:
             mismatched.add(n)
         results[draft.index] = _finish(ids, labels, bos, budget)
-    if mismatched:
-        logger.warning(
-            "%d of %d examples tokenize differently across a prompt/answer boundary than the "
-            "prompt alone does (generation will see other tokens); labels follow character offsets",
-            len(mismatched),
-            len(drafts),
-        )
-    return results
+    return results, len(mismatched)
 
 
 def _locate(tokenizer: Any, draft: _Draft, window_end: int, info: ChatInfo) -> str | None:

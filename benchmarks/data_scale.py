@@ -163,7 +163,7 @@ def main() -> None:
             write_sharegpt(data, n)
         cache = work / f"cache-{n}"
         shutil.rmtree(cache, ignore_errors=True)
-        env = {**os.environ, "NEFTUNE_CACHE": str(work / "neftune-cache"), "HF_DATASETS_CACHE": str(cache / "hf")}
+        env = {**os.environ, "HF_DATASETS_CACHE": str(cache / "hf")}  # the model cache is shared, built above
         row: dict = {"examples": n, "file_gib": round(data.stat().st_size / 2**30, 3)}
         for phase in ("cold", "cached"):
             argv = [neftune_bin, "train", "--model", args.model, "--data", str(data), "--max-steps", "1"]

@@ -437,7 +437,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if debug:
             traceback.print_exc()
         stopped = getattr(e, "exit_status", None)  # preempted (neftune.preempt): a checkpoint, not an error
-        print(f"neftune: {error_line(e)}" if stopped else f"neftune: error: {error_line(e)}", file=sys.stderr)
+        print(f"neftune: {e}" if stopped else f"neftune: error: {error_line(e)}", file=sys.stderr)
         return stopped or 2
     except KeyboardInterrupt:
         print("neftune: interrupted", file=sys.stderr)

@@ -3,6 +3,7 @@ and ``--resume`` continues bit-exactly; a second signal stops at once."""
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import random
@@ -284,3 +285,76 @@ def test_a_second_signal_stops_at_once_without_a_checkpoint(tmp_path):
     assert proc.returncode == 128 + signal.SIGTERM, err[-3000:]
     assert "neftune: SIGTERM again: stopping at once, without a checkpoint" in err
     assert not list((out / "checkpoints").glob("checkpoint-*")) if (out / "checkpoints").exists() else True
+
+
+# -- two processes under accelerate launch -----------------------------------------------------
+
+LAUNCH_DRIVER = """
+import os, sys, time
+from neftune.cli import main
+from neftune.trainer_parts import HeldoutTrainer
+
+with open(os.path.join(sys.argv[1], f"pid{os.environ['RANK']}"), "w") as fh:
+    fh.write(str(os.getpid()))
+real = HeldoutTrainer.training_step
+
+def slow(self, *args, **kwargs):
+    time.sleep(float(sys.argv[2]))
+    return real(self, *args, **kwargs)
+
+HeldoutTrainer.training_step = slow
+sys.exit(main(sys.argv[3:]))
+"""
+
+
+def _launch(tmp_path: Path, output: Path, pause: float, *extra: str) -> subprocess.Popen:
+    driver = tmp_path / "launch_driver.py"
+    driver.write_text(LAUNCH_DRIVER)
+    accelerate = Path(sys.executable).with_name("accelerate")
+    cmd = [str(accelerate), "launch", "--config_file", str(ROOT / "configs" / "accelerate" / "ddp.yaml")]
+    cmd += ["--num_processes", "2", "--mixed_precision", "no", "--main_process_port", "0"]
+    cmd += [str(driver), str(tmp_path), str(pause), *_argv(output), "--batch-size", "2", *extra]
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "OMP_NUM_THREADS": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]),
+    }
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        env.pop(name, None)
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+
+
+@pytest.mark.slow
+def test_a_signal_to_one_rank_checkpoints_every_rank_and_resume_is_exact(tmp_path):
+    """Only rank 1 is signalled: rank 0 learns it at the step's end, both write their parts of one
+    checkpoint, and resuming under the same launch gives the uninterrupted launch's weights."""
+    reference = _launch(tmp_path, tmp_path / "reference", 0.0)
+    _, err = reference.communicate(timeout=600)
+    assert reference.returncode == 0, err[-3000:]
+
+    out = tmp_path / "run"
+    proc = _launch(tmp_path, out, 0.2)
+    target = random.randint(3, 15)
+    deadline = time.time() + 300
+    while _logged_steps(out) < target and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    os.kill(int((tmp_path / "pid1").read_text()), signal.SIGTERM)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode != 0, err[-3000:]
+    found = re.findall(rf"neftune: stopped by SIGTERM after step (\d+) of {STEPS}: checkpoint (\S+) written", err)
+    assert found, err[-3000:]
+    stopped = re.findall(r"neftune: stopped by a signal to another process after step (\d+)", err)
+    assert stopped == [found[0][0]], err[-3000:]  # rank 0 stopped at the same step, unsignalled
+    checkpoint = Path(found[0][1])
+    assert checkpoint_problem(checkpoint) is None
+    manifest = json.loads((checkpoint / "neftune-checkpoint.json").read_text())
+    assert manifest["world_size"] == 2 and {"rng_state_0.pth", "rng_state_1.pth"} <= manifest["files"].keys()
+
+    resumed = _launch(tmp_path, out, 0.0, "--resume")
+    _, err = resumed.communicate(timeout=600)
+    assert resumed.returncode == 0, err[-3000:]
+    assert f"resuming from {checkpoint}" in err
+    where = f"rank 1 signalled after step {found[0][0]}"
+    assert_bit_equal(weights(tmp_path / "reference" / "model"), weights(out / "model"), where)

@@ -56,8 +56,10 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes, *, mode: int =
             handle.write(data)
         os.chmod(tmp, mode)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as error:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(error, OSError) and error.filename is None:
+            error.filename = str(path)  # a full disk is reported by write(), which names no file
         raise
     return path
 

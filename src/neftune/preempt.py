@@ -49,6 +49,7 @@ class Preempted(NeftuneError):
     """Training stopped on a signal; ``checkpoint`` is where ``--resume`` continues (None: before step 1)."""
 
     exit_status = EXIT_PREEMPTED
+    elide = False
 
     def __init__(self, message: str, checkpoint: Path | None) -> None:
         super().__init__(message)

@@ -44,6 +44,8 @@ _OOM_TEXT = ("out of memory", "can't allocate memory", "cannot allocate memory",
 class ResourceError(NeftuneError):
     """The machine ran out of disk space or memory; the message says where and what to change."""
 
+    elide = False  # the command line prints it whole: the paths and numbers are the point
+
 
 def _text(error: BaseException) -> str:
     return " ".join(str(error).split()).lower()

@@ -96,7 +96,7 @@ def test_each_writer_reports_a_full_disk_in_its_own_words_and_each_is_named(smal
     }
     for name, write in attempts.items():
         path = small_disk / name
-        with pytest.raises(Exception) as caught:  # noqa: PT011  # each library raises its own type
+        with pytest.raises(Exception) as caught:  # each library raises its own type
             write(path)
         explained = explain(caught.value, path)
         assert isinstance(explained, ResourceError), f"{name}: {caught.value!r}"

@@ -17,6 +17,7 @@ from typing import ClassVar, NamedTuple
 __all__ = [
     "VERDICTS",
     "Judge",
+    "JudgeUnreachable",
     "Query",
     "Verdict",
     "VerdictUnavailable",
@@ -75,6 +76,14 @@ class Verdict(NamedTuple):
 
 class VerdictUnavailable(Exception):
     """A single verdict could not be obtained; its pair is counted as failed."""
+
+
+class JudgeUnreachable(VerdictUnavailable):
+    """The judge's server stopped answering for longer than its retry budget.
+
+    Unlike other failed verdicts it stops the run (:func:`~neftune.judge.judge_pairs` raises
+    :class:`~neftune.errors.JudgeError` once every verdict obtained so far is cached).
+    """
 
 
 class Judge(ABC):

@@ -27,7 +27,7 @@ from typing import Any
 
 from neftune import stats
 from neftune.errors import JudgeError
-from neftune.judge.base import Judge, Query, Verdict, VerdictUnavailable
+from neftune.judge.base import Judge, JudgeUnreachable, Query, Verdict, VerdictUnavailable
 from neftune.judge.cache import VerdictCache, cache_key
 from neftune.judge.logprobs import p_candidate, pair_probability
 from neftune.judge.registry import make_judge
@@ -38,6 +38,12 @@ __all__ = ["judge_pairs"]
 logger = logging.getLogger(__name__)
 
 _NAN = float("nan")
+
+
+class JudgeStopped(JudgeError):
+    """The judge's server went away: the line says what was kept and what a rerun will ask."""
+
+    elide = False  # the command line prints it whole
 
 
 def _winner(label: str, baseline_first: bool) -> str:
@@ -121,7 +127,10 @@ class _Asker:
             for start in range(0, len(self.pending), chunk):
                 batch = self.pending[start : start + chunk]
                 outcomes = self.judge.judge_batch([q for _, _, q in batch])
+                gone = next((o for o in outcomes if isinstance(o, JudgeUnreachable)), None)
                 for (index, baseline_first, query), outcome in zip(batch, outcomes, strict=True):
+                    if isinstance(outcome, JudgeUnreachable):
+                        continue
                     if isinstance(outcome, VerdictUnavailable):
                         consecutive += 1
                         reason = last_reason = str(outcome) or "verdict unavailable"
@@ -133,11 +142,22 @@ class _Asker:
                     if self.cache is not None and self.identity is not None:
                         self.cache.put(cache_key(self.identity, query), outcome, self.identity)
                 bar.update(len(batch))
+                if gone is not None:
+                    raise JudgeStopped(self._stopped(str(gone)))
                 if consecutive >= self.max_consecutive_failures:
                     raise JudgeError(
                         f"judge failed on {consecutive} queries in a row (last: {last_reason}); "
                         "verdicts obtained so far are cached, rerun to resume"
                     )
+
+    def _stopped(self, reason: str) -> str:
+        """One line for a server that went away: what was kept, and what a rerun will ask."""
+        asked = len(self.pending)
+        answered = sum(1 for index, first, _ in self.pending if (index, first) in self.verdicts)
+        line = f"the judge stopped answering ({reason}): {answered} of {asked} queries of this run were answered"
+        if self.cache is None:
+            return line + "; this judge has no cache, so a rerun asks them all again"
+        return line + f" and are saved in {self.cache.path}; a rerun asks only the {asked - answered} missing"
 
 
 def judge_pairs(

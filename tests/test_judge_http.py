@@ -514,3 +514,32 @@ def test_a_server_killed_mid_judging_stops_the_run_and_the_rerun_asks_only_the_u
     assert len(asked) == 24 - len(answered) and not set(asked) & set(answered)
     result = json.loads((tmp_path / "result.json").read_text())
     assert result["n"] == 12 and result["n_failed"] == 0
+
+
+def test_compare_stops_with_one_line_when_its_judge_server_is_gone(tmp_path, monkeypatch, capsys):
+    from neftune.cli import main
+
+    monkeypatch.setattr(time, "sleep", lambda seconds: None)
+    with socket.socket() as sock:  # a port nobody listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    argv = ["compare", "--model", "tiny-random", "--alphas", "5", "--seeds", "0", "--max-steps", "2"]
+    argv += ["--eval-limit", "4", "--max-new-tokens", "8", "--no-progress", "--output", str(tmp_path / "exp")]
+    argv += [
+        "--judge",
+        "http",
+        "--judge-url",
+        f"http://127.0.0.1:{port}/v1",
+        "--judge-model",
+        "j",
+        "data.limit=16",
+        "train.lr=0.05",
+    ]
+    assert main(argv) == 2
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("neftune:")]
+    assert len(lines) == 1 and lines[0].startswith("neftune: error: the judge stopped answering (http://127.0.0.1:")
+    found = re.search(
+        r": 0 of (\d+) queries of this run were answered and are saved in (\S+); a rerun asks only the (\d+) missing$",
+        lines[0],
+    )
+    assert found and found[1] == found[3] and found[2] == str(tmp_path / "exp" / "judge-cache" / "verdicts.jsonl")

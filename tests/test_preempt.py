@@ -148,6 +148,22 @@ def test_signals_at_seven_moments_then_resume_give_the_uninterrupted_weights(tmp
     assert final.metrics["heldout_loss"] == reference.metrics["heldout_loss"]
 
 
+def test_a_signal_before_the_first_step_stops_with_nothing_new_to_save(tmp_path, monkeypatch, capsys):
+    import neftune.train
+
+    real = neftune.train.check_can_save
+
+    def signalled(trainer):  # the trainer is built, training has not begun
+        os.kill(os.getpid(), signal.SIGUSR1)
+        return real(trainer)
+
+    monkeypatch.setattr(neftune.train, "check_can_save", signalled)
+    assert main(_argv(tmp_path / "run")) == EXIT_PREEMPTED
+    err = capsys.readouterr().err
+    assert "neftune: stopped by SIGUSR1 before the first step: nothing new to save" in err
+    assert not (tmp_path / "run" / "checkpoints").exists() or not list((tmp_path / "run" / "checkpoints").iterdir())
+
+
 def test_compare_stops_with_the_checkpoint_and_a_rerun_continues(tmp_path, monkeypatch, capsys, caplog):
     """A signal during an arm's training stops compare with status 75; the rerun resumes that arm."""
     from neftune.trainer_parts import HeldoutTrainer

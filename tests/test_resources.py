@@ -163,3 +163,23 @@ def test_gpu_out_of_memory_is_told_the_same_way(tmp_path, monkeypatch):
         "data.packing=true; lower train.batch_size (a larger train.grad_accum keeps the examples per step) "
         "or data.max_length"
     )
+
+
+def _compare_argv(output: Path, *extra: str) -> list[str]:
+    argv = ["compare", "--model", "tiny-random", "--alphas", "5", "--seeds", "0", "--max-steps", "2"]
+    return [*argv, "--eval-limit", "4", "--no-progress", "--output", str(output), "data.limit=16", *extra]
+
+
+def test_out_of_memory_while_compare_answers_names_the_generation_settings(tmp_path, monkeypatch, capsys):
+    import neftune.generate
+
+    def generate_outputs(*args, **kwargs):
+        torch.empty(2**62, dtype=torch.uint8)  # the host allocator refuses
+
+    monkeypatch.setattr(neftune.generate, "generate_outputs", generate_outputs)
+    assert main(_compare_argv(tmp_path / "exp", "--max-new-tokens", "7", "--judge", "none")) == 2
+    line = _one_error_line(capsys.readouterr().err)
+    assert line == (
+        "neftune: error: out of host memory with generate.batch_size=16, generate.max_new_tokens=7, "
+        "data.max_length=512; lower generate.batch_size, generate.max_new_tokens or data.max_length"
+    )

@@ -18,7 +18,8 @@ from __future__ import annotations
 import errno
 import os
 import shutil
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +33,7 @@ __all__ = [
     "is_disk_full",
     "is_out_of_memory",
     "resume_hint",
+    "told_out_of_memory",
 ]
 
 _DISK_FULL_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
@@ -166,3 +168,27 @@ def explain_training(error: BaseException, cfg: Any, out: Path, gradient_checkpo
         return explain(error, written, after=resume_hint(out / "checkpoints"))
     settings, advice = training_memory(cfg, gradient_checkpointing)
     return explain(error, settings=settings, advice=advice)
+
+
+def evaluation_memory(cfg: Any) -> tuple[list[tuple[str, Any]], str]:
+    """``compare``'s evaluation settings that set memory use (answers, held-out loss), and what to lower."""
+    from neftune.arms import default_max_new_tokens
+
+    settings: list[tuple[str, Any]] = [
+        ("generate.batch_size", cfg.generate.batch_size),
+        ("generate.max_new_tokens", default_max_new_tokens(cfg)),
+        ("data.max_length", cfg.data.max_length),
+    ]
+    return settings, "lower generate.batch_size, generate.max_new_tokens or data.max_length"
+
+
+@contextmanager
+def told_out_of_memory(settings: Sequence[tuple[str, Any]], advice: str) -> Iterator[None]:
+    """Within the block, out-of-memory becomes a :class:`ResourceError` naming ``settings`` and ``advice``."""
+    try:
+        yield
+    except Exception as error:
+        explained = explain(error, settings=settings, advice=advice) if is_out_of_memory(error) else None
+        if explained is None:
+            raise
+        raise explained from error

@@ -21,10 +21,9 @@ save.  Handlers are installed only in the main thread and put back as they were 
 
 from __future__ import annotations
 
-import logging
+import contextlib
 import os
 import signal
-import sys
 import threading
 from pathlib import Path
 from types import FrameType
@@ -36,8 +35,6 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from neftune.errors import NeftuneError
 
 __all__ = ["EXIT_PREEMPTED", "SIGNALS", "Preempted", "PreemptionCallback"]
-
-log = logging.getLogger("neftune")
 
 #: Exit status of a run stopped by a signal after writing its checkpoint (``EX_TEMPFAIL`` of sysexits.h).
 EXIT_PREEMPTED = 75
@@ -54,6 +51,13 @@ class Preempted(NeftuneError):
     def __init__(self, message: str, checkpoint: Path | None) -> None:
         super().__init__(message)
         self.checkpoint = checkpoint
+
+
+def _say(line: str) -> None:
+    # straight to file descriptor 2: the handler may interrupt a write to sys.stderr (a progress bar),
+    # and writing to that buffered stream again from inside it would raise
+    with contextlib.suppress(OSError):  # no stderr: say nothing
+        os.write(2, (line + "\n").encode("utf-8", "replace"))
 
 
 class PreemptionCallback(TrainerCallback):
@@ -75,14 +79,12 @@ class PreemptionCallback(TrainerCallback):
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         sig = signal.Signals(signum)
         if self.received is not None:
-            print(f"neftune: {sig.name} again: stopping at once, without a checkpoint", file=sys.stderr, flush=True)
+            _say(f"neftune: {sig.name} again: stopping at once, without a checkpoint")
             os._exit(128 + signum)
         self.received = sig
-        print(
+        _say(
             f"neftune: {sig.name} received: finishing the current step, then writing a checkpoint "
-            f"(send it again to stop at once)",
-            file=sys.stderr,
-            flush=True,
+            "(send it again to stop at once)"
         )
 
     def uninstall(self) -> None:

@@ -543,3 +543,30 @@ def test_compare_stops_with_one_line_when_its_judge_server_is_gone(tmp_path, mon
         lines[0],
     )
     assert found and found[1] == found[3] and found[2] == str(tmp_path / "exp" / "judge-cache" / "verdicts.jsonl")
+
+
+def test_each_verdict_is_cached_as_it_arrives_not_when_its_batch_ends(tmp_path) -> None:
+    import threading
+
+    release = threading.Event()
+
+    def one_slow(payload, nth, headers):
+        if "second" in payload["messages"][-1]["content"].split("[End of answer A]")[0]:
+            release.wait(timeout=30)  # one query of the batch hangs until the test has looked
+        return llama_server(payload, nth, headers)
+
+    baseline = [{"instruction": f"q{i}", "output": f"first {i}", "generator": "a"} for i in range(3)]
+    candidate = [{"instruction": f"q{i}", "output": f"second {i} GOOD" if i == 0 else f"other {i}"} for i in range(3)]
+    cache = tmp_path / "verdicts.jsonl"
+    with OpenAIStyleServer(one_slow) as server:
+        judge = _judge(server.url, workers=2)
+        run = threading.Thread(target=judge_pairs, args=(baseline, candidate, judge), kwargs={"cache_dir": tmp_path})
+        run.start()
+        deadline = time.monotonic() + 20
+        while (not cache.exists() or len(cache.read_text().splitlines()) < 5) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        kept_before_the_batch_ended = len(cache.read_text().splitlines()) if cache.exists() else 0
+        release.set()
+        run.join(timeout=30)
+    assert kept_before_the_batch_ended == 5  # the 6 queries are one batch; 5 answered while 1 hangs
+    assert len(cache.read_text().splitlines()) == 6

@@ -43,7 +43,16 @@ from typing import Any
 import httpx
 
 from neftune.errors import ConfigError, JudgeError
-from neftune.judge.base import Judge, JudgeUnreachable, Query, Verdict, VerdictUnavailable, judge_messages
+from neftune.judge.base import (
+    Judge,
+    JudgeUnreachable,
+    OnResult,
+    Outcome,
+    Query,
+    Verdict,
+    VerdictUnavailable,
+    judge_messages,
+)
 from neftune.judge.logprobs import p_first_better
 from neftune.judge.parse import parse_verdict, strip_reasoning
 
@@ -315,18 +324,23 @@ class HttpJudge(Judge):
         limits = httpx.Limits(max_connections=self.workers, max_keepalive_connections=self.workers)
         return httpx.Client(headers=headers, timeout=self.timeout, limits=limits)
 
-    def judge_batch(self, queries: Sequence[Query]) -> list[Verdict | VerdictUnavailable]:
-        """Ask about several queries, ``workers`` at a time, over one connection pool."""
+    def judge_batch(self, queries: Sequence[Query], on_result: OnResult | None = None) -> list[Outcome]:
+        """Ask about several queries, ``workers`` at a time, over one connection pool; ``on_result``
+        hears of each answer as it arrives (from the worker threads)."""
 
         with self._client() as client:
 
-            def one(query: Query) -> Verdict | VerdictUnavailable:
+            def one(position: int, query: Query) -> Outcome:
+                outcome: Outcome
                 try:
-                    return self._ask(client, query)
+                    outcome = self._ask(client, query)
                 except VerdictUnavailable as exc:
-                    return exc
+                    outcome = exc
+                if on_result is not None:
+                    on_result(position, outcome)
+                return outcome
 
             if self.workers == 1 or len(queries) <= 1:
-                return [one(q) for q in queries]
+                return [one(i, q) for i, q in enumerate(queries)]
             with ThreadPoolExecutor(max_workers=self.workers) as pool:
-                return list(pool.map(one, queries))
+                return list(pool.map(one, range(len(queries)), queries))

@@ -183,3 +183,28 @@ def test_out_of_memory_while_compare_answers_names_the_generation_settings(tmp_p
         "neftune: error: out of host memory with generate.batch_size=16, generate.max_new_tokens=7, "
         "data.max_length=512; lower generate.batch_size, generate.max_new_tokens or data.max_length"
     )
+
+
+def test_another_file_system_error_while_checkpointing_is_one_line_with_the_resume_point(tmp_path, monkeypatch, capsys):
+    import errno
+
+    from transformers import Trainer
+
+    real = Trainer._save_optimizer_and_scheduler
+
+    def failing(self, output_dir):
+        if self.state.global_step == 6:
+            raise OSError(errno.EIO, "Input/output error", str(Path(output_dir) / "optimizer.pt"))
+        return real(self, output_dir)
+
+    monkeypatch.setattr(Trainer, "_save_optimizer_and_scheduler", failing)
+    out = tmp_path / "run"
+    assert main([*_train_argv(out), *TRAIN_FLAGS]) == 2
+    line = _one_error_line(capsys.readouterr().err)
+    partial = out / "checkpoints" / ".partial-checkpoint-6" / "checkpoint-6" / "optimizer.pt"
+    last = out / "checkpoints" / "checkpoint-3"
+    assert (
+        line
+        == f"neftune: error: {partial}: Input/output error; the last complete checkpoint {last} is intact: rerun with --resume"
+    )
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["checkpoint-3"]

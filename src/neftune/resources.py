@@ -151,21 +151,31 @@ def training_memory(cfg: Any, gradient_checkpointing: bool) -> tuple[list[tuple[
     return settings, advice
 
 
-def resume_hint(checkpoints: Path) -> str:
+def resume_hint(checkpoints: Path, remedy: str = "free space and rerun") -> str:
     """What ``--resume`` would continue from after a failure, in words for the end of an error line."""
     from neftune.checkpoints import last_complete_checkpoint
 
     last = last_complete_checkpoint(checkpoints, tidy=False)
     if last is None:
         return "no checkpoint had been completed"
-    return f"the last complete checkpoint {last} is intact: free space and rerun with --resume"
+    return f"the last complete checkpoint {last} is intact: {remedy} with --resume"
 
 
 def explain_training(error: BaseException, cfg: Any, out: Path, gradient_checkpointing: bool) -> ResourceError | None:
-    """:func:`explain` for ``neftune train``: what to lower, or which checkpoint ``--resume`` continues from."""
+    """:func:`explain` for ``neftune train``: what to lower, or which checkpoint ``--resume`` continues from.
+
+    Another file-system error (a read-only or vanished output directory) is told with the same hint.
+    """
+    if isinstance(error, NeftuneError):
+        return None
+    written = getattr(error, "filename", None) or out
     if is_disk_full(error):
-        written = getattr(error, "filename", None) or out
         return explain(error, written, after=resume_hint(out / "checkpoints"))
+    if isinstance(error, OSError) and error.errno is not None:
+        hint = resume_hint(out / "checkpoints", "rerun")
+        explained = ResourceError(f"{written}: {error.strerror or error}; {hint}")
+        explained.__cause__ = error
+        return explained
     settings, advice = training_memory(cfg, gradient_checkpointing)
     return explain(error, settings=settings, advice=advice)
 

@@ -27,6 +27,7 @@ import time
 import pytest
 from tests.helpers import OpenAIStyleServer
 
+from neftune.errors import JudgeError
 from neftune.judge import HttpJudge, judge_pairs
 
 SKILL = 2.0  # log-odds for the answer containing GOOD
@@ -313,9 +314,12 @@ def test_timeouts_and_refused_connections_are_retried() -> None:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     dead = _judge(f"http://127.0.0.1:{port}/v1", max_retries=1, workers=1)
-    result = judge_pairs(BASELINE[:1], CANDIDATE[:1], dead, n_boot=10)
-    assert (
-        result.n_failed == 1 and "ConnectError" in result.pairs[0].error and "after 2 attempts" in result.pairs[0].error
+    with pytest.raises(JudgeError) as stopped:  # no answer through the whole retry budget: the run stops
+        judge_pairs(BASELINE[:1], CANDIDATE[:1], dead, n_boot=10)
+    assert re.fullmatch(
+        rf"the judge stopped answering \(http://127.0.0.1:{port}/v1/chat/completions: ConnectError: .* "
+        r"\(after 2 attempts\)\): 0 of 2 queries of this run were answered; this judge has no cache, .*",
+        str(stopped.value),
     )
 
 
@@ -407,3 +411,162 @@ def test_logprobs_in_the_completions_shape_and_tie_mass() -> None:
     assert p_first_better(None, "A") is None and p_first_better({"content": "junk"}, "A") is None
     # A judge sure of the first answer in both orders: the pair is even, whatever the certainty.
     assert pair_probability(1.0, 1.0) == 0.5 and pair_probability(0.0, 1.0) == pytest.approx(1.0, abs=1e-5)
+
+
+# -- a server that dies mid-judging ------------------------------------------------------------
+
+SERVER = """
+import json, os, sys
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+port, die_after, log = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+answered = 0
+
+class Handler(BaseHTTPRequestHandler):
+    def do_POST(self):
+        global answered
+        payload = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        if answered >= die_after:
+            os.kill(os.getpid(), 9)  # killed mid-judging: this request and those in flight get no answer
+        prompt = payload["messages"][-1]["content"]
+        first = prompt.split("[Answer A]")[1].split("[End of answer A]")[0]
+        body = json.dumps({"choices": [{"message": {"role": "assistant", "content": "A" if "GOOD" in first else "B"}}]})
+        data = body.encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+        self.wfile.flush()
+        answered += 1
+        with open(log, "a") as fh:
+            fh.write(json.dumps(prompt) + "\\n")
+
+    def log_message(self, *args):
+        pass
+
+ThreadingHTTPServer(("127.0.0.1", port), Handler).serve_forever()
+"""
+
+
+def _serve(tmp_path, port: int, die_after: int, log):
+    import subprocess
+    import sys
+
+    script = tmp_path / "server.py"
+    script.write_text(SERVER)
+    proc = subprocess.Popen([sys.executable, str(script), str(port), str(die_after), str(log)])
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return proc
+        except OSError:
+            time.sleep(0.05)
+    proc.kill()
+    raise AssertionError("the loopback judge server did not start")
+
+
+def test_a_server_killed_mid_judging_stops_the_run_and_the_rerun_asks_only_the_unanswered(
+    tmp_path, monkeypatch, capsys
+):
+    from neftune.cli import main
+
+    waits: list[float] = []
+    records = [{"instruction": f"task {i}", "output": f"answer {i}", "generator": "a"} for i in range(12)]
+    (tmp_path / "a.json").write_text(json.dumps(records))
+    better = [
+        {**r, "output": r["output"] + (" GOOD" if i % 3 else " meh"), "generator": "b"} for i, r in enumerate(records)
+    ]
+    (tmp_path / "b.json").write_text(json.dumps(better))
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    argv = ["judge", str(tmp_path / "a.json"), str(tmp_path / "b.json"), "--base-url", f"http://127.0.0.1:{port}/v1"]
+    argv += ["--judge-model", "j", "--cache", str(tmp_path / "cache"), "--no-progress"]
+
+    first_log, second_log = tmp_path / "first.log", tmp_path / "second.log"
+    server = _serve(tmp_path, port, 9, first_log)
+    try:
+        with monkeypatch.context() as patched:
+            patched.setattr(time, "sleep", waits.append)  # the retry budget is counted, not waited
+            assert main(argv) == 2
+    finally:
+        server.kill()
+        server.wait()
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("neftune:")]
+    answered = [json.loads(line) for line in first_log.read_text().splitlines()]
+    assert len(lines) == 1, err
+    assert lines[0].startswith(f"neftune: error: the judge stopped answering (http://127.0.0.1:{port}/v1/")
+    assert f"(after 5 attempts)): {len(answered)} of 24 queries of this run were answered and are saved in " in lines[0]
+    assert lines[0].endswith(f"a rerun asks only the {24 - len(answered)} missing")
+    # one query spent the whole retry budget (1+2+4+8 s); the 4 workers' other queries then stopped asking
+    assert len(answered) == 9 and 8.0 in waits and len(waits) <= 4 * 4
+
+    server = _serve(tmp_path, port, 10**6, second_log)
+    try:
+        assert main([*argv, "--output", str(tmp_path / "result.json")]) == 0
+    finally:
+        server.kill()
+        server.wait()
+    asked = [json.loads(line) for line in second_log.read_text().splitlines()]
+    assert len(asked) == 24 - len(answered) and not set(asked) & set(answered)
+    result = json.loads((tmp_path / "result.json").read_text())
+    assert result["n"] == 12 and result["n_failed"] == 0
+
+
+def test_compare_stops_with_one_line_when_its_judge_server_is_gone(tmp_path, monkeypatch, capsys):
+    from neftune.cli import main
+
+    monkeypatch.setattr(time, "sleep", lambda seconds: None)
+    with socket.socket() as sock:  # a port nobody listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    argv = ["compare", "--model", "tiny-random", "--alphas", "5", "--seeds", "0", "--max-steps", "2"]
+    argv += ["--eval-limit", "4", "--max-new-tokens", "8", "--no-progress", "--output", str(tmp_path / "exp")]
+    argv += [
+        "--judge",
+        "http",
+        "--judge-url",
+        f"http://127.0.0.1:{port}/v1",
+        "--judge-model",
+        "j",
+        "data.limit=16",
+        "train.lr=0.05",
+    ]
+    assert main(argv) == 2
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("neftune:")]
+    assert len(lines) == 1 and lines[0].startswith("neftune: error: the judge stopped answering (http://127.0.0.1:")
+    found = re.search(
+        r": 0 of (\d+) queries of this run were answered and are saved in (\S+); a rerun asks only the (\d+) missing$",
+        lines[0],
+    )
+    assert found and found[1] == found[3] and found[2] == str(tmp_path / "exp" / "judge-cache" / "verdicts.jsonl")
+
+
+def test_each_verdict_is_cached_as_it_arrives_not_when_its_batch_ends(tmp_path) -> None:
+    import threading
+
+    release = threading.Event()
+
+    def one_slow(payload, nth, headers):
+        if "second" in payload["messages"][-1]["content"].split("[End of answer A]")[0]:
+            release.wait(timeout=30)  # one query of the batch hangs until the test has looked
+        return llama_server(payload, nth, headers)
+
+    baseline = [{"instruction": f"q{i}", "output": f"first {i}", "generator": "a"} for i in range(3)]
+    candidate = [{"instruction": f"q{i}", "output": f"second {i} GOOD" if i == 0 else f"other {i}"} for i in range(3)]
+    cache = tmp_path / "verdicts.jsonl"
+    with OpenAIStyleServer(one_slow) as server:
+        judge = _judge(server.url, workers=2)
+        run = threading.Thread(target=judge_pairs, args=(baseline, candidate, judge), kwargs={"cache_dir": tmp_path})
+        run.start()
+        deadline = time.monotonic() + 20
+        while (not cache.exists() or len(cache.read_text().splitlines()) < 5) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        kept_before_the_batch_ended = len(cache.read_text().splitlines()) if cache.exists() else 0
+        release.set()
+        run.join(timeout=30)
+    assert kept_before_the_batch_ended == 5  # the 6 queries are one batch; 5 answered while 1 hangs
+    assert len(cache.read_text().splitlines()) == 6

@@ -436,13 +436,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     except NeftuneError as e:
         if debug:
             traceback.print_exc()
-        print(f"neftune: error: {error_line(e)}", file=sys.stderr)
-        return 2
+        stopped = getattr(e, "exit_status", None)  # preempted (neftune.preempt): a checkpoint, not an error
+        line = error_line(e, limit=280 if getattr(e, "elide", True) else 2000)  # paths and numbers kept whole
+        print(f"neftune: {line}" if stopped else f"neftune: error: {line}", file=sys.stderr)
+        return stopped or 2
     except KeyboardInterrupt:
         print("neftune: interrupted", file=sys.stderr)
         return 130
     except Exception as e:  # the last resort: one line, the traceback on request
         if debug:
             traceback.print_exc()
-        print(f"neftune: error: {unexpected_error_line(e)}", file=sys.stderr)
-        return 1
+        from neftune.resources import explain
+
+        explained = explain(e)  # a full disk or out-of-memory no stage told in its own words
+        line = unexpected_error_line(e) if explained is None else error_line(explained, limit=2000)
+        print(f"neftune: error: {line}", file=sys.stderr)
+        return 1 if explained is None else 2

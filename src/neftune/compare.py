@@ -48,6 +48,7 @@ from neftune.arms import (
 from neftune.config import CompareConfig, write_config
 from neftune.data.presets import defaults_for, resolve_eval_spec
 from neftune.io import atomic_write_text, check_output_dir
+from neftune.resources import evaluation_memory, told_out_of_memory
 
 log = logging.getLogger("neftune")
 
@@ -91,7 +92,8 @@ def run_arm(
     # training ends by measuring the held-out loss on these same examples, the same way (noise off)
     measured = result.metrics.get("heldout_loss")
     known = None if measured is None else {"loss": measured, "perplexity": result.metrics.get("heldout_perplexity")}
-    entry = evaluate_arm(cfg, arm, result.model, result.tokenizer, eval_examples, eval_name, stamp, heldout, known)
+    with told_out_of_memory(*evaluation_memory(cfg)):
+        entry = evaluate_arm(cfg, arm, result.model, result.tokenizer, eval_examples, eval_name, stamp, heldout, known)
     entry["wall_time_s"] = time.perf_counter() - started
     atomic_write_text(arm.directory / ARM_FILE, json.dumps(entry, indent=2))
     return entry
@@ -108,7 +110,8 @@ def regenerate_arm(
     model, tokenizer = load_model_and_tokenizer(
         str(arm.directory / "model"), trust_remote_code=cfg.model.trust_remote_code, for_training=False
     )
-    entry = evaluate_arm(cfg, arm, model, tokenizer, eval_examples, eval_name, stamp, heldout)
+    with told_out_of_memory(*evaluation_memory(cfg)):
+        entry = evaluate_arm(cfg, arm, model, tokenizer, eval_examples, eval_name, stamp, heldout)
     train_time = float((previous.get("train") or {}).get("train_time_s") or 0.0)
     entry["wall_time_s"] = time.perf_counter() - started + train_time
     atomic_write_text(arm.directory / fingerprint.FILE, json.dumps(stamp, indent=2, default=str))

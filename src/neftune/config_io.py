@@ -181,8 +181,10 @@ def _redact(node: Any, key: str = "") -> Any:
 
 
 def write_config(cfg: Any, path: str | Path) -> None:
-    """Write the resolved, redacted config as YAML."""
-    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False), encoding="utf-8")
+    """Write the resolved, redacted config as YAML (atomically: a full disk leaves the previous file)."""
+    from neftune.io import atomic_write_text
+
+    atomic_write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
 
 def iter_fields(cls: type, prefix: str = "") -> Iterator[tuple[str, dataclasses.Field[Any], Any]]:

@@ -4,7 +4,8 @@ One implementation of each, so that "a crash never leaves half a file" holds eve
 
 * :func:`atomic_write_bytes` / :func:`atomic_write_text` / :func:`atomic_write_json` write a sibling
   temporary file and ``os.replace`` it over the target; a reader sees the old file or the new one.
-* :func:`atomic_save_dir` does the same for a directory written by a callback (a saved model).
+* :func:`atomic_save_dir` does the same for a directory written by a callback (a saved model);
+  :func:`replace_dir` is its last step, for a directory written elsewhere (a training checkpoint).
 * :func:`check_output_dir` / :func:`check_output_file` fail before any expensive work if a directory
   or file cannot be written.
 * :func:`file_lock` is an inter-process lock (``filelock``) around work two processes must not
@@ -43,6 +44,7 @@ __all__ = [
     "check_output_file",
     "file_lock",
     "not_a_regular_file",
+    "replace_dir",
     "sha256_files",
 ]
 
@@ -61,8 +63,10 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes, *, mode: int =
             handle.write(data)
         os.chmod(tmp, mode)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as error:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(error, OSError) and error.filename is None:
+            error.filename = str(path)  # a full disk is reported by write(), which names no file
         raise
     return path
 
@@ -85,15 +89,29 @@ def atomic_save_dir(target: str | os.PathLike[str], write: Callable[[Path], obje
     """
     target = Path(target)
     tmp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"
-    old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
     try:
         tmp.mkdir(parents=True)
         write(tmp)
-        if target.exists():
-            os.replace(target, old)
-        os.replace(tmp, target)
+        replace_dir(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+def replace_dir(source: str | os.PathLike[str], target: str | os.PathLike[str]) -> Path:
+    """Rename the finished directory ``source`` to ``target`` (a sibling), replacing any ``target``.
+
+    A previous ``target`` is moved aside first and put back if the rename fails, so ``target`` is
+    the old directory or the new one, never a mixture; the old one is deleted afterwards.
+    """
+    target = Path(target)
+    old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
+    try:
+        if target.exists():
+            os.replace(target, old)
+        os.replace(source, target)
+    except BaseException:
         if old.exists() and not target.exists():
             os.replace(old, target)
         raise

@@ -26,6 +26,7 @@ from transformers import IntervalStrategy, TrainerCallback, TrainingArguments
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 from neftune.callback import NEFTuneCallback
+from neftune.checkpoints import last_complete_checkpoint
 from neftune.config import Config, write_config
 from neftune.data.prepare import PreparedData, ReadData
 from neftune.data.presets import defaults_for
@@ -39,6 +40,8 @@ from neftune.distributed import (
 from neftune.errors import NeftuneError
 from neftune.io import atomic_save_dir, atomic_write_text, check_output_dir
 from neftune.noise import Distribution
+from neftune.preempt import PreemptionCallback
+from neftune.resources import explain, explain_training
 from neftune.trainer_parts import CountingCollator, HeldoutTrainer, MetricsCallback
 
 log = logging.getLogger("neftune")
@@ -81,28 +84,6 @@ def tokenize_training_data(cfg: Config, tokenizer: Any, read: ReadData) -> Prepa
     from neftune.data.prepare import tokenize_training_data as tokenize
 
     return tokenize(cfg.data, tokenizer, read, seed=cfg.train.seed, progress=cfg.train.progress)
-
-
-def last_complete_checkpoint(directory: Path) -> Path | None:
-    """The newest ``checkpoint-N`` whose ``trainer_state.json`` (written last by Trainer) is intact.
-
-    A checkpoint cut short by a kill or a full disk is skipped with a warning, so ``--resume``
-    never loads half a checkpoint.
-    """
-    if not directory.is_dir():
-        return None
-    found = [
-        (int(p.name.split("-")[1]), p)
-        for p in directory.glob("checkpoint-*")
-        if p.is_dir() and p.name.split("-")[1].isdigit()
-    ]
-    for _, path in sorted(found, reverse=True):
-        try:
-            json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))
-            return path
-        except (OSError, ValueError):
-            log.warning("skipping incomplete checkpoint %s", path)
-    return None
 
 
 def choose_attention(cfg: Config) -> str | None:
@@ -223,7 +204,7 @@ def run_training(cfg: Config, *, keep_model: bool = False, extra_callbacks: list
         check_output_dir(out)
     resume_from = None
     if cfg.train.resume:
-        resume_from = last_complete_checkpoint(out / "checkpoints")
+        resume_from = last_complete_checkpoint(out / "checkpoints", tidy=is_main_process())
         if resume_from is None:
             log.warning("--resume: no checkpoint in %s/checkpoints, starting from scratch", out)
         else:
@@ -245,7 +226,8 @@ def run_training(cfg: Config, *, keep_model: bool = False, extra_callbacks: list
     inner = packing_collator() if cfg.data.packing else PaddingCollator(tokenizer.pad_token_id)
     collator = CountingCollator(inner)
     metrics_cb = MetricsCallback(out / "metrics.jsonl", collator, cfg.train.progress)
-    callbacks: list[TrainerCallback] = [metrics_cb]
+    preempt = PreemptionCallback()  # SIGTERM / SIGUSR1: checkpoint after this step, then stop
+    callbacks: list[TrainerCallback] = [metrics_cb, preempt]
     if cfg.noise.alpha > 0:
         callbacks.insert(
             0,
@@ -291,19 +273,16 @@ def run_training(cfg: Config, *, keep_model: bool = False, extra_callbacks: list
     started = time.perf_counter()
     try:
         result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
-    except OSError as error:  # full disk, quota, read-only file system while writing a checkpoint
-        last = last_complete_checkpoint(out / "checkpoints")
-        kept = (
-            f"the last complete checkpoint {last} is intact; free space and rerun with --resume"
-            if last
-            else "no checkpoint had been completed"
-        )
-        raise NeftuneError(f"writing to {out} failed ({error.strerror or error}); {kept}") from error
-    except BaseException:
+        preempt.raise_if_stopped(trainer)
+    except BaseException as error:
         if labelled_loss is not None:
             labelled_loss.remove()  # training failed: leave no hook of ours on the model
+        explained = explain_training(error, cfg, out, bool(args.activation_checkpointing))  # disk full, OOM
+        if explained is not None:
+            raise explained from error
         raise
     finally:
+        preempt.uninstall()
         for cb in callbacks:
             if isinstance(cb, NEFTuneCallback):
                 cb.remove()
@@ -369,8 +348,13 @@ def _save_model(target: Path, model: Any, tokenizer: Any, state: dict | None = N
     """
     try:
         atomic_save_dir(target, lambda tmp: _save(model, tokenizer, tmp, state))
-    except OSError as e:
-        raise NeftuneError(f"could not write the model to {target}: {e.strerror or e}") from e
+    except Exception as e:  # a full disk, in Python's, torch's or safetensors' words
+        explained = explain(e, target)
+        if explained is not None:
+            raise explained from e
+        if isinstance(e, OSError):
+            raise NeftuneError(f"could not write the model to {target}: {e.strerror or e}") from e
+        raise
 
 
 def _save(model: Any, tokenizer: Any, directory: Path, state: dict | None = None) -> None:

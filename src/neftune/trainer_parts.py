@@ -2,7 +2,8 @@
 
 * :class:`CountingCollator` counts the real (non-padding) tokens each batch carries.
 * :class:`MetricsCallback` writes ``metrics.jsonl`` and drives the progress bar (loss, tokens/s, ETA).
-* :class:`HeldoutTrainer` makes ``evaluate()`` report neftune's one held-out loss.
+* :class:`HeldoutTrainer` makes ``evaluate()`` report neftune's one held-out loss (and writes
+  checkpoints atomically).
 """
 
 from __future__ import annotations
@@ -12,7 +13,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from transformers import Trainer, TrainerCallback
+from transformers import TrainerCallback
+
+from neftune.checkpoints import AtomicCheckpoints
 
 
 class CountingCollator:
@@ -87,8 +90,9 @@ class MetricsCallback(TrainerCallback):
             self.bar = None
 
 
-class HeldoutTrainer(Trainer):
-    """transformers' ``Trainer`` whose ``evaluate()`` reports neftune's held-out loss.
+class HeldoutTrainer(AtomicCheckpoints):
+    """transformers' ``Trainer`` whose ``evaluate()`` reports neftune's held-out loss, and whose
+    checkpoints appear whole or not at all (:class:`~neftune.checkpoints.AtomicCheckpoints`).
 
     The ``eval_loss`` it logs (to ``metrics.jsonl`` and TensorBoard, at every ``eval_steps`` and at
     the end) is :func:`neftune.evaluate.labelled_loss`: the mean cross-entropy per assistant token

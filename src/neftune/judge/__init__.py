@@ -30,7 +30,7 @@ Modules, one job each:
 
 from __future__ import annotations
 
-from neftune.judge.base import VERDICTS, Judge, Query, Verdict, VerdictUnavailable, judge_messages
+from neftune.judge.base import VERDICTS, Judge, JudgeUnreachable, Query, Verdict, VerdictUnavailable, judge_messages
 from neftune.judge.http import HttpJudge
 from neftune.judge.length import LengthJudge
 from neftune.judge.local import LocalJudge
@@ -46,6 +46,7 @@ __all__ = [
     "HttpJudge",
     "Judge",
     "JudgeResult",
+    "JudgeUnreachable",
     "LengthJudge",
     "LocalJudge",
     "PairVerdict",

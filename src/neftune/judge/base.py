@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from functools import cache
 from importlib import resources
 from typing import ClassVar, NamedTuple
@@ -17,6 +17,7 @@ from typing import ClassVar, NamedTuple
 __all__ = [
     "VERDICTS",
     "Judge",
+    "JudgeUnreachable",
     "Query",
     "Verdict",
     "VerdictUnavailable",
@@ -77,6 +78,20 @@ class VerdictUnavailable(Exception):
     """A single verdict could not be obtained; its pair is counted as failed."""
 
 
+class JudgeUnreachable(VerdictUnavailable):
+    """The judge's server stopped answering for longer than its retry budget.
+
+    Unlike other failed verdicts it stops the run (:func:`~neftune.judge.judge_pairs` raises
+    :class:`~neftune.errors.JudgeError` once every verdict obtained so far is cached).
+    """
+
+
+#: What a judge gives for one query: a verdict, or why there is none.
+Outcome = Verdict | VerdictUnavailable
+#: Called with a query's position in its batch and its outcome, as soon as it has one.
+OnResult = Callable[[int, Outcome], None]
+
+
 class Judge(ABC):
     """A pairwise judge backend.
 
@@ -109,12 +124,18 @@ class Judge(ABC):
     def judge(self, query: Query) -> Verdict:
         """Return the verdict for ``query``; raise :class:`VerdictUnavailable` if none can be had."""
 
-    def judge_batch(self, queries: Sequence[Query]) -> list[Verdict | VerdictUnavailable]:
-        """Judge several queries; a failed one is returned as its :class:`VerdictUnavailable`."""
-        results: list[Verdict | VerdictUnavailable] = []
-        for query in queries:
+    def judge_batch(self, queries: Sequence[Query], on_result: OnResult | None = None) -> list[Outcome]:
+        """Judge several queries; a failed one is returned as its :class:`VerdictUnavailable`.
+
+        ``on_result(position, outcome)`` is called as each query is answered (from worker threads, in
+        backends that have them), so a caller can keep each verdict before the batch ends.
+        """
+        results: list[Outcome] = []
+        for position, query in enumerate(queries):
             try:
                 results.append(self.judge(query))
             except VerdictUnavailable as exc:
                 results.append(exc)
+            if on_result is not None:
+                on_result(position, results[-1])
         return results

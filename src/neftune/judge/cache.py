@@ -90,5 +90,9 @@ class VerdictCache:
         line = json.dumps(entry, ensure_ascii=False)
         with self._lock:
             self.entries[key] = verdict
-            with self.path.open("a", encoding="utf-8") as handle:
-                handle.write(line + "\n")
+            try:
+                with self.path.open("a", encoding="utf-8") as handle:
+                    handle.write(line + "\n")
+            except OSError as error:  # a full disk: say which file (write() names none)
+                error.filename = error.filename or str(self.path)
+                raise

@@ -13,7 +13,10 @@ Retry policy -- ask again only when asking again can change the answer:
   prompt gets the same reply), quoting the reply; it is retried only when sampling at a positive
   temperature;
 * HTTP 401/403 (bad key) and 404 (bad URL or model) abort the run with :class:`JudgeError`, since
-  every other request would fail the same way; other 4xx and malformed bodies fail that query.
+  every other request would fail the same way; other 4xx and malformed bodies fail that query;
+* a server that gives no answer at all (refused or dropped connections, timeouts) through a query's
+  whole retry budget is gone: that query raises :class:`~neftune.judge.base.JudgeUnreachable`, the
+  queries still in flight stop without asking, and the run stops once what was answered is cached.
 
 Log-probabilities: each request asks for ``logprobs: true, top_logprobs: k``; the probability that
 the first answer is better is read from the verdict token (:mod:`neftune.judge.logprobs`).  A server
@@ -40,7 +43,16 @@ from typing import Any
 import httpx
 
 from neftune.errors import ConfigError, JudgeError
-from neftune.judge.base import Judge, Query, Verdict, VerdictUnavailable, judge_messages
+from neftune.judge.base import (
+    Judge,
+    JudgeUnreachable,
+    OnResult,
+    Outcome,
+    Query,
+    Verdict,
+    VerdictUnavailable,
+    judge_messages,
+)
 from neftune.judge.logprobs import p_first_better
 from neftune.judge.parse import parse_verdict, strip_reasoning
 
@@ -54,9 +66,10 @@ _RETRY_STATUS = frozenset({408, 429}) | (frozenset(range(500, 600)) - {501, 505}
 class _Transient(Exception):
     """A failure that asking again may cure."""
 
-    def __init__(self, reason: str, retry_after: float | None = None) -> None:
+    def __init__(self, reason: str, retry_after: float | None = None, *, unanswered: bool = False) -> None:
         super().__init__(reason)
         self.retry_after = retry_after
+        self.unanswered = unanswered
 
 
 class _LogprobsRejected(Exception):
@@ -150,6 +163,7 @@ class HttpJudge(Judge):
         self._without_logprobs = 0  # replies of this run that carried no logprobs
         self._unusable_logprobs = 0  # replies of this run whose logprobs held no verdict token agreeing with the text
         self._sleep: Callable[[float], object] = time.sleep  # replaceable, so tests can record the waits
+        self._gone: str | None = None  # why the server counts as gone (this run): other queries stop asking
 
     def __repr__(self) -> str:
         return f"HttpJudge(url={self._public_url()!r}, model={self.model!r}, api_key_env={self.api_key_env!r})"
@@ -169,6 +183,7 @@ class HttpJudge(Judge):
         """Reset the per-run counts behind :meth:`notes`."""
         with self._lock:
             self._without_logprobs = self._unusable_logprobs = 0
+            self._gone = None
 
     def notes(self) -> list[str]:
         """Fallbacks taken during the run, each said once."""
@@ -204,8 +219,8 @@ class HttpJudge(Judge):
         where = self._public_url()
         try:
             response = client.post(self.url, json=self._payload(messages, with_logprobs))
-        except httpx.TransportError as exc:
-            raise _Transient(self._redact(f"{type(exc).__name__}: {exc}")) from None
+        except httpx.TransportError as exc:  # no answer at all
+            raise _Transient(self._redact(f"{type(exc).__name__}: {exc}"), unanswered=True) from None
         status = response.status_code
         if status >= 400:
             detail = self._redact(" ".join(response.text[:300].split()))[:200]
@@ -252,6 +267,8 @@ class HttpJudge(Judge):
         attempt = 0
         while True:
             attempt += 1
+            if self._gone is not None:
+                raise JudgeUnreachable(self._gone)
             with_logprobs = self._send_logprobs
             try:
                 data = self._post(client, messages, with_logprobs)
@@ -260,6 +277,10 @@ class HttpJudge(Judge):
                 attempt -= 1  # the same question, asked properly: not a failed attempt
                 continue
             except _Transient as exc:
+                if attempt > self.max_retries and exc.unanswered:
+                    with self._lock:
+                        self._gone = self._gone or f"{self._public_url()}: {exc} (after {attempt} attempts)"
+                    raise JudgeUnreachable(self._gone) from None
                 if attempt > self.max_retries:
                     raise VerdictUnavailable(f"{exc} (after {attempt} attempts)") from None
                 self._sleep(self._delay(attempt, exc.retry_after))
@@ -303,18 +324,23 @@ class HttpJudge(Judge):
         limits = httpx.Limits(max_connections=self.workers, max_keepalive_connections=self.workers)
         return httpx.Client(headers=headers, timeout=self.timeout, limits=limits)
 
-    def judge_batch(self, queries: Sequence[Query]) -> list[Verdict | VerdictUnavailable]:
-        """Ask about several queries, ``workers`` at a time, over one connection pool."""
+    def judge_batch(self, queries: Sequence[Query], on_result: OnResult | None = None) -> list[Outcome]:
+        """Ask about several queries, ``workers`` at a time, over one connection pool; ``on_result``
+        hears of each answer as it arrives (from the worker threads)."""
 
         with self._client() as client:
 
-            def one(query: Query) -> Verdict | VerdictUnavailable:
+            def one(position: int, query: Query) -> Outcome:
+                outcome: Outcome
                 try:
-                    return self._ask(client, query)
+                    outcome = self._ask(client, query)
                 except VerdictUnavailable as exc:
-                    return exc
+                    outcome = exc
+                if on_result is not None:
+                    on_result(position, outcome)
+                return outcome
 
             if self.workers == 1 or len(queries) <= 1:
-                return [one(q) for q in queries]
+                return [one(i, q) for i, q in enumerate(queries)]
             with ThreadPoolExecutor(max_workers=self.workers) as pool:
-                return list(pool.map(one, queries))
+                return list(pool.map(one, range(len(queries)), queries))

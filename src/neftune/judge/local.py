@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from neftune.errors import ConfigError, ModelError
-from neftune.judge.base import Judge, Query, Verdict, VerdictUnavailable, judge_messages
+from neftune.judge.base import Judge, OnResult, Outcome, Query, Verdict, VerdictUnavailable, judge_messages
 
 __all__ = ["LocalJudge"]
 
@@ -115,7 +115,7 @@ class LocalJudge(Judge):
         # sigmoid(gap) written with tanh so that a huge gap cannot overflow
         return Verdict(label, f"logp(A)-logp(B)={gap:.4f}", 0.5 * (1.0 + math.tanh(0.5 * gap)))
 
-    def judge_batch(self, queries: Sequence[Query]) -> list[Verdict | VerdictUnavailable]:
+    def judge_batch(self, queries: Sequence[Query], on_result: OnResult | None = None) -> list[Outcome]:
         """Score the queries in left-padded batches; a prompt longer than the context fails alone."""
         import torch
 
@@ -160,6 +160,8 @@ class LocalJudge(Judge):
                     score_b = torch.logsumexp(logprobs[:, self.choice_ids["B"]], dim=-1)
                     for row, (index, _) in enumerate(batch):
                         results[index] = self._verdict(float(score_a[row] - score_b[row]))
+                        if on_result is not None:
+                            on_result(index, results[index])
         finally:
             if was_training:
                 self.model.train()

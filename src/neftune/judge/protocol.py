@@ -14,12 +14,15 @@ judge's pair score *is* that probability; for the http judge it is reported besi
 win rate.
 
 A verdict that cannot be obtained makes its pair *failed*: it is counted in ``n_failed``, listed, and
-left out of every statistic -- never scored as a tie.  Successful verdicts are cached on disk
-(:mod:`neftune.judge.cache`), so rerunning a judgement only asks for what is missing.
+left out of every statistic -- never scored as a tie.  Successful verdicts are cached on disk as they
+arrive (:mod:`neftune.judge.cache`), so rerunning a judgement only asks for what is missing.  A server
+that stops answering for longer than its retry budget stops the run (:class:`JudgeStopped`) with one
+line saying how much was kept.
 """
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 from collections.abc import Mapping, Sequence
@@ -27,7 +30,7 @@ from typing import Any
 
 from neftune import stats
 from neftune.errors import JudgeError
-from neftune.judge.base import Judge, Query, Verdict, VerdictUnavailable
+from neftune.judge.base import Judge, JudgeUnreachable, Outcome, Query, Verdict, VerdictUnavailable
 from neftune.judge.cache import VerdictCache, cache_key
 from neftune.judge.logprobs import p_candidate, pair_probability
 from neftune.judge.registry import make_judge
@@ -38,6 +41,12 @@ __all__ = ["judge_pairs"]
 logger = logging.getLogger(__name__)
 
 _NAN = float("nan")
+
+
+class JudgeStopped(JudgeError):
+    """The judge's server went away: the line says what was kept and what a rerun will ask."""
+
+    elide = False  # the command line prints it whole
 
 
 def _winner(label: str, baseline_first: bool) -> str:
@@ -97,6 +106,7 @@ class _Asker:
         self.errors: dict[int, str] = {}
         self.pending: list[tuple[int, bool, Query]] = []
         self.cached_hits = 0
+        self._streams = "on_result" in inspect.signature(judge.judge_batch).parameters
 
     def add(self, index: int, baseline_first: bool, query: Query) -> None:
         hit = None
@@ -120,8 +130,11 @@ class _Asker:
         ) as bar:
             for start in range(0, len(self.pending), chunk):
                 batch = self.pending[start : start + chunk]
-                outcomes = self.judge.judge_batch([q for _, _, q in batch])
+                outcomes = self._judge_batch(batch)
+                gone = next((o for o in outcomes if isinstance(o, JudgeUnreachable)), None)
                 for (index, baseline_first, query), outcome in zip(batch, outcomes, strict=True):
+                    if isinstance(outcome, JudgeUnreachable):
+                        continue
                     if isinstance(outcome, VerdictUnavailable):
                         consecutive += 1
                         reason = last_reason = str(outcome) or "verdict unavailable"
@@ -130,14 +143,38 @@ class _Asker:
                         continue
                     consecutive = 0
                     self.verdicts[(index, baseline_first)] = outcome
-                    if self.cache is not None and self.identity is not None:
-                        self.cache.put(cache_key(self.identity, query), outcome, self.identity)
+                    if not self._streams:
+                        self._keep(query, outcome)
                 bar.update(len(batch))
+                if gone is not None:
+                    raise JudgeStopped(self._stopped(str(gone)))
                 if consecutive >= self.max_consecutive_failures:
                     raise JudgeError(
                         f"judge failed on {consecutive} queries in a row (last: {last_reason}); "
                         "verdicts obtained so far are cached, rerun to resume"
                     )
+
+    def _keep(self, query: Query, outcome: Outcome) -> None:
+        if isinstance(outcome, Verdict) and self.cache is not None and self.identity is not None:
+            self.cache.put(cache_key(self.identity, query), outcome, self.identity)
+
+    def _judge_batch(self, batch: list[tuple[int, bool, Query]]) -> list[Outcome]:
+        """The batch's outcomes; each verdict is cached as it arrives, where the backend tells of it."""
+        queries = [q for _, _, q in batch]
+        if not self._streams:  # a backend written before judge_batch took on_result
+            return self.judge.judge_batch(queries)
+        return self.judge.judge_batch(
+            queries, on_result=lambda position, outcome: self._keep(queries[position], outcome)
+        )
+
+    def _stopped(self, reason: str) -> str:
+        """One line for a server that went away: what was kept, and what a rerun will ask."""
+        asked = len(self.pending)
+        answered = sum(1 for index, first, _ in self.pending if (index, first) in self.verdicts)
+        line = f"the judge stopped answering ({reason}): {answered} of {asked} queries of this run were answered"
+        if self.cache is None:
+            return line + "; this judge has no cache, so a rerun asks them all again"
+        return line + f" and are saved in {self.cache.path}; a rerun asks only the {asked - answered} missing"
 
 
 def judge_pairs(

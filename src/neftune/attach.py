@@ -5,6 +5,8 @@ each example starts and ends.  So a forward pre-hook on the model (``with_kwargs
 ``attention_mask``, ``position_ids`` and ``cu_seq_lens_q`` from the call, and the forward hook on
 the input embedding reads them to scale the noise (see :mod:`neftune.noise`).  Noise is added only
 while the embedding module is in training mode, so ``model.eval()`` and generation are untouched.
+A PEFT model running as its own reference (adapter disabled, as preference trainers do) gets no
+noise either (:mod:`neftune.reference`).
 
 Works on transformers models, PEFT models, and models wrapped by DDP, FSDP, ``torch.compile`` or
 accelerate; any other ``nn.Module`` works with ``embedding=`` pointing at the module whose output
@@ -27,6 +29,7 @@ import torch
 from torch import nn
 
 from neftune.noise import Distribution, check_alpha, noisy_embeddings
+from neftune.reference import policy_probe
 
 _HANDLE_ATTR = "_neftune_handle"
 _CONTEXT_KEYS = ("attention_mask", "position_ids", "cu_seq_lens_q", "cu_seqlens", "cu_seq_lens")
@@ -55,6 +58,8 @@ class NEFTuneHandle:
         self._context: dict[str, Any] = {}
         self._generators: dict[torch.device, torch.Generator] = {}
         self._signature: inspect.Signature | None = None
+        # None for a model that cannot run as its own reference (see neftune.reference)
+        self._is_policy = policy_probe(root)
         self._handles = [
             root.register_forward_pre_hook(self._capture, with_kwargs=True),
             root.register_forward_hook(self._release, always_call=True),
@@ -112,6 +117,8 @@ class NEFTuneHandle:
     def _add_noise(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> torch.Tensor | None:
         if not module.training or self.alpha == 0.0:
             return None
+        if self._is_policy is not None and not self._is_policy():
+            return None  # a PEFT model's reference forward (adapter disabled or "ref" active): no noise
         if not torch.is_tensor(output) or not output.is_floating_point():
             raise TypeError(
                 f"NEFTune expects the input embedding {type(module).__name__} to return a float tensor, "

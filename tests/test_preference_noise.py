@@ -1,0 +1,205 @@
+"""NEFTune in TRL's DPOTrainer: the policy is noised per example, the reference never.
+
+A tiny Llama with a LoRA adapter trains 2 DPO steps on generated preference pairs.  TRL computes
+the reference log-probs with the same module, adapter disabled, inside its own ``use_adapter``
+context; the tests wrap that context to know which forward is the reference (independently of
+how neftune tells them apart) and observe the embeddings the first decoder layer receives.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+from collections.abc import Iterator
+
+import pytest
+import torch
+from tests.helpers import record_noise
+
+import neftune
+from neftune import patch
+
+ALPHA = 10.0
+D = 64
+
+
+@pytest.fixture(autouse=True)
+def _unpatched():
+    patch.unpatch_transformers()
+    yield
+    patch.unpatch_transformers()
+
+
+def preference_pairs(n: int = 8) -> list[dict[str, str]]:
+    """Pairs whose chosen and rejected answers differ a lot in length, so rows of one batch do too."""
+    return [
+        {
+            "prompt": f"Question {i}: " + "why " * (i % 3),
+            "chosen": "Because. " * (1 + i % 2),
+            "rejected": "No idea at all, sorry. " * (2 + i % 4),
+        }
+        for i in range(n)
+    ]
+
+
+@contextlib.contextmanager
+def _observe(model) -> Iterator[list[dict]]:
+    """record_noise plus, per forward: the attention mask, whether TRL ran it as the reference, the log-probs."""
+    import trl.trainer.dpo_trainer as dpo_module
+
+    in_reference = [False]
+    original = dpo_module.use_adapter
+
+    @contextlib.contextmanager
+    def marked_use_adapter(*args, **kwargs):
+        in_reference[0] = True
+        try:
+            with original(*args, **kwargs):
+                yield
+        finally:
+            in_reference[0] = False
+
+    calls: list[dict] = []
+    pre = model.register_forward_pre_hook(
+        lambda m, a, kw: calls.append({"attention_mask": kw["attention_mask"], "reference": in_reference[0]}),
+        with_kwargs=True,
+    )
+    post = model.register_forward_hook(lambda m, a, out: calls[-1].update(log_probs=out.log_probs.detach().clone()))
+    dpo_module.use_adapter = marked_use_adapter
+    try:
+        with record_noise(model) as records:
+            yield records
+    finally:
+        dpo_module.use_adapter = original
+        pre.remove()
+        post.remove()
+    for record, call in zip(records, calls, strict=True):
+        record.update(call)
+
+
+def _dpo(model, tokenizer, tmp_path, *, builtin_alpha=None, callbacks=(), ref_model=None) -> list[dict]:
+    from datasets import Dataset
+    from peft import LoraConfig
+    from trl import DPOConfig, DPOTrainer
+
+    config = DPOConfig(
+        output_dir=str(tmp_path / "dpo"),
+        per_device_train_batch_size=3,
+        max_steps=2,
+        learning_rate=1e-3,
+        neftune_noise_alpha=builtin_alpha,
+        report_to=[],
+        save_strategy="no",
+        logging_strategy="no",
+        disable_tqdm=True,
+        use_cpu=True,
+        seed=0,
+        dataset_num_proc=None,
+    )
+    peft_config = None if ref_model is not None else LoraConfig(r=4, target_modules=["q_proj", "v_proj"])
+    trainer = DPOTrainer(
+        model=model,
+        ref_model=ref_model,
+        args=config,
+        train_dataset=Dataset.from_list(preference_pairs()),
+        processing_class=tokenizer,
+        peft_config=peft_config,
+        callbacks=list(callbacks),
+    )
+    with _observe(trainer.model) as records:
+        trainer.train()
+    return records
+
+
+def _per_example_ratios(record: dict, by_row_length: bool = False) -> list[tuple[int, float]]:
+    """(L, max|noise| * sqrt(scale * d) / alpha) for each row; scale is L (the row's own length) or the padded T."""
+    out = []
+    for row, mask in enumerate(record["attention_mask"]):
+        n, t = int(mask.sum()), mask.numel()
+        peak = record["noise"][row, :n].abs().max().item()
+        out.append((n, peak * math.sqrt((t if by_row_length else n) * D) / ALPHA))
+    return out
+
+
+def _ref_log_probs(records: list[dict]) -> list[torch.Tensor]:
+    return [r["log_probs"] for r in records if r["reference"]]
+
+
+@pytest.mark.parametrize("how", ["patch", "callback"])
+def test_dpo_reference_is_never_noised_and_policy_rows_get_their_own_length(tiny_model, tiny_tokenizer, tmp_path, how):
+    quiet = copy.deepcopy(tiny_model)
+    if how == "patch":
+        neftune.patch_transformers(quiet=True)
+        noisy = _dpo(tiny_model, tiny_tokenizer, tmp_path, builtin_alpha=ALPHA)
+        clean = _dpo(quiet, tiny_tokenizer, tmp_path, builtin_alpha=0.0)
+    else:
+        noisy = _dpo(tiny_model, tiny_tokenizer, tmp_path, callbacks=[neftune.NEFTuneCallback(alpha=ALPHA)])
+        clean = _dpo(quiet, tiny_tokenizer, tmp_path, callbacks=[neftune.NEFTuneCallback(alpha=0.0)])
+
+    reference = [r for r in noisy if r["reference"]]
+    policy = [r for r in noisy if not r["reference"]]
+    assert len(reference) == len(policy) == 2
+    assert all(torch.count_nonzero(r["noise"]) == 0 for r in reference)
+    ref_noisy, ref_clean = _ref_log_probs(noisy), _ref_log_probs(clean)
+    assert len(ref_noisy) == len(ref_clean) == 2
+    assert all(torch.equal(a, b) for a, b in zip(ref_noisy, ref_clean, strict=True))  # bit-identical
+
+    lengths = set()
+    for r in policy:
+        batch = r["attention_mask"].shape[0]
+        assert batch == 6  # 3 chosen rows, then their 3 rejected rows
+        ratios = _per_example_ratios(r)
+        assert all(0.9 < ratio <= 1 + 1e-5 for _, ratio in ratios), ratios
+        assert torch.count_nonzero(r["noise"][r["attention_mask"] == 0]) == 0  # padding gets none
+        lengths |= {n for n, _ in ratios}
+        chosen, rejected = r["attention_mask"][: batch // 2].sum(1), r["attention_mask"][batch // 2 :].sum(1)
+        assert bool((chosen < rejected).all())  # so chosen rows were scaled by lengths of their own
+    assert len(lengths) >= 4
+
+
+def test_dpo_under_transformers_hook_noises_the_reference(tiny_model, tiny_tokenizer, tmp_path):
+    quiet = copy.deepcopy(tiny_model)
+    noisy = _dpo(tiny_model, tiny_tokenizer, tmp_path, builtin_alpha=ALPHA)
+    clean = _dpo(quiet, tiny_tokenizer, tmp_path, builtin_alpha=0.0)
+
+    reference = [r for r in noisy if r["reference"]]
+    assert len(reference) == 2 and all(torch.count_nonzero(r["noise"]) > 0 for r in reference)
+    assert not any(torch.equal(a, b) for a, b in zip(_ref_log_probs(noisy), _ref_log_probs(clean), strict=True))
+    for r in noisy:  # every row, chosen or rejected, gets the padded row's length
+        ratios = _per_example_ratios(r, by_row_length=True)
+        assert all(0.9 < ratio <= 1 + 1e-5 for _, ratio in ratios)
+        assert any(n < r["attention_mask"].shape[1] / 2 for n, _ in ratios)
+
+
+def test_dpo_with_a_separate_reference_model_noises_only_the_policy(tiny_model, tiny_tokenizer, tmp_path):
+    ref_model = copy.deepcopy(tiny_model)
+    with record_noise(ref_model) as ref_records:
+        policy = _dpo(
+            tiny_model, tiny_tokenizer, tmp_path, callbacks=[neftune.NEFTuneCallback(alpha=ALPHA)], ref_model=ref_model
+        )
+    assert len(policy) == 2 and not any(r["reference"] for r in policy)
+    assert all(0.9 < ratio <= 1 + 1e-5 for r in policy for _, ratio in _per_example_ratios(r))
+    assert len(ref_records) == 2 and all(torch.count_nonzero(r["noise"]) == 0 for r in ref_records)
+
+
+def test_peft_adapter_state_decides_which_forward_is_noised(tiny_model):
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(tiny_model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    model.add_adapter("ref", LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    model.train()
+    ids = torch.randint(0, 250, (2, 9))
+    with neftune.attach(model, ALPHA, seed=0), record_noise(model) as records:
+        model(input_ids=ids)
+        with model.disable_adapter():
+            model(input_ids=ids)
+        model.set_adapter("ref")
+        model(input_ids=ids)
+        model.set_adapter("default")
+        model.base_model.disable_adapter_layers()
+        model(input_ids=ids)
+        model.base_model.enable_adapter_layers()
+        model(input_ids=ids)
+    noised = [bool(torch.count_nonzero(r["noise"])) for r in records]
+    assert noised == [True, False, False, False, True]

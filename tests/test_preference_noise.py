@@ -8,14 +8,12 @@ how neftune tells them apart) and observe the embeddings the first decoder layer
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import math
-from collections.abc import Iterator
 
 import pytest
 import torch
-from tests.helpers import record_noise
+from tests.helpers import record_dpo_forwards, record_noise
 
 import neftune
 from neftune import patch
@@ -41,41 +39,6 @@ def preference_pairs(n: int = 8) -> list[dict[str, str]]:
         }
         for i in range(n)
     ]
-
-
-@contextlib.contextmanager
-def _observe(model) -> Iterator[list[dict]]:
-    """record_noise plus, per forward: the attention mask, whether TRL ran it as the reference, the log-probs."""
-    import trl.trainer.dpo_trainer as dpo_module
-
-    in_reference = [False]
-    original = dpo_module.use_adapter
-
-    @contextlib.contextmanager
-    def marked_use_adapter(*args, **kwargs):
-        in_reference[0] = True
-        try:
-            with original(*args, **kwargs):
-                yield
-        finally:
-            in_reference[0] = False
-
-    calls: list[dict] = []
-    pre = model.register_forward_pre_hook(
-        lambda m, a, kw: calls.append({"attention_mask": kw["attention_mask"], "reference": in_reference[0]}),
-        with_kwargs=True,
-    )
-    post = model.register_forward_hook(lambda m, a, out: calls[-1].update(log_probs=out.log_probs.detach().clone()))
-    dpo_module.use_adapter = marked_use_adapter
-    try:
-        with record_noise(model) as records:
-            yield records
-    finally:
-        dpo_module.use_adapter = original
-        pre.remove()
-        post.remove()
-    for record, call in zip(records, calls, strict=True):
-        record.update(call)
 
 
 def _dpo(model, tokenizer, tmp_path, *, builtin_alpha=None, callbacks=(), ref_model=None) -> list[dict]:
@@ -107,7 +70,7 @@ def _dpo(model, tokenizer, tmp_path, *, builtin_alpha=None, callbacks=(), ref_mo
         peft_config=peft_config,
         callbacks=list(callbacks),
     )
-    with _observe(trainer.model) as records:
+    with record_dpo_forwards(trainer.model) as records:
         trainer.train()
     return records
 

@@ -8,6 +8,13 @@ while the embedding module is in training mode, so ``model.eval()`` and generati
 A PEFT model running as its own reference (adapter disabled, as preference trainers do) gets no
 noise either (:mod:`neftune.reference`).
 
+Models that scale their embeddings (Gemma's ``embed_scale = sqrt(d)``, MiniCPM's ``scale_emb``) do
+so inside the embedding module in transformers 5, so its output, where the noise is added, is what
+the first transformer block receives: the paper's rule (alpha/sqrt(L*d) added to the first block's
+input) holds as it stands, and the noise is 1/scale as large relative to the embeddings as it would
+be on the unscaled table.  :func:`embedding_scale` reads the factor, for reports such as
+``neftune audit``.
+
 Works on transformers models, PEFT models, and models wrapped by DDP, FSDP, ``torch.compile`` or
 accelerate; any other ``nn.Module`` works with ``embedding=`` pointing at the module whose output
 are the input embeddings.
@@ -225,6 +232,24 @@ def find_input_embedding(model: nn.Module) -> nn.Module:
             "pass embedding=<the nn.Module whose output are the input embeddings>"
         )
     return embedding
+
+
+def embedding_scale(embedding: nn.Module) -> float:
+    """The factor ``embedding`` multiplies its looked-up rows by (Gemma: sqrt(d)); 1.0 for a plain embedding.
+
+    Reads transformers' ``scalar_embed_scale``/``embed_scale`` attributes, also through a PEFT
+    wrapper's ``base_layer``.
+    """
+    for module in (embedding, getattr(embedding, "base_layer", None)):
+        if module is None:
+            continue
+        for name in ("scalar_embed_scale", "embed_scale"):
+            value = getattr(module, name, None)
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                return float(value)
+            if torch.is_tensor(value) and value.numel() == 1 and value.device.type != "meta":
+                return float(value.item())
+    return 1.0
 
 
 def distributed_rank() -> int:

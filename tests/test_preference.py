@@ -229,3 +229,16 @@ def test_dpo_run_writes_the_model_and_summary_and_never_noises_the_reference(cac
             n = int(mask.sum())
             peak = r["noise"][row, :n].abs().max().item() * math.sqrt(n * d) / 10.0
             assert 0.9 < peak <= 1 + 1e-5
+
+
+def test_cli_full_finetuning_dpo_on_generated_pairs_saves_full_weights(cache, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("NEFTUNE_CACHE", str(cache))
+    out = tmp_path / "full"
+    argv = ["train", "--method", "dpo", "--full", "--model", "tiny-random", "--max-steps", "2", "--batch-size", "2"]
+    argv += ["--output", str(out), "--no-progress", "data.limit=16"]  # the default data: builtin:skills as pairs
+    assert main(argv) == 0
+    assert f"model: {out / 'model'}" in capsys.readouterr().out
+    assert (out / "model" / "model.safetensors").is_file() and not (out / "model" / "adapter_config.json").exists()
+    summary = json.loads((out / "train_summary.json").read_text())
+    assert summary["reference"] == "frozen copy of the starting model"
+    assert summary["train"] == "builtin:skills" and summary["train_pairs"] == 16

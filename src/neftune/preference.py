@@ -91,6 +91,8 @@ def run_preference_training(
         check_output_dir(out)
     if cfg.data.packing:
         log.info("--method dpo trains on padded batches (TRL's DPOTrainer has padding-free training disabled)")
+    if cfg.data.eval or cfg.data.format != "auto":
+        log.warning("--method dpo ignores data.eval and data.format: preference pairs have no held-out loss here")
     pairs = read_pairs(cfg)
     args = training_arguments(
         cfg,

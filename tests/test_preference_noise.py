@@ -9,11 +9,15 @@ how neftune tells them apart) and observe the embeddings the first decoder layer
 from __future__ import annotations
 
 import copy
+import json
 import math
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 from tests.helpers import record_dpo_forwards, record_noise
+from tests.test_patch import _env, _neftune_run
 
 import neftune
 from neftune import patch
@@ -166,3 +170,71 @@ def test_peft_adapter_state_decides_which_forward_is_noised(tiny_model):
         model(input_ids=ids)
     noised = [bool(torch.count_nonzero(r["noise"])) for r in records]
     assert noised == [True, False, False, False, True]
+
+
+# The recorder the `trl dpo` child runs (chained from neftune's sitecustomize): once a NEFTune handle
+# exists it marks TRL's reference forwards (its use_adapter context) and observes what reaches the model.
+DPO_RECORDER = """
+import contextlib, json, os
+from neftune.attach import NEFTuneHandle
+
+init = NEFTuneHandle.__init__
+
+def recording_init(self, root, embedding, *args, **kwargs):
+    init(self, root, embedding, *args, **kwargs)
+    import trl.trainer.dpo_trainer as dpo_module
+    if not getattr(dpo_module.use_adapter, "marked", False):
+        original = dpo_module.use_adapter
+        @contextlib.contextmanager
+        def marked(*a, **k):
+            os.environ["IN_REFERENCE"] = "1"
+            try:
+                with original(*a, **k):
+                    yield
+            finally:
+                os.environ["IN_REFERENCE"] = "0"
+        marked.marked = True
+        dpo_module.use_adapter = marked
+    seen = {}
+    root.register_forward_pre_hook(lambda m, a, kw: seen.update(mask=kw.get("attention_mask")), with_kwargs=True)
+    def observe(module, args, output):
+        if not module.training:
+            return
+        ids, mask = args[0], seen["mask"]
+        noise = (output - module.weight[ids]).detach()
+        ratios = []
+        for r in range(ids.shape[0]):
+            n = int(mask[r].sum())
+            ratios.append(noise[r, :n].abs().max().item() * (n * noise.shape[-1]) ** 0.5 / self.alpha)
+        record = {"reference": os.environ.get("IN_REFERENCE") == "1", "ratios": ratios}
+        with open(os.environ["NEFTUNE_TEST_NOISE_LOG"], "a") as fh:
+            fh.write(json.dumps(record) + "\\n")
+    embedding.register_forward_hook(observe)
+
+NEFTuneHandle.__init__ = recording_init
+"""
+
+
+@pytest.mark.slow
+def test_trl_dpo_cli_with_peft_through_neftune_run_never_noises_the_reference(tmp_path, tiny_model_dir):
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "train.jsonl").write_text("".join(json.dumps(p) + "\n" for p in preference_pairs()))
+    log = tmp_path / "noise.jsonl"
+    env = _env(tmp_path, DPO_RECORDER)
+    env.update({"NEFTUNE_TEST_NOISE_LOG": str(log), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"})
+    env.update({"ACCELERATE_USE_CPU": "true", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"})
+    command = [str(Path(sys.executable).parent / "trl"), "dpo", "--model_name_or_path", str(tiny_model_dir)]
+    command += ["--dataset_name", str(data), "--output_dir", str(tmp_path / "out"), "--neftune_noise_alpha", "10"]
+    command += ["--use_peft", "--lora_target_modules", "q_proj", "v_proj", "--per_device_train_batch_size", "2"]
+    command += ["--max_steps", "2", "--report_to", "none", "--use_cpu", "--save_strategy", "no", "--dtype", "float32"]
+    command += ["--disable_tqdm", "true", "--seed", "0", "--gradient_checkpointing", "false"]
+    proc = _neftune_run(command, env)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-3000:]
+    records = [json.loads(line) for line in log.read_text().splitlines()]
+    reference = [r for r in records if r["reference"]]
+    policy = [r for r in records if not r["reference"]]
+    assert len(reference) == len(policy) == 2
+    assert all(ratio == 0 for r in reference for ratio in r["ratios"])
+    assert all(0.9 < ratio <= 1 + 1e-5 for r in policy for ratio in r["ratios"])

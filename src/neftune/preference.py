@@ -21,7 +21,7 @@ import copy
 import logging
 import time
 from pathlib import Path
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from transformers import TrainerCallback
@@ -35,6 +35,9 @@ from neftune.errors import NeftuneError
 from neftune.io import atomic_write_text, check_output_dir
 from neftune.noise import Distribution
 from neftune.trainer_parts import CountingCollator, MetricsCallback
+
+if TYPE_CHECKING:
+    from neftune.train import TrainResult
 
 log = logging.getLogger("neftune")
 
@@ -68,13 +71,13 @@ def read_pairs(cfg: Config) -> PreferenceLoad:
 
 def run_preference_training(
     cfg: Config, *, keep_model: bool = False, extra_callbacks: list | None = None
-) -> Any:  # neftune.train.TrainResult (imported lazily: train imports this module)
-    """Run DPO as ``cfg`` describes (``cfg.train.method == "dpo"``); return a ``TrainResult``."""
+) -> TrainResult:
+    """Run DPO as ``cfg`` describes (``cfg.train.method == "dpo"``) and return what it produced."""
     from datasets import Dataset
     from trl import DPOConfig, DPOTrainer
 
     from neftune.models import describe_model
-    from neftune.train import (
+    from neftune.train import (  # train imports this module when it runs: import it lazily
         TrainResult,
         _merge_saved_adapter,
         _save_model,

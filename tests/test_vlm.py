@@ -110,3 +110,23 @@ def test_packed_row_noises_text_only_scaled_by_each_examples_text_length(tiny_ll
 def test_a_text_model_has_no_placeholders(tiny_model):
     with neftune.attach(tiny_model, ALPHA, seed=0) as handle:
         assert handle.placeholder_ids == ()
+
+
+def test_transformers_hook_counts_the_image_tokens_in_the_row_length(tiny_llava):
+    """The built-in hook scales every text token by the padded row length, image tokens included."""
+    from transformers.integrations.neftune import activate_neftune
+
+    g = torch.Generator().manual_seed(2)
+    ids = _example(2, 3, g)[None]  # 5 text tokens, 4 image tokens
+    inputs = {"input_ids": ids, "pixel_values": torch.randn(1, 3, 16, 16, generator=g)}
+    clean = _layer_input(tiny_llava, **inputs)
+    handle = activate_neftune(tiny_llava, ALPHA)
+    try:
+        noisy = _layer_input(tiny_llava, **inputs)
+    finally:
+        handle.remove()
+    text = ids[0] != IMAGE
+    peak = (noisy - clean)[0, text].abs().max().item()
+    row_bound = ALPHA / math.sqrt(ids.shape[1] * D)  # 9 tokens, not the 5 text tokens
+    assert 0.9 * row_bound < peak <= row_bound * (1 + 1e-5)
+    assert peak < 0.8 * ALPHA / math.sqrt(int(text.sum()) * D)  # so text gets sqrt(5/9) = 0.75x the paper's noise

@@ -57,10 +57,13 @@ def record_noise(model: nn.Module) -> Iterator[list[dict]]:
 
 
 @contextlib.contextmanager
-def record_dpo_forwards(model: nn.Module) -> Iterator[list[dict]]:
-    """record_noise plus, per forward: the attention mask, the log-probs, and whether TRL ran it as the
-    reference (inside TRL's own ``use_adapter`` context, whichever way neftune tells the two apart)."""
-    import trl.trainer.dpo_trainer as dpo_module
+def record_dpo_forwards(model: nn.Module, trainer: str = "dpo_trainer") -> Iterator[list[dict]]:
+    """record_noise plus, per forward: the attention mask, the log-probs, whether grad was enabled, and whether TRL ran it as the
+    reference (inside the ``use_adapter`` context of ``trl.trainer.<trainer>``, whichever way neftune
+    tells the two apart)."""
+    import importlib
+
+    dpo_module = importlib.import_module(f"trl.trainer.{trainer}")
 
     in_reference = [False]
     original = dpo_module.use_adapter
@@ -76,7 +79,9 @@ def record_dpo_forwards(model: nn.Module) -> Iterator[list[dict]]:
 
     calls: list[dict] = []
     pre = model.register_forward_pre_hook(
-        lambda m, a, kw: calls.append({"attention_mask": kw["attention_mask"], "reference": in_reference[0]}),
+        lambda m, a, kw: calls.append(
+            {"attention_mask": kw.get("attention_mask"), "reference": in_reference[0], "grad": torch.is_grad_enabled()}
+        ),
         with_kwargs=True,
     )
     post = model.register_forward_hook(lambda m, a, out: calls[-1].update(log_probs=out.log_probs.detach().clone()))

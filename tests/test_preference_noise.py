@@ -238,3 +238,45 @@ def test_trl_dpo_cli_with_peft_through_neftune_run_never_noises_the_reference(tm
     assert len(reference) == len(policy) == 2
     assert all(ratio == 0 for r in reference for ratio in r["ratios"])
     assert all(0.9 < ratio <= 1 + 1e-5 for r in policy for ratio in r["ratios"])
+
+
+def test_kto_reference_is_never_noised_and_its_policy_kl_forward_is(tiny_model, tiny_tokenizer, tmp_path):
+    """KTO also runs the PEFT model as its own reference; its policy's KL forward runs without grad and is noised."""
+    from datasets import Dataset
+    from peft import LoraConfig
+    from trl import KTOConfig, KTOTrainer
+
+    rows = [
+        {"prompt": p["prompt"], "completion": p[key], "label": key == "chosen"}
+        for p in preference_pairs()
+        for key in ("chosen", "rejected")
+    ]
+    config = KTOConfig(
+        output_dir=str(tmp_path / "kto"),
+        per_device_train_batch_size=4,
+        max_steps=2,
+        report_to=[],
+        save_strategy="no",
+        logging_strategy="no",
+        disable_tqdm=True,
+        use_cpu=True,
+        seed=0,
+        dataset_num_proc=None,
+    )
+    trainer = KTOTrainer(
+        model=tiny_model,
+        args=config,
+        train_dataset=Dataset.from_list(rows),
+        processing_class=tiny_tokenizer,
+        peft_config=LoraConfig(r=4, target_modules=["q_proj", "v_proj"]),
+        callbacks=[neftune.NEFTuneCallback(alpha=ALPHA)],
+    )
+    with record_dpo_forwards(trainer.model, "kto_trainer") as records:
+        trainer.train()
+    reference = [r for r in records if r["reference"]]
+    policy = [r for r in records if not r["reference"]]
+    assert len(reference) == len(policy) == 4  # per step: the main and the KL forward of each
+    assert all(torch.count_nonzero(r["noise"]) == 0 for r in reference)
+    assert sum(not r["grad"] for r in policy) == 2  # the policy's KL forwards run under no_grad, and are noised
+    for r in policy:
+        assert all(0.9 < ratio <= 1 + 1e-5 for _, ratio in _per_example_ratios(r)), _per_example_ratios(r)

@@ -12,8 +12,8 @@ policy's only while the adapters that were active when NEFTune was attached are 
 enabled.  That is what "reference" means for a PEFT policy (the model without the trained
 adapter), so it holds for any trainer that switches adapters through PEFT, whatever its own code
 looks like.  Guesses such as ``torch.is_grad_enabled()`` are wrong both ways: policy forwards can
-run without grad (old-policy log-probs in GRPO/RLOO, a user's own scoring pass) and a reference
-can run with grad enabled.  A separate reference model is a different module, with its own
+run without grad (KTO's KL term, old-policy log-probs in GRPO/RLOO) and a reference can run with
+grad enabled.  A separate reference model is a different module, with its own
 embedding, and precomputed reference log-probs are computed before training starts (neither
 sees the policy's hooks).
 """

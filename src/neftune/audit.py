@@ -219,7 +219,7 @@ def input_embedding_table(spec: str) -> tuple[Any, float] | None:
     name = next(n for n, m in skeleton.named_modules() if m is embedding) + ".weight"
     for file in files:
         with safe_open(str(file), "pt") as handle:
-            keys = [k for k in handle.keys() if k == name or name.endswith("." + k) or k.endswith("." + name)]  # noqa: SIM118
+            keys = [k for k in handle.keys() if k == name or name.endswith("." + k) or k.endswith("." + name)]  # noqa: SIM118  # a safe_open handle is no dict: keys() is its API
             if keys:
                 return handle.get_tensor(keys[0]).float(), embedding_scale(embedding)
     return None

@@ -56,6 +56,47 @@ def record_noise(model: nn.Module) -> Iterator[list[dict]]:
             h.remove()
 
 
+@contextlib.contextmanager
+def record_dpo_forwards(model: nn.Module, trainer: str = "dpo_trainer") -> Iterator[list[dict]]:
+    """record_noise plus, per forward: the attention mask, the log-probs, whether grad was enabled, and whether TRL ran it as the
+    reference (inside the ``use_adapter`` context of ``trl.trainer.<trainer>``, whichever way neftune
+    tells the two apart)."""
+    import importlib
+
+    dpo_module = importlib.import_module(f"trl.trainer.{trainer}")
+
+    in_reference = [False]
+    original = dpo_module.use_adapter
+
+    @contextlib.contextmanager
+    def marked_use_adapter(*args, **kwargs):
+        in_reference[0] = True
+        try:
+            with original(*args, **kwargs):
+                yield
+        finally:
+            in_reference[0] = False
+
+    calls: list[dict] = []
+    pre = model.register_forward_pre_hook(
+        lambda m, a, kw: calls.append(
+            {"attention_mask": kw.get("attention_mask"), "reference": in_reference[0], "grad": torch.is_grad_enabled()}
+        ),
+        with_kwargs=True,
+    )
+    post = model.register_forward_hook(lambda m, a, out: calls[-1].update(log_probs=out.log_probs.detach().clone()))
+    dpo_module.use_adapter = marked_use_adapter
+    try:
+        with record_noise(model) as records:
+            yield records
+    finally:
+        dpo_module.use_adapter = original
+        pre.remove()
+        post.remove()
+    for record, call in zip(records, calls, strict=True):
+        record.update(call)
+
+
 def hook_count(model: nn.Module) -> int:
     """Number of forward (pre-)hooks on all modules of ``model``."""
     return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())

@@ -5,6 +5,19 @@ each example starts and ends.  So a forward pre-hook on the model (``with_kwargs
 ``attention_mask``, ``position_ids`` and ``cu_seq_lens_q`` from the call, and the forward hook on
 the input embedding reads them to scale the noise (see :mod:`neftune.noise`).  Noise is added only
 while the embedding module is in training mode, so ``model.eval()`` and generation are untouched.
+A PEFT model running as its own reference (adapter disabled, as preference trainers do) gets no
+noise either (:mod:`neftune.reference`).
+
+Vision-language models: the positions of image/video/audio placeholder tokens (whose embeddings the
+model replaces with the encoder's features) get no noise and do not count in ``L``; only text does
+(:func:`multimodal_token_ids`).
+
+Models that scale their embeddings (Gemma's ``embed_scale = sqrt(d)``, MiniCPM's ``scale_emb``) do
+so inside the embedding module in transformers 5, so its output, where the noise is added, is what
+the first transformer block receives: the paper's rule (alpha/sqrt(L*d) added to the first block's
+input) holds as it stands, and the noise is 1/scale as large relative to the embeddings as it would
+be on the unscaled table.  :func:`embedding_scale` reads the factor, for reports such as
+``neftune audit``.
 
 Works on transformers models, PEFT models, and models wrapped by DDP, FSDP, ``torch.compile`` or
 accelerate; any other ``nn.Module`` works with ``embedding=`` pointing at the module whose output
@@ -27,9 +40,14 @@ import torch
 from torch import nn
 
 from neftune.noise import Distribution, check_alpha, noisy_embeddings
+from neftune.reference import policy_probe
 
 _HANDLE_ATTR = "_neftune_handle"
-_CONTEXT_KEYS = ("attention_mask", "position_ids", "cu_seq_lens_q", "cu_seqlens", "cu_seq_lens")
+_CONTEXT_KEYS = ("attention_mask", "position_ids", "cu_seq_lens_q", "cu_seqlens", "cu_seq_lens", "input_ids")
+# config attributes naming the placeholder tokens a multimodal model replaces with image/video/audio features
+_PLACEHOLDER_KEYS = tuple(
+    f"{kind}_token_{suffix}" for kind in ("image", "video", "audio") for suffix in ("id", "index")
+)
 
 
 class NEFTuneHandle:
@@ -55,6 +73,9 @@ class NEFTuneHandle:
         self._context: dict[str, Any] = {}
         self._generators: dict[torch.device, torch.Generator] = {}
         self._signature: inspect.Signature | None = None
+        # None for a model that cannot run as its own reference (see neftune.reference)
+        self._is_policy = policy_probe(root)
+        self.placeholder_ids = multimodal_token_ids(root)
         self._handles = [
             root.register_forward_pre_hook(self._capture, with_kwargs=True),
             root.register_forward_hook(self._release, always_call=True),
@@ -112,6 +133,8 @@ class NEFTuneHandle:
     def _add_noise(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> torch.Tensor | None:
         if not module.training or self.alpha == 0.0:
             return None
+        if self._is_policy is not None and not self._is_policy():
+            return None  # a PEFT model's reference forward (adapter disabled or "ref" active): no noise
         if not torch.is_tensor(output) or not output.is_floating_point():
             raise TypeError(
                 f"NEFTune expects the input embedding {type(module).__name__} to return a float tensor, "
@@ -122,6 +145,8 @@ class NEFTuneHandle:
         if mask is not None and (mask.dim() != 2 or tuple(mask.shape) != tuple(output.shape[:2])):
             mask = None  # 4-D or custom masks carry no per-row padding we can read reliably
         cu = ctx.get("cu_seq_lens_q", ctx.get("cu_seqlens", ctx.get("cu_seq_lens")))
+        if self.placeholder_ids:
+            mask = self._text_mask(args, output, mask)
         generator = self._generator(output.device)
         self.micro_step += 1
         return noisy_embeddings(
@@ -133,6 +158,21 @@ class NEFTuneHandle:
             distribution=self.distribution,
             generator=generator,
         )
+
+    def _text_mask(self, args: tuple[Any, ...], output: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor | None:
+        """``mask`` with the multimodal placeholder positions zeroed: they get no noise and do not count in L.
+
+        The ids are the model call's ``input_ids`` (some models hand the embedding a copy with the
+        placeholders replaced), else the embedding's own input.
+        """
+        ids = self._context.get("input_ids")
+        if not torch.is_tensor(ids) or tuple(ids.shape) != tuple(output.shape[:2]):
+            ids = args[0] if args and torch.is_tensor(args[0]) else None
+        if ids is None or tuple(ids.shape) != tuple(output.shape[:2]):
+            return mask
+        placeholders = torch.tensor(self.placeholder_ids, device=ids.device)
+        text = ~torch.isin(ids, placeholders)
+        return text.long() if mask is None else (mask.to(text.device) != 0) & text
 
     def _generator(self, device: torch.device) -> torch.Generator:
         generator = self._generators.get(device)
@@ -218,6 +258,39 @@ def find_input_embedding(model: nn.Module) -> nn.Module:
             "pass embedding=<the nn.Module whose output are the input embeddings>"
         )
     return embedding
+
+
+def multimodal_token_ids(model: nn.Module) -> tuple[int, ...]:
+    """Ids of the image/video/audio placeholder tokens of a multimodal model's config (empty for text models).
+
+    A vision-language model merges its image features into the input embeddings at these positions;
+    NEFTune is about text embeddings, so they get no noise and do not count in an example's length.
+    """
+    config = getattr(model, "config", None)
+    found: set[int] = set()
+    for key in _PLACEHOLDER_KEYS:
+        value = getattr(config, key, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+            found.add(value)
+    return tuple(sorted(found))
+
+
+def embedding_scale(embedding: nn.Module) -> float:
+    """The factor ``embedding`` multiplies its looked-up rows by (Gemma: sqrt(d)); 1.0 for a plain embedding.
+
+    Reads transformers' ``scalar_embed_scale``/``embed_scale`` attributes, also through a PEFT
+    wrapper's ``base_layer``.
+    """
+    for module in (embedding, getattr(embedding, "base_layer", None)):
+        if module is None:
+            continue
+        for name in ("scalar_embed_scale", "embed_scale"):
+            value = getattr(module, name, None)
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                return float(value)
+            if torch.is_tensor(value) and value.numel() == 1 and value.device.type != "meta":
+                return float(value.item())
+    return 1.0
 
 
 def distributed_rank() -> int:

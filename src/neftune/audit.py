@@ -48,6 +48,10 @@ class Audit:
     pack_length: int | None = None
     notes: list[str] = field(default_factory=list)
     """What loading and tokenizing the data skipped or dropped, shown above the report."""
+    embedding_norm: float | None = None
+    """Mean norm of the data's token embeddings as the first block receives them (after any scale)."""
+    embedding_scale: float = 1.0
+    """The factor the model's embedding module multiplies its rows by (Gemma: sqrt(d))."""
 
     @classmethod
     def from_steps(
@@ -111,7 +115,35 @@ class Audit:
             bar = "#" * round(width * int(n) / top)
             lines.append(f"  {lo:.1f}-{hi:.1f} |{bar:<{width}} {int(n):>7,} {n / counts.sum():6.1%}")
         lines.append(f"neftune (attach, NEFTuneCallback, neftune run): every example gets alpha = {a:g}")
+        lines += self._relative_lines()
         return "\n".join(lines)
+
+    def relative_noise(self, per_example: bool = True) -> np.ndarray | None:
+        """Each example's expected noise norm per token over the mean token-embedding norm, or None.
+
+        Uniform noise of alpha/sqrt(L*d) per coordinate has norm alpha/sqrt(3*L) per token, whatever
+        d; ``per_example=False`` gives the built-in hook's (its effective alpha).
+        """
+        if not self.embedding_norm:
+            return None
+        alpha = self.alpha if per_example else self.effective
+        return np.asarray(alpha / np.sqrt(3 * self.lengths) / self.embedding_norm, float)
+
+    def _relative_lines(self) -> list[str]:
+        ours, builtin = self.relative_noise(), self.relative_noise(per_example=False)
+        if ours is None or builtin is None:
+            return []
+        where = (
+            f"scale {self.embedding_scale:g} inside the module, noise added after it"
+            if self.embedding_scale != 1
+            else "unscaled"
+        )
+        return [
+            f"embedding ({where}): mean token norm {self.embedding_norm:.4g} over the data's tokens",
+            "noise norm / embedding norm per token: "
+            f"neftune median {np.median(ours):.3g} (min {ours.min():.3g}, max {ours.max():.3g}); "
+            f"built-in hook median {np.median(builtin):.3g} (min {builtin.min():.3g})",
+        ]
 
 
 def training_steps(n: int, batch_size: int, seed: int) -> list[list[int]]:
@@ -161,6 +193,38 @@ def load_tokenizer(spec: str, trust_remote_code: bool = False) -> Any:
         raise ModelError(f"could not load a tokenizer from {spec}: {' '.join(str(error).split())[:200]}") from error
 
 
+def input_embedding_table(spec: str) -> tuple[Any, float] | None:
+    """``(weight, scale)`` of the input embedding of the model at ``spec``, or None without weights there.
+
+    The model is built on the meta device to find its input embedding and that module's scale
+    (:func:`neftune.attach.embedding_scale`); only that one tensor is read from the safetensors files.
+    """
+    import torch
+    from safetensors import safe_open
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from neftune.attach import embedding_scale, find_input_embedding
+    from neftune.models import resolve_model
+
+    resolved = Path(resolve_model(spec))
+    files = sorted(resolved.glob("*.safetensors")) if resolved.is_dir() else []
+    if not files:
+        return None
+    try:
+        with torch.device("meta"):
+            skeleton = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(resolved))
+        embedding = find_input_embedding(skeleton)
+    except (OSError, ValueError) as error:
+        raise ModelError(f"could not read the model config of {spec}: {' '.join(str(error).split())[:200]}") from error
+    name = next(n for n, m in skeleton.named_modules() if m is embedding) + ".weight"
+    for file in files:
+        with safe_open(str(file), "pt") as handle:
+            keys = [k for k in handle.keys() if k == name or name.endswith("." + k) or k.endswith("." + name)]  # noqa: SIM118  # a safe_open handle is no dict: keys() is its API
+            if keys:
+                return handle.get_tensor(keys[0]).float(), embedding_scale(embedding)
+    return None
+
+
 def run_audit(
     data: str,
     tokenizer: Any,
@@ -174,10 +238,13 @@ def run_audit(
     fmt: str = "auto",
     on_bad_record: str = "error",
     limit: int | None = None,
+    embedding_spec: str | None = None,
 ) -> Audit:
     """Load, template and batch ``data`` as a Trainer would and return the :class:`Audit`.
 
-    ``tokenizer`` is a tokenizer object or a model spec for :func:`load_tokenizer`.
+    ``tokenizer`` is a tokenizer object or a model spec for :func:`load_tokenizer`.  With
+    ``embedding_spec`` (a model spec) the audit also reads that model's input embedding, to report
+    the noise relative to the embedding norm (:meth:`Audit.relative_noise`).
     """
     from neftune.data import encode_examples, load_examples
     from neftune.data.presets import bad_record_policy
@@ -210,6 +277,15 @@ def run_audit(
     steps = [[n for i in step for n in items[i]] for step in training_steps(len(items), batch_size, seed)]
     audit = Audit.from_steps(steps, alpha, mode, batch_size, pack_length)
     audit.notes = notes
+    if embedding_spec is not None:
+        table = input_embedding_table(embedding_spec)
+        if table is None:
+            notes.append(f"no weights in {embedding_spec}: the noise relative to the embedding norm is not shown")
+        else:
+            weight, audit.embedding_scale = table
+            ids = np.concatenate([np.asarray(r["input_ids"]) for r in rows])
+            norms = weight.norm(dim=-1).numpy() * audit.embedding_scale
+            audit.embedding_norm = float(norms[ids].mean())
     return audit
 
 
@@ -223,8 +299,12 @@ def add_audit_parser(sub: Any) -> None:
     )
     p.add_argument("--data", required=True, help="training data (Alpaca, ShareGPT, messages, parquet, builtin:...)")
     source = p.add_mutually_exclusive_group(required=True)
-    source.add_argument("--model", help="model (alias, directory, .gguf or hub id) whose tokenizer to use")
-    source.add_argument("--tokenizer", dest="model", help="the same as --model")
+    source.add_argument(
+        "--model",
+        help="model (alias, directory, .gguf or hub id) whose tokenizer to use; its input embedding also gives "
+        "the noise relative to the embedding norm",
+    )
+    source.add_argument("--tokenizer", dest="tokenizer", help="a tokenizer only (no embedding report)")
     mode = p.add_mutually_exclusive_group(required=True)
     mode.add_argument(
         "--padded", dest="mode", action="store_const", const="padded", help="batches padded to the longest"
@@ -259,9 +339,10 @@ def add_audit_parser(sub: Any) -> None:
 
 def cmd_audit(args: argparse.Namespace) -> int:
     """Run :func:`run_audit` with the parsed flags and print its report."""
+    source = args.model or args.tokenizer
     audit = run_audit(
         args.data,
-        args.model,
+        source,
         mode=args.mode,
         batch_size=args.batch_size,
         max_length=args.max_length,
@@ -271,7 +352,8 @@ def cmd_audit(args: argparse.Namespace) -> int:
         fmt=args.format,
         on_bad_record=args.on_bad_record,
         limit=args.limit,
+        embedding_spec=args.model,
     )
-    print(f"{args.data} (tokenizer {args.model}, max length {args.max_length}, seed {args.seed}):")
+    print(f"{args.data} (tokenizer {source}, max length {args.max_length}, seed {args.seed}):")
     print(audit.render())
     return 0

@@ -178,6 +178,14 @@ class TrainConfig:
     gradient_checkpointing: bool | None = setting(
         None, "recompute activations to save memory (default: on for CUDA, off for CPU)"
     )
+    method: str = setting(
+        "sft",
+        "sft: supervised finetuning on instruction data; dpo: preference training (TRL's DPOTrainer) on "
+        "prompt/chosen/rejected records, the policy noised and the reference never (builtin:skills becomes "
+        "generated pairs)",
+        flag="--method",
+    )
+    dpo_beta: float = setting(0.1, "DPO beta: how far the policy may move from the reference (with --method dpo)")
     progress: bool = setting(True, "show progress bars", flag={"--no-progress": False})
     loss: str = setting(
         "auto",
@@ -205,6 +213,10 @@ class Config:
         _choice("data.on_bad_record", self.data.on_bad_record, ("error", "skip"))
         _choice("model.dtype", self.model.dtype, ("auto", "float32", "bfloat16", "float16"))
         _choice("train.loss", self.train.loss, ("auto", "labelled", "full"))
+        _choice("train.method", self.train.method, ("sft", "dpo"))
+        b = self.train.dpo_beta
+        if not isinstance(b, (int, float)) or isinstance(b, bool) or not math.isfinite(b) or b <= 0:
+            raise ConfigError(f"train.dpo_beta must be a finite number > 0, got {b!r}")
         _choice(
             "model.attention",
             self.model.attention,
@@ -397,6 +409,8 @@ class CompareConfig(Config):
     def validate(self) -> CompareConfig:
         """Raise :class:`ConfigError` naming the first invalid field; return self."""
         self.train_config(0.0, 0).validate()
+        if self.train.method != "sft":
+            raise ConfigError("neftune compare trains with train.method=sft only; run --method dpo with neftune train")
         if not self.compare.alphas:
             raise ConfigError("compare.alphas must list at least one alpha")
         for a in self.compare.alphas:

@@ -153,14 +153,17 @@ def training_budget(cfg: Config) -> tuple[int | None, float]:
     return max_steps, 1.0 if epochs is None else epochs
 
 
-def training_arguments(cfg: Config, out: Path, has_eval: bool) -> TrainingArguments:
-    """Map our settings onto transformers' TrainingArguments, with device-aware precision."""
+def training_arguments(
+    cfg: Config, out: Path, has_eval: bool, args_class: type[TrainingArguments] = TrainingArguments, **extra: Any
+) -> TrainingArguments:
+    """Map our settings onto transformers' TrainingArguments (or a subclass such as TRL's
+    ``DPOConfig``, given its own fields in ``extra``), with device-aware precision."""
     cuda = torch.cuda.is_available()
     bf16 = cuda and torch.cuda.is_bf16_supported() and cfg.model.dtype in ("auto", "bfloat16")
     lr = cfg.train.lr if cfg.train.lr is not None else (2e-4 if cfg.model.lora else 2e-5)
     max_steps, epochs = training_budget(cfg)
     grad_ckpt = cfg.train.gradient_checkpointing if cfg.train.gradient_checkpointing is not None else cuda
-    return TrainingArguments(
+    return args_class(
         output_dir=str(out / "checkpoints"),
         per_device_train_batch_size=cfg.train.batch_size,
         per_device_eval_batch_size=cfg.train.batch_size,
@@ -189,6 +192,7 @@ def training_arguments(cfg: Config, out: Path, has_eval: bool) -> TrainingArgume
         remove_unused_columns=False,
         dataloader_num_workers=0,
         ddp_find_unused_parameters=False,
+        **extra,
     )
 
 
@@ -199,6 +203,10 @@ def run_training(cfg: Config, *, keep_model: bool = False, extra_callbacks: list
     from neftune.models import describe_model
 
     cfg.validate()
+    if cfg.train.method == "dpo":
+        from neftune.preference import run_preference_training
+
+        return run_preference_training(cfg, keep_model=keep_model, extra_callbacks=extra_callbacks)
     out = Path(cfg.train.output)
     if is_main_process():
         check_output_dir(out)

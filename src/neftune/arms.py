@@ -122,13 +122,14 @@ def evaluate_arm(
         )
         log.info("%s: held-out loss %.4f (noise off)", arm.name, loss["loss"])
     log.info("%s: generating %d answers", arm.name, len(eval_examples))
+    cap = default_max_new_tokens(cfg)
     records = generate_outputs(
         model,
         tokenizer,
         eval_examples,
         generator_name=f"{cfg.model.name}-neftune-{arm.name}",
         dataset_name=eval_name,
-        max_new_tokens=default_max_new_tokens(cfg),
+        max_new_tokens=cap,
         repetition_penalty=default_repetition_penalty(cfg),
         batch_size=cfg.generate.batch_size,
         progress=cfg.train.progress,
@@ -141,6 +142,9 @@ def evaluate_arm(
 
     em = metrics.get("exact_match")
     rouge = metrics.get("rouge_l")
+    cut = metrics.get("reached_cap")
+    if cut:
+        log.info("%s: %.0f%% of the answers reached the %d-token cap", arm.name, 100 * cut["share"], cap)
     entry = {
         "name": arm.name,
         "alpha": arm.alpha,
@@ -162,12 +166,16 @@ def evaluate_arm(
             "rouge_l": rouge["mean"] if rouge else None,
             "length_chars": _stats(metrics["lengths"].get("chars")),
             "length_tokens": _stats(metrics["lengths"].get("tokens")),
+            # share of answers cut off at the cap: their lengths are censored (neftune.report.censoring)
+            "reached_cap": cut["share"] if cut else None,
+            "max_new_tokens": cap,
             "per_example": {
                 "correct": _as_ints(metrics["per_example"].get("correct")),
                 "length_chars": metrics["per_example"]["length_chars"],
                 "rouge_l": metrics["per_example"].get("rouge_l"),
                 "ifeval_prompt_strict": metrics["per_example"].get("ifeval_prompt_strict"),
                 "ifeval_prompt_loose": metrics["per_example"].get("ifeval_prompt_loose"),
+                "reached_cap": metrics["per_example"].get("reached_cap"),
             },
             "ifeval": metrics.get("ifeval"),
         },

@@ -62,8 +62,8 @@ def hook_count(model: nn.Module) -> int:
 
 
 class OpenAIStyleServer:
-    """OpenAI-style /v1/chat/completions on 127.0.0.1; ``behaviour(payload, nth_call_for_prompt, headers)``
-    returns ``(status, body)`` or ``(status, body, response_headers)``."""
+    """OpenAI-style /v1/chat/completions and /v1/completions on 127.0.0.1; ``behaviour(payload,
+    nth_call_for_prompt, headers)`` returns ``(status, body)`` or ``(status, body, response_headers)``."""
 
     def __init__(self, behaviour):
         self.behaviour = behaviour
@@ -78,10 +78,11 @@ class OpenAIStyleServer:
                 payload = json.loads(body)
                 with server.lock:
                     server.requests.append({"path": self.path, "headers": dict(self.headers), "payload": payload})
-                    key = payload["messages"][-1]["content"]
+                    # chat requests are told apart by their last message, completions by their prompt
+                    key = payload["messages"][-1]["content"] if "messages" in payload else str(payload.get("prompt"))
                     server.seen[key] = server.seen.get(key, 0) + 1
                     nth = server.seen[key]
-                if self.path != "/v1/chat/completions":
+                if self.path not in ("/v1/chat/completions", "/v1/completions"):
                     status, text, *extra = 404, '{"error": "not found"}'
                 else:
                     status, text, *extra = server.behaviour(payload, nth, dict(self.headers))

@@ -22,7 +22,7 @@ writers are re-exported here); each record says whether its answer reached the t
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,6 +38,7 @@ __all__ = [
     "REACHED_CAP",
     "REQUIRED_KEYS",
     "Completion",
+    "Engine",
     "default_max_new_tokens",
     "default_repetition_penalty",
     "generate_completions",
@@ -62,10 +63,16 @@ class Completion:
 
     ``ids`` are its new token ids up to (not including) the first end token; ``reached_cap`` is true
     when generation stopped at ``max_new_tokens`` without an end token, i.e. the answer was cut off.
+    ``text`` is the answer as a server returned it (``None``: decode ``ids``).
     """
 
     ids: list[int]
     reached_cap: bool
+    text: str | None = None
+
+
+Engine = Callable[[Sequence[Sequence[int]], bool], list[Completion]]
+"""Answers tokenized prompts, in order: ``engine(prompts, progress)`` (e.g. :class:`neftune.serve.ServerEngine`)."""
 
 
 def default_repetition_penalty(data_spec: str | None, requested: float | None = None) -> float:
@@ -302,6 +309,13 @@ def _small_meta(meta: Mapping[str, Any] | None) -> dict[str, Any]:
     }
 
 
+def _text(tokenizer: Any, completion: Completion) -> str:
+    text = (
+        completion.text if completion.text is not None else tokenizer.decode(completion.ids, skip_special_tokens=True)
+    )
+    return text.strip()
+
+
 def generate_outputs(
     model: Any,
     tokenizer: Any,
@@ -309,6 +323,7 @@ def generate_outputs(
     *,
     generator_name: str,
     dataset_name: str,
+    engine: Engine | None = None,
     **kw: Any,
 ) -> list[dict[str, Any]]:
     """Answer every example and return AlpacaEval ``model_outputs`` records, in example order.
@@ -319,8 +334,9 @@ def generate_outputs(
     end token (it was cut off).  ``dataset`` is the example's ``meta["dataset"]`` (AlpacaEval's subset name) when it
     has one, else ``dataset_name``.  ``instruction`` is the example's last user message (see :func:`instruction_of`); the
     prompt given to the model is the whole conversation up to the last assistant turn, rendered and
-    tokenized as in training by :func:`neftune.data.template.encode_prompt`.  ``kw`` is passed to
-    :func:`generate_completions`.
+    tokenized as in training by :func:`neftune.data.template.encode_prompt`.  The prompts are answered
+    by ``engine`` when given (``model`` is then unused; ``kw`` may hold only ``progress``), else by
+    :func:`generate_completions` with ``model`` and ``kw``.
     """
     from neftune.data.template import encode_prompt
 
@@ -334,13 +350,18 @@ def generate_outputs(
             raise DataError(f"example {index}: prompt has no user message") from None
         prompts.append(encode_prompt(tokenizer, messages))
 
-    completions = generate_completions(model, tokenizer, prompts, **kw)
+    if engine is not None:
+        completions = engine(prompts, bool(kw.pop("progress", True)))
+        if kw:
+            raise TypeError(f"generate_outputs: {', '.join(kw)} apply to the hf backend only")
+    else:
+        completions = generate_completions(model, tokenizer, prompts, **kw)
 
     records: list[dict[str, Any]] = []
     for example, instruction, completion in zip(examples, instructions, completions, strict=True):
         record: dict[str, Any] = {
             "instruction": instruction,
-            "output": tokenizer.decode(completion.ids, skip_special_tokens=True).strip(),
+            "output": _text(tokenizer, completion),
             "generator": generator_name,
             # AlpacaEval's subset name when the example has one (builtin:alpaca_eval, AlpacaEval files)
             "dataset": str((getattr(example, "meta", None) or {}).get("dataset") or dataset_name),

@@ -8,12 +8,14 @@ against the hf backend's, along with every field of the request and every failur
 from __future__ import annotations
 
 import json
+import logging
 
 import pytest
 import torch
 from tests.helpers import OpenAIStyleServer
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from neftune.cli import main
 from neftune.data.formats import Example
 from neftune.errors import ConfigError, NeftuneError
 from neftune.generate import generate_completions, generate_outputs
@@ -165,3 +167,78 @@ def test_failures_read_as_one_line_and_transient_ones_are_retried(loaded):
 
     with pytest.raises(ConfigError, match="generation base_url must be an http"):
         ServerEngine("localhost:8000", "m", tokenizer, server="vllm")
+
+
+def test_compare_answers_every_arm_through_the_server_under_its_own_name(tmp_path, caplog, capsys, monkeypatch):
+    from tests.test_compare import SMALL
+
+    monkeypatch.setenv("NEFTUNE_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "exp"
+    base = ["compare", *SMALL, "--alphas", "5", "--seeds", "0", "--judge", "none", "--output", str(out)]
+
+    def named(payload, nth, headers):  # an answer that says which adapter gave it; every other one is cut
+        return 200, _reply(f"answer of {payload['model']}", "length" if nth % 2 else "stop")
+
+    with OpenAIStyleServer(named) as http:
+        served = [*base, "generate.backend=openai", f"generate.url={http.url}", "generate.server=vllm"]
+        served.append("generate.served_model=neft-{arm}")
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="neftune"):
+            assert main(served) == 0
+        assert {r["payload"]["model"] for r in http.requests} == {"neft-alpha0", "neft-alpha5"}
+        assert all(r["path"] == "/v1/completions" and r["payload"]["max_tokens"] == 8 for r in http.requests)
+        outputs = json.loads((out / "arms" / "alpha5" / "outputs.json").read_text())
+        assert {o["output"] for o in outputs} == {"answer of neft-alpha5"} and len(outputs) == 8
+        stamp = json.loads((out / "arms" / "alpha5" / "fingerprint.json").read_text())["generate"]
+        assert stamp["backend"] == "openai" and stamp["server"] == "vllm" and stamp["url"] == http.url
+        assert stamp["served_model"] == "neft-{arm}"
+        results = json.loads((out / "results.json").read_text())
+        assert results["settings"]["generation"]["backend"] == "openai"
+        assert results["arms"][1]["eval"]["reached_cap"] == sum(o["reached_cap"] for o in outputs) / 8
+
+        # back to the hf backend: the answers are generated again, the training is reused
+        n = len(http.requests)
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="neftune"):
+            assert main(base) == 0
+        assert caplog.text.count("backend: openai -> hf; answering the eval prompts again") == 2
+        assert len(http.requests) == n
+
+    # a penalty the server cannot apply stops the run before any arm trains, in one line
+    capsys.readouterr()
+    other = [*base[:-1], str(tmp_path / "other"), "generate.backend=openai", "generate.url=http://127.0.0.1:9/v1"]
+    assert main([*other, "generate.repetition_penalty=1.2"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("neftune: error: generate.repetition_penalty=1.2 cannot be honoured")
+    assert not (tmp_path / "other" / "arms").exists()
+
+
+def test_generate_command_answers_through_the_server(loaded, tiny_model_dir, tmp_path, capsys):
+    from neftune.data.formats import load_eval_examples
+
+    model, tokenizer = loaded
+    out = tmp_path / "served.json"
+    flags = ["--data", "builtin:skills", "--limit", "3", "--max-new-tokens", "12", "--repetition-penalty", "1.3"]
+    with _engine_server(model, tokenizer) as http:
+        args = ["generate", "--model", str(tiny_model_dir), "--output", str(out), "--backend", "openai"]
+        assert main([*args, "--url", http.url, "--server", "sglang", "--served-model", "arm", *flags]) == 0
+    assert "3 answers written" in capsys.readouterr().out
+    examples = load_eval_examples("builtin:skills", limit=3, require_response=False).examples
+    local = generate_outputs(
+        model,
+        tokenizer,
+        examples,
+        generator_name="x",
+        dataset_name="builtin:skills",
+        max_new_tokens=12,
+        repetition_penalty=1.3,
+        progress=False,
+    )
+    served = json.loads(out.read_text())
+    assert [(r["output"], r["reached_cap"]) for r in served] == [(r["output"], r["reached_cap"]) for r in local]
+    assert {r["payload"]["model"] for r in http.requests} == {"arm"}
+    assert (
+        main(["generate", "--model", str(tiny_model_dir), "--output", str(tmp_path / "x.json"), "--backend", "openai"])
+        == 2
+    )
+    assert "--backend openai needs --url" in capsys.readouterr().err

@@ -5,7 +5,7 @@
     python benchmarks/generation.py --json benchmarks/results/generation.json
 
 Every backend answers the same prompts (a fixed stratified subset of ``builtin:ifeval``) with
-SmolLM2-135M-Instruct, greedy, repetition penalty 1.2, through neftune's own code path
+SmolLM2-135M-Instruct, greedy, no repetition penalty (the only setting llama.cpp honours), through neftune's own code path
 (:func:`neftune.generate.generate_outputs`, with :class:`neftune.serve.ServerEngine` for a server).
 Each backend runs in a fresh child process, so that its peak RSS is its own:
 
@@ -36,7 +36,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 MODEL = "smollm2-135m"
-PENALTY = 1.2
+PENALTY = 1.0
 THREADS = str(min(4, os.cpu_count() or 1))
 
 
@@ -57,7 +57,7 @@ def _server_command(backend: str, port: int, model_dir: str) -> list[str]:
         return [
             sys.executable, "-m", "llama_cpp.server", "--model", _gguf(), "--model_alias", MODEL,
             "--host", "127.0.0.1", "--port", str(port), "--n_ctx", "4096", "--n_threads", THREADS,
-            "--n_threads_batch", THREADS, "--last_n_tokens_size", "4096",
+            "--n_threads_batch", THREADS,
         ]  # fmt: skip
     venv = Path(os.environ.get("NEFTUNE_VLLM_VENV", Path.home() / ".cache/neftune/vllm-venv"))
     return [

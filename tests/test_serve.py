@@ -80,10 +80,10 @@ def _engine_server(model, tokenizer, *, bos: bool = False):
     return OpenAIStyleServer(behaviour)
 
 
-@pytest.mark.parametrize("server", ["vllm", "llama.cpp"])
-def test_server_answers_match_the_hf_backend_token_for_token(loaded, server):
+@pytest.mark.parametrize(("server", "penalty"), [("vllm", 1.3), ("llama.cpp", 1.0)])
+def test_server_answers_match_the_hf_backend_token_for_token(loaded, server, penalty):
     model, tokenizer = loaded
-    kw = {"generator_name": "tiny", "dataset_name": "unit", "max_new_tokens": 12, "repetition_penalty": 1.3}
+    kw = {"generator_name": "tiny", "dataset_name": "unit", "max_new_tokens": 12, "repetition_penalty": penalty}
     local = generate_outputs(model, tokenizer, _examples(), progress=False, **kw)
     with _engine_server(model, tokenizer) as http:
         engine = ServerEngine(
@@ -103,19 +103,20 @@ def test_server_answers_match_the_hf_backend_token_for_token(loaded, server):
     if server == "vllm":  # token ids, and transformers' penalty under its own name
         assert isinstance(sent["prompt"], list) and sent["repetition_penalty"] == 1.3
         assert sent["stop_token_ids"] == [tokenizer.convert_tokens_to_ids("<|im_end|>")]
-    else:  # text, and llama.cpp's penalty over the whole context rather than the last 64 tokens
+    else:  # text, and llama.cpp's own default penalty (1.1) turned off
         assert sent["prompt"].startswith("<|im_start|>") and sent["prompt"].endswith("<|im_start|>assistant\n")
-        assert sent["repeat_penalty"] == 1.3 and sent["repeat_last_n"] == -1 and "repetition_penalty" not in sent
+        assert sent["repeat_penalty"] == 1.0 and "repetition_penalty" not in sent
 
 
 def test_penalty_each_server_cannot_honour_is_refused_in_one_line():
     assert penalty_fields("sglang", 1.2) == {"repetition_penalty": 1.2}
-    assert penalty_fields("other", 1.0) == {}
-    with pytest.raises(ConfigError) as info:
-        penalty_fields("other", 1.2)
-    message = str(info.value)
-    assert "generate.repetition_penalty=1.2 cannot be honoured by generate.server=other" in message
-    assert "\n" not in message
+    assert penalty_fields("other", 1.0) == {} and penalty_fields("llama.cpp", 1.0) == {"repeat_penalty": 1.0}
+    for server, reason in (("other", "additive"), ("llama.cpp", "skips the prompt's tokens")):
+        with pytest.raises(ConfigError) as info:
+            penalty_fields(server, 1.2)
+        message = str(info.value)
+        assert f"generate.repetition_penalty=1.2 cannot be honoured by generate.server={server}: " in message
+        assert reason in message and "\n" not in message
     with pytest.raises(ConfigError, match=r"generate\.server must be one of vllm, sglang, llama\.cpp, other"):
         penalty_fields("ollama", 1.0)
 
@@ -123,7 +124,7 @@ def test_penalty_each_server_cannot_honour_is_refused_in_one_line():
 def test_a_server_that_reads_the_prompt_differently_is_refused(loaded):
     model, tokenizer = loaded
     with _engine_server(model, tokenizer, bos=True) as http:
-        engine = ServerEngine(http.url, "m", tokenizer, server="llama.cpp", max_new_tokens=4)
+        engine = ServerEngine(http.url, "m", tokenizer, server="llama.cpp", max_new_tokens=4, repetition_penalty=1.0)
         with pytest.raises(NeftuneError) as info:
             generate_outputs(None, tokenizer, _examples()[:1], generator_name="g", dataset_name="d", engine=engine)
     message = str(info.value)

@@ -26,13 +26,14 @@ rather than answered.  The stop tokens are :func:`neftune.generate.stop_token_id
 ``repetition_penalty`` is CTRL's multiplicative penalty: every token already in the sequence, prompt
 included, has its logit divided by the penalty when positive and multiplied by it when negative.
 vLLM's and SGLang's ``repetition_penalty`` are defined the same way over prompt and output tokens,
-and are sent as is.  llama.cpp's ``repeat_penalty`` applies the same formula to the last
-``repeat_last_n`` tokens only (64 by default), so it is sent with ``repeat_last_n: -1`` (the whole
-context); llama-cpp-python's server takes that window from its ``--last_n_tokens_size`` setting
-instead, which must then be at least the context length.  OpenAI's own API and Ollama's
-OpenAI-compatible endpoint have only the additive ``frequency_penalty``/``presence_penalty``, a
-different function: with ``server="other"`` a penalty other than 1.0 is refused, in one line, rather
-than replaced by something else.
+and are sent as is.  llama.cpp's ``repeat_penalty`` applies the same formula, but to the tokens it has
+generated only (a window of the last ``repeat_last_n``): measured against llama-cpp-python 0.3.36's
+server with SmolLM2, its answers at 1.2 match transformers' with the penalty restricted to the answer's
+tokens, and not transformers' own, which also penalises every token of the prompt.  So llama.cpp
+gets ``repeat_penalty: 1.0`` (its server's default is 1.1, which would penalise silently), and any other
+value is refused.  OpenAI's own API and Ollama's OpenAI-compatible endpoint have only the additive
+``frequency_penalty``/``presence_penalty``, a different function: with ``server="other"`` a penalty
+other than 1.0 is refused too.  A refusal is one line, never a silent substitute.
 """
 
 from __future__ import annotations
@@ -64,16 +65,17 @@ def penalty_fields(server: str, penalty: float) -> dict[str, Any]:
         raise ConfigError(f"generate.server must be one of {', '.join(SERVERS)}, got {server!r}")
     if server in _TAKES_TOKEN_IDS:
         return {"repetition_penalty": penalty}
-    if server == "llama.cpp":
-        # its default window is the last 64 tokens; HF penalises every token of the sequence
-        return {"repeat_penalty": penalty, "repeat_last_n": -1}
     if penalty != 1.0:
+        why = {
+            "llama.cpp": "its repeat_penalty skips the prompt's tokens, which transformers' penalises too",
+            "other": "the OpenAI API has only additive frequency/presence penalties, not transformers' multiplicative one",
+        }[server]
         raise ConfigError(
-            f"generate.repetition_penalty={penalty:g} cannot be honoured by generate.server=other: the OpenAI API "
-            "has only additive frequency/presence penalties, not transformers' multiplicative one; set "
-            "generate.server to vllm, sglang or llama.cpp, or generate.repetition_penalty=1.0"
+            f"generate.repetition_penalty={penalty:g} cannot be honoured by generate.server={server}: {why}; "
+            "serve with vllm or sglang, or set generate.repetition_penalty=1.0"
         )
-    return {}
+    # llama.cpp's server penalises by default (1.1); the OpenAI API has no such field
+    return {"repeat_penalty": 1.0} if server == "llama.cpp" else {}
 
 
 class ServerEngine:

@@ -1,7 +1,7 @@
 """Greedy answers per second: the hf backend against OpenAI-compatible servers, on the same prompts.
 
     python benchmarks/generation.py                                   # hf and llama.cpp, 32 IFEval prompts
-    python benchmarks/generation.py --backends hf,llama.cpp,vllm --prompts 64 --max-new-tokens 384
+    python benchmarks/generation.py --backends hf,llama.cpp,vllm,vllm-bf16 --prompts 64 --max-new-tokens 384
     python benchmarks/generation.py --json benchmarks/results/generation.json
 
 Every backend answers the same prompts (a fixed stratified subset of ``builtin:ifeval``) with
@@ -11,7 +11,7 @@ Each backend runs in a fresh child process, so that its peak RSS is its own:
 
 * ``hf``: transformers' ``generate`` in-process, fp32, static batches of ``--batch-size``;
 * ``llama.cpp``: ``llama_cpp.server`` (``.ci/install-llama-server``) on the Q4_1 GGUF;
-* ``vllm``: ``vllm serve`` from the venv of ``.ci/install-vllm`` (bf16, ``--enforce-eager``).
+* ``vllm`` / ``vllm-bf16``: vLLM's OpenAI server from the venv of ``make vllm`` (fp32 / bf16, eager).
 
 Reported per backend: load time (model load, or server start until ``/v1/models`` answers), time to
 the first finished answer and to the last (load excluded), generated tokens per second (answers
@@ -60,9 +60,11 @@ def _server_command(backend: str, port: int, model_dir: str) -> list[str]:
             "--n_threads_batch", THREADS,
         ]  # fmt: skip
     venv = Path(os.environ.get("NEFTUNE_VLLM_VENV", Path.home() / ".cache/neftune/vllm-venv"))
+    dtype = "bfloat16" if backend == "vllm-bf16" else "float32"
     return [
-        str(venv / "bin" / "vllm"), "serve", model_dir, "--served-model-name", MODEL, "--host", "127.0.0.1",
-        "--port", str(port), "--dtype", "bfloat16", "--enforce-eager", "--max-model-len", "4096",
+        str(venv / "bin" / "python"), "-m", "vllm.entrypoints.openai.api_server", "--model", model_dir,
+        "--served-model-name", MODEL, "--host", "127.0.0.1", "--port", str(port), "--dtype", dtype,
+        "--enforce-eager", "--max-model-len", "4096",
     ]  # fmt: skip
 
 
@@ -115,6 +117,8 @@ def run_one(backend: str, n_prompts: int, cap: int, batch_size: int) -> dict[str
             sock.bind(("127.0.0.1", 0))
             port = sock.getsockname()[1]
         env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "VLLM_CPU_KVCACHE_SPACE": "2"}
+        if backend.startswith("vllm"):
+            env.pop("PYTHONPATH", None)  # the engine's venv has its own torch and transformers
         process = subprocess.Popen(
             _server_command(backend, port, model_dir), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env
         )
@@ -123,7 +127,7 @@ def run_one(backend: str, n_prompts: int, cap: int, batch_size: int) -> dict[str
             _wait_for(base, process)
             load_s = time.perf_counter() - started
             engine = ServerEngine(
-                f"{base}/v1", MODEL, tokenizer, server="vllm" if backend == "vllm" else "llama.cpp",
+                f"{base}/v1", MODEL, tokenizer, server="vllm" if backend.startswith("vllm") else "llama.cpp",
                 max_new_tokens=cap, repetition_penalty=PENALTY, workers=16,
             )  # fmt: skip
             prompts = [encode_prompt(tokenizer, e.prompt_messages) for e in examples]
@@ -170,7 +174,7 @@ def _first(result: Any, first: list[float], t0: float) -> Any:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--backends", default="hf,llama.cpp", help="comma-separated: hf, llama.cpp, vllm")
+    parser.add_argument("--backends", default="hf,llama.cpp", help="comma-separated: hf, llama.cpp, vllm, vllm-bf16")
     parser.add_argument("--prompts", type=int, default=32)
     parser.add_argument("--max-new-tokens", type=int, default=160)
     parser.add_argument("--batch-size", type=int, default=16, help="hf: prompts per static batch")

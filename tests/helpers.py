@@ -69,6 +69,7 @@ class OpenAIStyleServer:
         self.behaviour = behaviour
         self.requests: list[dict] = []
         self.seen: dict[str, int] = {}
+        self.models: list[str] | None = None  # what GET /v1/models lists (None: 404, as many servers)
         self.lock = threading.Lock()
         server = self
 
@@ -82,7 +83,7 @@ class OpenAIStyleServer:
                     key = payload["messages"][-1]["content"] if "messages" in payload else str(payload.get("prompt"))
                     server.seen[key] = server.seen.get(key, 0) + 1
                     nth = server.seen[key]
-                if self.path not in ("/v1/chat/completions", "/v1/completions"):
+                if self.path not in ("/v1/chat/completions", "/v1/completions", "/v1/load_lora_adapter"):
                     status, text, *extra = 404, '{"error": "not found"}'
                 else:
                     status, text, *extra = server.behaviour(payload, nth, dict(self.headers))
@@ -90,6 +91,16 @@ class OpenAIStyleServer:
                 self.send_response(status)
                 for name, value in (extra[0] if extra else {}).items():  # optional third item: headers
                     self.send_header(name, value)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def do_GET(self):
+                listed = server.models
+                status = 200 if self.path == "/v1/models" and listed is not None else 404
+                data = json.dumps({"data": [{"id": m} for m in listed or []]}).encode("utf-8")
+                self.send_response(status)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(data)))
                 self.end_headers()

@@ -178,16 +178,23 @@ def test_compare_answers_every_arm_through_the_server_under_its_own_name(tmp_pat
     base = ["compare", *SMALL, "--alphas", "5", "--seeds", "0", "--judge", "none", "--output", str(out)]
 
     def named(payload, nth, headers):  # an answer that says which adapter gave it; every other one is cut
+        if "lora_name" in payload:  # vLLM's runtime adapter loading replies in plain text
+            return 200, "Success: LoRA adapter added successfully."
         return 200, _reply(f"answer of {payload['model']}", "length" if nth % 2 else "stop")
 
     with OpenAIStyleServer(named) as http:
+        http.models = ["base", "neft-alpha5"]  # the alpha5 adapter is already served (--lora-modules)
         served = [*base, "generate.backend=openai", f"generate.url={http.url}", "generate.server=vllm"]
         served.append("generate.served_model=neft-{arm}")
         caplog.clear()
         with caplog.at_level(logging.INFO, logger="neftune"):
             assert main(served) == 0
-        assert {r["payload"]["model"] for r in http.requests} == {"neft-alpha0", "neft-alpha5"}
-        assert all(r["path"] == "/v1/completions" and r["payload"]["max_tokens"] == 8 for r in http.requests)
+        # each arm's adapter is loaded into the running engine unless it is already there
+        loads = [r["payload"] for r in http.requests if r["path"] == "/v1/load_lora_adapter"]
+        assert loads == [{"lora_name": "neft-alpha0", "lora_path": str((out / "arms" / "alpha0" / "model").resolve())}]
+        asked = [r for r in http.requests if r["path"] == "/v1/completions"]
+        assert {r["payload"]["model"] for r in asked} == {"neft-alpha0", "neft-alpha5"}
+        assert len(asked) == 16 and all(r["payload"]["max_tokens"] == 8 for r in asked)
         outputs = json.loads((out / "arms" / "alpha5" / "outputs.json").read_text())
         assert {o["output"] for o in outputs} == {"answer of neft-alpha5"} and len(outputs) == 8
         stamp = json.loads((out / "arms" / "alpha5" / "fingerprint.json").read_text())["generate"]
@@ -243,3 +250,20 @@ def test_generate_command_answers_through_the_server(loaded, tiny_model_dir, tmp
         == 2
     )
     assert "--backend openai needs --url" in capsys.readouterr().err
+
+
+def test_an_adapter_vllm_cannot_load_is_one_line_naming_the_way_out(loaded, tmp_path):
+    _, tokenizer = loaded
+    adapter = tmp_path / "arms" / "alpha5" / "model"
+    adapter.mkdir(parents=True)
+    (adapter / "adapter_config.json").write_text("{}", encoding="utf-8")
+    with OpenAIStyleServer(lambda p, n, h: (404, '{"detail": "Not Found"}')) as http:  # runtime loading is off
+        engine = ServerEngine(http.url, "alpha5", tokenizer, server="vllm")
+        with pytest.raises(NeftuneError) as info:
+            engine.ensure_served(adapter)
+        ServerEngine(http.url, "alpha5", tokenizer, server="sglang").ensure_served(adapter)  # not vLLM: untouched
+        engine.ensure_served(tmp_path)  # full weights (no adapter_config.json): untouched
+    message = str(info.value)
+    assert f"could not load the adapter {adapter} as 'alpha5'" in message
+    assert "VLLM_ALLOW_RUNTIME_LORA_UPDATING=True" in message and f"--lora-modules alpha5={adapter}" in message
+    assert "\n" not in message and len(http.requests) == 1  # the load; the model list is a GET

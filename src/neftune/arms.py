@@ -94,7 +94,7 @@ def engine_for(cfg: CompareConfig, arm: Arm, tokenizer: Any) -> Any:
         return None
     from neftune.serve import ServerEngine
 
-    return ServerEngine(
+    engine = ServerEngine(
         gen.url,
         gen.served_model.replace("{arm}", arm.directory.name),
         tokenizer,
@@ -102,6 +102,8 @@ def engine_for(cfg: CompareConfig, arm: Arm, tokenizer: Any) -> Any:
         max_new_tokens=default_max_new_tokens(cfg),
         repetition_penalty=default_repetition_penalty(cfg),
     )
+    engine.ensure_served(arm.directory / "model")  # vLLM: a LoRA arm's adapter loaded into the running engine
+    return engine
 
 
 def load_eval_examples(cfg: CompareConfig) -> tuple[str, list]:

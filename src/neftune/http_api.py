@@ -147,18 +147,21 @@ class Endpoint:
         self,
         client: httpx.Client,
         url: str,
-        payload: dict[str, Any],
+        payload: dict[str, Any] | None,
         *,
         model: str,
         on_error: Callable[[int, str], None] | None = None,
+        expect_json: bool = True,
     ) -> dict[str, Any]:
-        """One request; its JSON object body, or the failure classified for the retry policy.
+        """One request (a GET when ``payload`` is None); its JSON object body, or the failure classified
+        for the retry policy.
 
         ``on_error(status, detail)`` sees an error reply first and may raise the caller's own exception.
+        Without ``expect_json`` a successful reply's body is not read (``{}`` is returned).
         """
         where = self.public(url)
         try:
-            response = client.post(url, json=payload)
+            response = client.get(url) if payload is None else client.post(url, json=payload)
         except httpx.TransportError as exc:
             raise Transient(self.redact(f"{type(exc).__name__}: {exc}")) from None
         status = response.status_code
@@ -177,6 +180,8 @@ class Endpoint:
             if status in RETRY_STATUS:
                 raise Transient(f"HTTP {status} {detail}".strip(), retry_after(response.headers.get("Retry-After")))
             raise RequestFailed(f"HTTP {status} {detail}".strip(), status)
+        if not expect_json:
+            return {}
         try:
             data = response.json()
         except ValueError:
@@ -185,13 +190,15 @@ class Endpoint:
             raise RequestFailed(f"malformed response {self.redact(response.text[:80])!r}")
         return data
 
-    def post(self, client: httpx.Client, url: str, payload: dict[str, Any], *, model: str) -> dict[str, Any]:
+    def post(
+        self, client: httpx.Client, url: str, payload: dict[str, Any] | None, *, model: str, expect_json: bool = True
+    ) -> dict[str, Any]:
         """:meth:`post_once`, retrying :class:`Transient` failures; raises :class:`RequestFailed` after the last."""
         attempt = 0
         while True:
             attempt += 1
             try:
-                return self.post_once(client, url, payload, model=model)
+                return self.post_once(client, url, payload, model=model, expect_json=expect_json)
             except Transient as exc:
                 if attempt > self.max_retries:
                     raise RequestFailed(f"{exc} (after {attempt} attempts)") from None

@@ -41,6 +41,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 from neftune.errors import ConfigError, NeftuneError
@@ -127,6 +128,36 @@ class ServerEngine:
         self.model, self.tokenizer, self.server = model, tokenizer, server
         self.max_new_tokens = int(max_new_tokens)
         self.stops = stop_token_ids(tokenizer)
+
+    def ensure_served(self, adapter: Path | None) -> None:
+        """Have a vLLM server load ``adapter`` (a LoRA adapter directory) as :attr:`model` unless it serves it.
+
+        Uses vLLM's ``/v1/load_lora_adapter`` (the server needs ``--enable-lora`` and
+        ``VLLM_ALLOW_RUNTIME_LORA_UPDATING=True``; the path must be readable where it runs), so that the
+        arms of ``compare``, trained one after another, are answered by one base engine.  Other servers,
+        full-weight arms and names already served are left alone: the first request says what is wrong.
+        """
+        if self.server != "vllm" or adapter is None or not (adapter / "adapter_config.json").is_file():
+            return
+        where = Endpoint.public(self.endpoint.base_url)
+        with self.endpoint.client() as client:
+            try:
+                listed = self.endpoint.post(client, self.endpoint.url("/models"), None, model=self.model)
+            except (RequestFailed, NeftuneError):  # no model list: ask to load, which says what is wrong
+                listed = {}
+            if any(isinstance(m, dict) and m.get("id") == self.model for m in listed.get("data") or []):
+                return
+            load = {"lora_name": self.model, "lora_path": str(adapter.resolve())}
+            try:
+                self.endpoint.post(
+                    client, self.endpoint.url("/load_lora_adapter"), load, model=self.model, expect_json=False
+                )
+            except (RequestFailed, NeftuneError) as exc:
+                raise NeftuneError(
+                    f"vLLM at {where} could not load the adapter {adapter} as {self.model!r} ({exc}); start it with "
+                    f"--enable-lora and VLLM_ALLOW_RUNTIME_LORA_UPDATING=True, or with --lora-modules {self.model}={adapter}"
+                ) from None
+        logger.info("vLLM at %s loaded the adapter %s as %r", where, adapter, self.model)
 
     def identity(self) -> dict[str, Any]:
         """What shapes the answers besides the prompts and the weights (for the generate fingerprint)."""

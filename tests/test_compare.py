@@ -91,6 +91,11 @@ def test_compare_end_to_end_resumes_and_never_writes_the_key(tmp_path, monkeypat
         assert (out / "report.md").exists() and any((out / "plots").glob("*.png"))
         outputs = json.loads((out / "arms" / "alpha5" / "outputs.json").read_text())
         assert {"instruction", "output", "generator", "dataset"} <= set(outputs[0])
+        # each answer says whether it was cut off; the arm's share and the report follow from those flags
+        cut = [int(o["reached_cap"]) for o in outputs]
+        assert results["arms"][1]["eval"]["per_example"]["reached_cap"] == cut
+        assert results["arms"][1]["eval"]["reached_cap"] == sum(cut) / len(cut)
+        assert "cut off" in (out / "report.md").read_text()
 
         # nothing the run wrote contains the API key
         for path in out.rglob("*"):

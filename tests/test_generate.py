@@ -9,9 +9,12 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from neftune.data.formats import Example
+from neftune.data.template import encode_prompt
 from neftune.errors import DataError
 from neftune.generate import (
     REQUIRED_KEYS,
+    Completion,
+    generate_completions,
     generate_outputs,
     generate_texts,
     generate_token_ids,
@@ -113,6 +116,24 @@ def test_stops_at_end_of_turn_even_when_eos_differs():
     assert ids == [[]]
 
 
+def test_each_completion_says_whether_it_reached_the_cap():
+    tokenizer = build_tiny_tokenizer()
+    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    model = build_tiny_model(vocab_size=len(tokenizer))
+    head = model.lm_head
+    prompts = [_chat(tokenizer, "go on"), _chat(tokenizer, "and on, in a longer prompt")]
+    model.lm_head = _ForceToken(head, 7)  # never an end token: every answer runs into the cap
+    assert generate_completions(model, tokenizer, prompts, max_new_tokens=5, progress=False) == [
+        Completion([7] * 5, True),
+        Completion([7] * 5, True),
+    ]
+    model.lm_head = _ForceToken(head, im_end)  # ends at once: nothing was cut
+    assert generate_completions(model, tokenizer, prompts, max_new_tokens=5, progress=False) == [
+        Completion([], False),
+        Completion([], False),
+    ]
+
+
 def _examples() -> list[Example]:
     return [
         Example(
@@ -154,6 +175,11 @@ def test_generate_outputs_alpaca_eval_format(loaded, tmp_path):
     assert records[1]["reference"] == "follow-up answer" and "meta" not in records[1]
     # No assistant turn: nothing to use as a reference.
     assert records[2]["instruction"] == "open question" and "reference" not in records[2]
+    # whether each answer was cut off at max_new_tokens, as generation saw it
+    prompts = [encode_prompt(tokenizer, e.prompt_messages) for e in _examples()]
+    done = generate_completions(model, tokenizer, prompts, max_new_tokens=6, progress=False)
+    assert [r["reached_cap"] for r in records] == [c.reached_cap for c in done]
+    assert [r["reached_cap"] for r in records] == [len(c.ids) == 6 for c in done]
 
     path = write_outputs(tmp_path / "sub" / "outputs.json", records)
     raw = json.loads(path.read_text(encoding="utf-8"))
@@ -186,6 +212,10 @@ def test_instruction_of_requires_user_turn():
         (
             '[{"instruction": "a", "output": "b", "generator": "g", "dataset": "d", "meta": []}]',
             "'meta' must be an object",
+        ),
+        (
+            '[{"instruction": "a", "output": "b", "generator": "g", "reached_cap": "yes"}]',
+            "record 0 field 'reached_cap' must be true or false",
         ),
         ("[{]", "not valid JSON (line 1"),
     ],

@@ -290,7 +290,7 @@ def test_rate_limits_and_overload_are_retried_honouring_retry_after() -> None:
 
 
 def test_retry_after_as_http_date_and_cap() -> None:
-    from neftune.judge.http import _retry_after
+    from neftune.http_api import retry_after as _retry_after
 
     assert _retry_after("7") == 7.0
     assert _retry_after(None) is None and _retry_after("soon") is None

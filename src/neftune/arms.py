@@ -71,6 +71,47 @@ def default_repetition_penalty(cfg: CompareConfig) -> float:
     return for_data(prompts_spec(cfg), cfg.generate.repetition_penalty)
 
 
+def backend_settings(cfg: CompareConfig) -> dict[str, Any]:
+    """What the generate fingerprint records of the backend: its name and, for a server, how it is reached.
+
+    Raises :class:`ConfigError` before any arm trains when the server cannot honour the repetition
+    penalty (:func:`neftune.serve.penalty_fields`).
+    """
+    gen = cfg.generate
+    if gen.backend != "openai":
+        return {"backend": gen.backend}
+    from neftune.http_api import Endpoint
+    from neftune.serve import penalty_fields
+
+    penalty_fields(gen.server, default_repetition_penalty(cfg))
+    return {
+        "backend": gen.backend,
+        "url": Endpoint.public(gen.url),
+        "server": gen.server,
+        "served_model": gen.served_model,
+    }
+
+
+def engine_for(cfg: CompareConfig, arm: Arm, tokenizer: Any) -> Any:
+    """The engine that answers for ``arm``: ``None`` (the hf backend, the arm's model in-process) or a
+    :class:`neftune.serve.ServerEngine` asking for ``generate.served_model`` with the arm's directory name."""
+    gen = cfg.generate
+    if gen.backend != "openai":
+        return None
+    from neftune.serve import ServerEngine
+
+    engine = ServerEngine(
+        gen.url,
+        gen.served_model.replace("{arm}", arm.directory.name),
+        tokenizer,
+        server=gen.server,
+        max_new_tokens=default_max_new_tokens(cfg),
+        repetition_penalty=default_repetition_penalty(cfg),
+    )
+    engine.ensure_served(arm.directory / "model")  # vLLM: a LoRA arm's adapter loaded into the running engine
+    return engine
+
+
 def load_eval_examples(cfg: CompareConfig) -> tuple[str, list]:
     """The prompts every arm answers (and their reference answers when present)."""
     from neftune.data.formats import load_eval_examples as load
@@ -134,16 +175,21 @@ def evaluate_arm(
         )
         log.info("%s: held-out loss %.4f (noise off)", arm.name, loss["loss"])
     log.info("%s: generating %d answers", arm.name, len(eval_examples))
+    cap = default_max_new_tokens(cfg)
+    engine = engine_for(cfg, arm, tokenizer)
+    settings: dict[str, Any] = {"progress": cfg.train.progress}
+    if engine is None:  # the hf backend's own settings (a server engine holds its own)
+        settings.update(
+            max_new_tokens=cap, repetition_penalty=default_repetition_penalty(cfg), batch_size=cfg.generate.batch_size
+        )
     records = generate_outputs(
         model,
         tokenizer,
         eval_examples,
         generator_name=f"{cfg.model.name}-neftune-{arm.name}",
         dataset_name=eval_name,
-        max_new_tokens=default_max_new_tokens(cfg),
-        repetition_penalty=default_repetition_penalty(cfg),
-        batch_size=cfg.generate.batch_size,
-        progress=cfg.train.progress,
+        engine=engine,
+        **settings,
     )
     write_outputs(arm.directory / "outputs.json", records)
     metrics = evaluate_outputs(records, eval_examples, tokenizer)
@@ -153,6 +199,9 @@ def evaluate_arm(
 
     em = metrics.get("exact_match")
     rouge = metrics.get("rouge_l")
+    cut = metrics.get("reached_cap")
+    if cut:
+        log.info("%s: %.0f%% of the answers reached the %d-token cap", arm.name, 100 * cut["share"], cap)
     entry = {
         "name": arm.name,
         "alpha": arm.alpha,
@@ -174,12 +223,16 @@ def evaluate_arm(
             "rouge_l": rouge["mean"] if rouge else None,
             "length_chars": _stats(metrics["lengths"].get("chars")),
             "length_tokens": _stats(metrics["lengths"].get("tokens")),
+            # share of answers cut off at the cap: their lengths are censored (neftune.report.censoring)
+            "reached_cap": cut["share"] if cut else None,
+            "max_new_tokens": cap,
             "per_example": {
                 "correct": _as_ints(metrics["per_example"].get("correct")),
                 "length_chars": metrics["per_example"]["length_chars"],
                 "rouge_l": metrics["per_example"].get("rouge_l"),
                 "ifeval_prompt_strict": metrics["per_example"].get("ifeval_prompt_strict"),
                 "ifeval_prompt_loose": metrics["per_example"].get("ifeval_prompt_loose"),
+                "reached_cap": metrics["per_example"].get("reached_cap"),
             },
             "ifeval": metrics.get("ifeval"),
         },

@@ -104,14 +104,39 @@ def _answer(args: argparse.Namespace, model, tokenizer, examples) -> list[dict]:
     """Generate AlpacaEval-format answers with the generation flags of ``args``."""
     from neftune.generate import default_max_new_tokens, default_repetition_penalty, generate_outputs
 
+    cap = default_max_new_tokens(args.data, args.max_new_tokens)
+    penalty = default_repetition_penalty(args.data, args.repetition_penalty)
+    name = getattr(args, "name", None) or os.path.basename(os.path.normpath(args.model))
+    if getattr(args, "backend", "hf") == "openai":
+        from neftune.serve import ServerEngine
+
+        if not args.url:
+            raise NeftuneError("--backend openai needs --url (the server's base URL, e.g. http://127.0.0.1:8000/v1)")
+        engine = ServerEngine(
+            args.url,
+            args.served_model or name,
+            tokenizer,
+            server=args.server,
+            max_new_tokens=cap,
+            repetition_penalty=penalty,
+        )
+        return generate_outputs(
+            None,
+            tokenizer,
+            examples,
+            generator_name=name,
+            dataset_name=args.data,
+            engine=engine,
+            progress=not args.no_progress,
+        )
     return generate_outputs(
         model,
         tokenizer,
         examples,
-        generator_name=getattr(args, "name", None) or os.path.basename(os.path.normpath(args.model)),
+        generator_name=name,
         dataset_name=args.data,
-        max_new_tokens=default_max_new_tokens(args.data, args.max_new_tokens),
-        repetition_penalty=default_repetition_penalty(args.data, args.repetition_penalty),
+        max_new_tokens=cap,
+        repetition_penalty=penalty,
         batch_size=args.batch_size,
         progress=not args.no_progress,
     )
@@ -124,9 +149,19 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     check_output_file(args.output)
     examples = _load_eval_set(args.data, args.format, args.limit, args.on_bad_record)
-    model, tokenizer = load_model_and_tokenizer(
-        args.model, for_training=False, trust_remote_code=args.trust_remote_code
-    )
+    if args.backend == "openai":  # the server holds the weights; the tokenizer renders the prompts
+        from transformers import AutoTokenizer
+
+        from neftune.model_cache import resolve_model
+
+        model, tokenizer = (
+            None,
+            AutoTokenizer.from_pretrained(resolve_model(args.model), trust_remote_code=args.trust_remote_code),
+        )
+    else:
+        model, tokenizer = load_model_and_tokenizer(
+            args.model, for_training=False, trust_remote_code=args.trust_remote_code
+        )
     records = _answer(args, model, tokenizer, examples)
     path = write_outputs(args.output, records)
     print(f"{len(records)} answers written to {path}")
@@ -340,6 +375,17 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--model", required=True, help="model directory (a trained output/model), alias or hub id")
     gen.add_argument("--output", required=True, help="outputs JSON file to write")
     gen.add_argument("--name", help="generator name recorded in the outputs (default: the model directory name)")
+    gen.add_argument(
+        "--backend", default="hf", choices=["hf", "openai"], help="hf (in-process) or openai (a server at --url)"
+    )
+    gen.add_argument("--url", help="openai: the server's base URL, e.g. http://127.0.0.1:8000/v1")
+    gen.add_argument(
+        "--server",
+        default="other",
+        choices=["vllm", "sglang", "llama.cpp", "other"],
+        help="openai: what serves --url; decides how the prompt and the repetition penalty are sent",
+    )
+    gen.add_argument("--served-model", help="openai: the model or adapter name on the server (default: --name)")
     _add_eval_set_args(gen)
     _add_generation_args(gen)
     gen.set_defaults(func=cmd_generate)

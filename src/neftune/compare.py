@@ -35,6 +35,7 @@ from typing import Any
 from neftune import fingerprint
 from neftune.arms import (
     Arm,
+    backend_settings,
     default_max_new_tokens,
     default_repetition_penalty,
     eval_spec,
@@ -242,6 +243,7 @@ def run_compare(cfg: CompareConfig) -> dict[str, Path]:
         "repetition_penalty": default_repetition_penalty(cfg),
         "batch_size": cfg.generate.batch_size,
         "max_length": cfg.data.max_length,
+        **backend_settings(cfg),
     }
     stamps = {
         arm.name: fingerprint.arm_fingerprint(cfg.train_config(arm.alpha, arm.seed), shared, generation) for arm in arms

@@ -345,6 +345,22 @@ class GenerateConfig:
         "exact answers copy words and digits from the prompt, which the penalty punishes)",
     )
     batch_size: int = setting(16, "prompts per generation batch (sorted by length)")
+    backend: str = setting(
+        "hf",
+        "hf (transformers' generate, in-process) or openai (an OpenAI-compatible server at generate.url: vLLM, "
+        "SGLang, llama.cpp; the prompt is still rendered by the model's tokenizer)",
+    )
+    url: str = setting("", "openai: base URL of the server, e.g. http://127.0.0.1:8000/v1")
+    server: str = setting(
+        "other",
+        "openai: what serves generate.url: vllm, sglang, llama.cpp or other; decides how the prompt and the "
+        "repetition penalty are sent (other: only repetition_penalty=1.0)",
+    )
+    served_model: str = setting(
+        "{arm}",
+        "openai: the model or LoRA adapter name each arm is served under; {arm} is the arm's directory name "
+        "(alpha0, alpha5, alpha5-seed1, ...)",
+    )
 
 
 @dataclass
@@ -430,6 +446,10 @@ class CompareConfig(Config):
         if self.generate.max_new_tokens is not None:
             _positive("generate.max_new_tokens", self.generate.max_new_tokens)
         _positive("generate.batch_size", self.generate.batch_size)
+        _choice("generate.backend", self.generate.backend, ("hf", "openai"))
+        _choice("generate.server", self.generate.server, ("vllm", "sglang", "llama.cpp", "other"))
+        if self.generate.backend == "openai" and not (self.generate.url and self.generate.served_model):
+            raise ConfigError("generate.backend=openai needs generate.url and generate.served_model")
         penalty = self.generate.repetition_penalty
         if penalty is not None and not (penalty > 0 and math.isfinite(penalty)):
             raise ConfigError(f"generate.repetition_penalty must be > 0, got {penalty}")

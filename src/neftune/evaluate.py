@@ -38,6 +38,7 @@ import torch
 
 from neftune.errors import DataError
 from neftune.ifeval import is_ifeval_example, score_ifeval
+from neftune.outputs import REACHED_CAP
 
 __all__ = [
     "correct_flags",
@@ -323,7 +324,10 @@ def evaluate_outputs(
     reference; the mean is over those that do) and ``per_example``: ``{"length_chars": [int],
     "correct": [bool | None] | None, "rouge_l": [float | None] | None}`` aligned with ``records``
     (``None`` entries where an example has no answer or reference; ``None`` lists when none has),
-    for paired comparisons between runs.  When some example carries IFEval instructions
+    for paired comparisons between runs.  When some record says whether its answer reached the token cap
+    (``reached_cap``, written by :func:`neftune.generate.generate_outputs`) the result has
+    ``reached_cap``: ``{"share", "n"}`` over the records that say, and ``per_example["reached_cap"]``
+    (0/1, ``None`` where a record does not say).  When some example carries IFEval instructions
     (``meta["instruction_id_list"]``, as in ``builtin:ifeval``) it also has ``ifeval``: prompt- and
     instruction-level accuracy, strict and loose, per family (:func:`neftune.ifeval.score_ifeval`),
     and ``per_example`` gains ``ifeval_prompt_strict`` and ``ifeval_prompt_loose`` (0/1) and the
@@ -370,6 +374,11 @@ def evaluate_outputs(
         "correct": correct,
         "rouge_l": per_rouge if scores else None,
     }
+    cut = [int(r[REACHED_CAP]) if isinstance(r.get(REACHED_CAP), bool) else None for r in records]
+    known = [c for c in cut if c is not None]
+    if known:
+        report[REACHED_CAP] = {"share": sum(known) / len(known), "n": len(known)}
+        report["per_example"][REACHED_CAP] = cut
     if examples is not None and any(is_ifeval_example(e) for e in examples):
         report["ifeval"] = score_ifeval(outputs, examples)
         report["per_example"].update(report["ifeval"].pop("per_example"))

@@ -215,6 +215,7 @@ def recorded_settings(entry: Mapping[str, Any], summary: Mapping[str, Any], judg
         "packing": train.get("data.packing"),
         "noise": train.get("noise.distribution"),
         "generation": {
+            "backend": generate.get("backend", "hf"),
             "greedy": True,
             "repetition_penalty": generate.get("repetition_penalty"),
             "max_new_tokens": generate.get("max_new_tokens"),

@@ -9,42 +9,39 @@ Typical use::
     write_outputs("runs/b/outputs.json", records)
     records = read_outputs("runs/b/outputs.json")   # validated, one-line DataError if malformed
 
-:func:`generate_token_ids` (decoded by :func:`generate_texts`) is the engine: prompts are
-tokenised, sorted by length so each batch wastes little padding, left-padded (so every row's last
-prompt token sits in the final column and the KV cache can be extended in lockstep), decoded
-greedily until an end-of-turn token, and returned in the caller's order.
+:func:`generate_completions` is the engine (:func:`generate_token_ids` and :func:`generate_texts`
+read its ids): prompts are tokenised, sorted by length so each batch wastes little padding,
+left-padded (so every row's last prompt token sits in the final column and the KV cache can be
+extended in lockstep), decoded greedily until an end-of-turn token, and returned in the caller's
+order, each with whether it stopped at ``max_new_tokens`` without an end token (it was cut off).
 
-Output files are AlpacaEval ``model_outputs`` files: a JSON list of records with ``instruction``,
-``output``, ``generator`` and ``dataset`` (``dataset`` is optional when reading, as in AlpacaEval).
-Records written here may carry two extra keys,
-``reference`` (the dataset's reference answer, a string) and ``meta`` (a small dict of JSON scalars,
-e.g. a builtin example's ``family`` and ``answer``).  AlpacaEval accepts such files unchanged: its
-head-to-head annotation keeps only the ``instruction`` and ``output`` columns of each file.
+Output files are AlpacaEval ``model_outputs`` files (:mod:`neftune.outputs`, whose readers and
+writers are re-exported here); each record says whether its answer reached the token cap.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import os
-from collections.abc import Iterable, Mapping, Sequence
-from pathlib import Path
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from neftune.data.presets import defaults_for
 from neftune.errors import DataError
-from neftune.io import atomic_write_json, not_a_regular_file
-from neftune.jsonsafe import JSONProblem
-from neftune.jsonsafe import loads as strict_loads
+from neftune.outputs import REACHED_CAP, REQUIRED_KEYS, read_outputs, write_outputs
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
+    "REACHED_CAP",
     "REQUIRED_KEYS",
+    "Completion",
+    "Engine",
     "default_max_new_tokens",
     "default_repetition_penalty",
+    "generate_completions",
     "generate_outputs",
     "generate_texts",
     "generate_token_ids",
@@ -54,13 +51,28 @@ __all__ = [
     "write_outputs",
 ]
 
-#: Keys every output record must have, with string values (``dataset``, also written, is optional).
-REQUIRED_KEYS: tuple[str, ...] = ("instruction", "output", "generator")
-
 # ChatML end-of-turn marker.  Many chat tokenizers declare a different eos (e.g. <|endoftext|>)
 # while their chat template closes each assistant turn with this token, so generation must stop on
 # it too or the model rambles into a fabricated next turn.
 _END_OF_TURN = "<|im_end|>"
+
+
+@dataclass(frozen=True)
+class Completion:
+    """One generated answer.
+
+    ``ids`` are its new token ids up to (not including) the first end token; ``reached_cap`` is true
+    when generation stopped at ``max_new_tokens`` without an end token, i.e. the answer was cut off.
+    ``text`` is the answer as a server returned it (``None``: decode ``ids``).
+    """
+
+    ids: list[int]
+    reached_cap: bool
+    text: str | None = None
+
+
+Engine = Callable[[Sequence[Sequence[int]], bool], list[Completion]]
+"""Answers tokenized prompts, in order: ``engine(prompts, progress)`` (e.g. :class:`neftune.serve.ServerEngine`)."""
 
 
 def default_repetition_penalty(data_spec: str | None, requested: float | None = None) -> float:
@@ -119,7 +131,7 @@ def model_device(model: Any) -> torch.device:
         return next(model.parameters()).device
 
 
-def generate_token_ids(
+def generate_completions(
     model: Any,
     tokenizer: Any,
     prompts: Sequence[str] | Sequence[Sequence[int]],
@@ -130,8 +142,8 @@ def generate_token_ids(
     sort_by_length: bool = True,
     do_sample: bool = False,
     progress: bool = True,
-) -> list[list[int]]:
-    """Generate one completion per prompt; return its new token ids, in the order of ``prompts``.
+) -> list[Completion]:
+    """Generate one completion per prompt with transformers' ``generate``, in the order of ``prompts``.
 
     Args:
         model: a causal LM (transformers or PEFT-wrapped).  It is switched to eval mode for the call
@@ -151,8 +163,8 @@ def generate_token_ids(
         progress: show a tqdm progress bar with ETA.
 
     Returns:
-        For each prompt, the generated token ids up to (not including) the first of
-        :func:`stop_token_ids`.
+        For each prompt, a :class:`Completion`: the generated token ids up to (not including) the
+        first of :func:`stop_token_ids`, and whether none came within ``max_new_tokens``.
     """
     from tqdm.auto import tqdm
     from transformers import GenerationConfig
@@ -192,7 +204,7 @@ def generate_token_ids(
                 setattr(gen_config, name, value)
 
     device = model_device(model)
-    results: list[list[int]] = [[] for _ in prompts]
+    results: list[Completion] = [Completion([], False) for _ in prompts]
     was_training = model.training
     model.eval()
     bar = tqdm(total=len(prompts), desc="generating", unit="prompt", disable=not progress, dynamic_ncols=True)
@@ -217,17 +229,26 @@ def generate_token_ids(
                 for i, ids in zip(batch_idx, new_tokens, strict=False):
                     # generate() pads finished rows with pad_id, which need not be special; cut at
                     # the first stop token so nothing after the end of the turn is decoded.
-                    for pos, tok in enumerate(ids):
-                        if tok in stops:
-                            ids = ids[:pos]
-                            break
-                    results[i] = ids
+                    end = next((pos for pos, tok in enumerate(ids) if tok in stops), None)
+                    # a row that never met a stop token ran until max_new_tokens: it was cut off
+                    cut = end is None and len(ids) >= max_new_tokens
+                    results[i] = Completion(ids if end is None else ids[:end], cut)
                 bar.update(len(batch_idx))
     finally:
         bar.close()
         if was_training:
             model.train()
     return results
+
+
+def generate_token_ids(
+    model: Any,
+    tokenizer: Any,
+    prompts: Sequence[str] | Sequence[Sequence[int]],
+    **kw: Any,
+) -> list[list[int]]:
+    """The token ids of :func:`generate_completions` (same arguments), in the order of ``prompts``."""
+    return [c.ids for c in generate_completions(model, tokenizer, prompts, **kw)]
 
 
 def generate_texts(
@@ -288,6 +309,13 @@ def _small_meta(meta: Mapping[str, Any] | None) -> dict[str, Any]:
     }
 
 
+def _text(tokenizer: Any, completion: Completion) -> str:
+    text = (
+        completion.text if completion.text is not None else tokenizer.decode(completion.ids, skip_special_tokens=True)
+    )
+    return text.strip()
+
+
 def generate_outputs(
     model: Any,
     tokenizer: Any,
@@ -295,17 +323,20 @@ def generate_outputs(
     *,
     generator_name: str,
     dataset_name: str,
+    engine: Engine | None = None,
     **kw: Any,
 ) -> list[dict[str, Any]]:
     """Answer every example and return AlpacaEval ``model_outputs`` records, in example order.
 
     Each record is ``{"instruction", "output", "generator", "dataset"}`` plus ``"reference"`` when
     the example has a reference answer and ``"meta"`` (the short JSON scalars of ``example.meta``)
-    when it has any.  ``dataset`` is the example's ``meta["dataset"]`` (AlpacaEval's subset name) when it
+    when it has any, and ``"reached_cap"``: whether the answer stopped at ``max_new_tokens`` without an
+    end token (it was cut off).  ``dataset`` is the example's ``meta["dataset"]`` (AlpacaEval's subset name) when it
     has one, else ``dataset_name``.  ``instruction`` is the example's last user message (see :func:`instruction_of`); the
     prompt given to the model is the whole conversation up to the last assistant turn, rendered and
-    tokenized as in training by :func:`neftune.data.template.encode_prompt`.  ``kw`` is passed to
-    :func:`generate_texts`.
+    tokenized as in training by :func:`neftune.data.template.encode_prompt`.  The prompts are answered
+    by ``engine`` when given (``model`` is then unused; ``kw`` may hold only ``progress``), else by
+    :func:`generate_completions` with ``model`` and ``kw``.
     """
     from neftune.data.template import encode_prompt
 
@@ -319,13 +350,18 @@ def generate_outputs(
             raise DataError(f"example {index}: prompt has no user message") from None
         prompts.append(encode_prompt(tokenizer, messages))
 
-    outputs = generate_texts(model, tokenizer, prompts, **kw)
+    if engine is not None:
+        completions = engine(prompts, bool(kw.pop("progress", True)))
+        if kw:
+            raise TypeError(f"generate_outputs: {', '.join(kw)} apply to the hf backend only")
+    else:
+        completions = generate_completions(model, tokenizer, prompts, **kw)
 
     records: list[dict[str, Any]] = []
-    for example, instruction, output in zip(examples, instructions, outputs, strict=False):
+    for example, instruction, completion in zip(examples, instructions, completions, strict=True):
         record: dict[str, Any] = {
             "instruction": instruction,
-            "output": output,
+            "output": _text(tokenizer, completion),
             "generator": generator_name,
             # AlpacaEval's subset name when the example has one (builtin:alpaca_eval, AlpacaEval files)
             "dataset": str((getattr(example, "meta", None) or {}).get("dataset") or dataset_name),
@@ -336,71 +372,6 @@ def generate_outputs(
         meta = _small_meta(getattr(example, "meta", None))
         if meta:
             record["meta"] = meta
+        record[REACHED_CAP] = completion.reached_cap
         records.append(record)
     return records
-
-
-def _validate_records(records: Any, where: str) -> list[dict[str, Any]]:
-    if not isinstance(records, list):
-        raise DataError(f"{where}: expected a JSON list of output records, got {type(records).__name__}")
-    for index, record in enumerate(records):
-        if not isinstance(record, dict):
-            raise DataError(f"{where}: record {index} is {type(record).__name__}, expected an object")
-        for key in REQUIRED_KEYS:
-            if key not in record:
-                raise DataError(f"{where}: record {index} has no '{key}' field")
-            if not isinstance(record[key], str):
-                raise DataError(
-                    f"{where}: record {index} field '{key}' must be a string, got {type(record[key]).__name__}"
-                )
-        if "dataset" in record and not isinstance(record["dataset"], str):
-            raise DataError(f"{where}: record {index} field 'dataset' must be a string")
-        if "reference" in record and record["reference"] is not None and not isinstance(record["reference"], str):
-            raise DataError(f"{where}: record {index} field 'reference' must be a string or null")
-        if "meta" in record and not isinstance(record["meta"], dict):
-            raise DataError(f"{where}: record {index} field 'meta' must be an object")
-    return records
-
-
-def write_outputs(path: str | os.PathLike[str], records: Iterable[Mapping[str, Any]]) -> Path:
-    """Validate ``records`` and write them as an AlpacaEval JSON list to ``path`` (atomically).
-
-    Parent directories are created.  Returns the path written.  Raises :class:`DataError` if a
-    record lacks one of :data:`REQUIRED_KEYS` or has a non-string value there.
-    """
-    path = Path(path)
-    data = _validate_records([dict(r) for r in records], str(path))
-    # Atomic: an interrupted run never leaves half a file that a later `judge` would read as a
-    # shorter outputs list.
-    atomic_write_json(path, data)
-    return path
-
-
-def read_outputs(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
-    """Read and validate an AlpacaEval outputs file written by :func:`write_outputs` (or AlpacaEval).
-
-    Raises :class:`DataError` with a one-line message naming the file (and record index) when the
-    file is missing, is not JSON, is not a list of objects, or a record lacks a required string
-    field.
-    """
-    path = Path(path)
-    problem = not_a_regular_file(path)
-    if problem == "does not exist":
-        raise DataError(f"{path}: outputs file not found")
-    if problem:
-        raise DataError(f"outputs file {path} {problem}; expected a JSON list of output records")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise DataError(f"{path}: cannot read outputs file ({exc.strerror or exc})") from None
-    except UnicodeDecodeError as exc:
-        raise DataError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
-    if not text.strip():
-        raise DataError(f"{path}: empty file; expected a JSON list of output records")
-    try:
-        data = strict_loads(text.removeprefix("\ufeff"))
-    except json.JSONDecodeError as exc:
-        raise DataError(f"{path}: not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg})") from None
-    except JSONProblem as exc:
-        raise DataError(f"{path}: not valid JSON ({exc})") from None
-    return _validate_records(data, str(path))

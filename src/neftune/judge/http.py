@@ -4,6 +4,7 @@ Tested against loopback servers that imitate llama.cpp's server (with and withou
 Ollama's OpenAI-compatible endpoint and reasoning models (``<think>`` blocks, ``reasoning_content``);
 OpenAI's own API speaks the same protocol.
 
+Requests go through :class:`neftune.http_api.Endpoint`, the client answer generation uses too.
 Retry policy -- ask again only when asking again can change the answer:
 
 * transport errors, timeouts, HTTP 408, 429 and 5xx (not 501/505) are retried up to
@@ -30,12 +31,8 @@ and error messages.
 
 from __future__ import annotations
 
-import email.utils
 import logging
-import os
 import threading
-import time
-import urllib.parse
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -43,6 +40,7 @@ from typing import Any
 import httpx
 
 from neftune.errors import ConfigError, JudgeError
+from neftune.http_api import Endpoint, RequestFailed, Transient
 from neftune.judge.base import (
     Judge,
     JudgeUnreachable,
@@ -60,35 +58,9 @@ __all__ = ["HttpJudge"]
 
 logger = logging.getLogger(__name__)
 
-_RETRY_STATUS = frozenset({408, 429}) | (frozenset(range(500, 600)) - {501, 505})
-
-
-class _Transient(Exception):
-    """A failure that asking again may cure."""
-
-    def __init__(self, reason: str, retry_after: float | None = None, *, unanswered: bool = False) -> None:
-        super().__init__(reason)
-        self.retry_after = retry_after
-        self.unanswered = unanswered
-
 
 class _LogprobsRejected(Exception):
     """The server refused the request because of the logprobs fields."""
-
-
-def _retry_after(value: str | None) -> float | None:
-    """Seconds from a ``Retry-After`` header (delta-seconds or an HTTP date), or None."""
-    if not value:
-        return None
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    return max(0.0, when.timestamp() - time.time())
 
 
 class HttpJudge(Judge):
@@ -130,19 +102,22 @@ class HttpJudge(Judge):
         logprobs: bool = True,
         top_logprobs: int = 20,
     ) -> None:
-        parsed = urllib.parse.urlsplit(str(base_url))
-        if parsed.scheme not in ("http", "https") or not parsed.netloc:
-            raise ConfigError(f"judge base_url must be an http(s) URL, got {base_url!r}")
+        self.endpoint = Endpoint(
+            base_url,
+            role="judge",
+            fatal=JudgeError,
+            api_key_env=api_key_env,
+            timeout=timeout,
+            max_retries=max_retries,
+            backoff=backoff,
+            max_backoff=max_backoff,
+            workers=workers,
+        )
         if not model or not isinstance(model, str):
             raise ConfigError("judge model name is empty")
-        if not api_key_env or not isinstance(api_key_env, str):
-            raise ConfigError("judge api_key_env must name an environment variable")
-        if max_retries < 0 or workers < 1 or timeout <= 0:
-            raise ConfigError("judge needs max_retries >= 0, workers >= 1 and timeout > 0")
         if not temperature >= 0 or (max_tokens is not None and max_tokens < 1) or not 0 < top_logprobs <= 20:
             raise ConfigError("judge needs temperature >= 0, max_tokens >= 1 (or None) and 1 <= top_logprobs <= 20")
-        url = str(base_url).rstrip("/")
-        self.url = url if url.endswith("/chat/completions") else url + "/chat/completions"
+        self.url = self.endpoint.url("/chat/completions")
         self.model = model
         self.api_key_env = api_key_env
         self.timeout = float(timeout)
@@ -155,23 +130,19 @@ class HttpJudge(Judge):
         self.chunk_size = self.workers * 4
         self.logprobs = bool(logprobs)
         self.top_logprobs = int(top_logprobs)
-        # Read once; kept private and out of identity/repr so it can never reach a cache or log.
-        self._api_key = os.environ.get(api_key_env) or None
         self._lock = threading.Lock()
         self._send_logprobs = self.logprobs
         self._rejected: str | None = None  # why the server refused the logprobs fields (kept across runs)
         self._without_logprobs = 0  # replies of this run that carried no logprobs
         self._unusable_logprobs = 0  # replies of this run whose logprobs held no verdict token agreeing with the text
-        self._sleep: Callable[[float], object] = time.sleep  # replaceable, so tests can record the waits
+        self._sleep: Callable[[float], object] = self.endpoint.sleep  # replaceable, so tests can record the waits
         self._gone: str | None = None  # why the server counts as gone (this run): other queries stop asking
 
     def __repr__(self) -> str:
         return f"HttpJudge(url={self._public_url()!r}, model={self.model!r}, api_key_env={self.api_key_env!r})"
 
     def _public_url(self) -> str:
-        # Drop any user:password@ so credentials embedded in a URL are not cached or logged.
-        parts = urllib.parse.urlsplit(self.url)
-        return urllib.parse.urlunsplit(parts._replace(netloc=parts.netloc.rsplit("@", 1)[-1]))
+        return Endpoint.public(self.url)
 
     @property
     def identity(self) -> str:
@@ -203,7 +174,7 @@ class HttpJudge(Judge):
         return notes
 
     def _redact(self, text: str) -> str:
-        return text.replace(self._api_key, "***") if self._api_key else text
+        return self.endpoint.redact(text)
 
     def _payload(self, messages: list[dict[str, str]], with_logprobs: bool) -> dict[str, Any]:
         payload: dict[str, Any] = {"model": self.model, "messages": messages, "temperature": self.temperature}
@@ -216,31 +187,21 @@ class HttpJudge(Judge):
 
     def _post(self, client: httpx.Client, messages: list[dict[str, str]], with_logprobs: bool) -> dict[str, Any]:
         """One request; the parsed JSON body, or the failure classified for the retry policy."""
-        where = self._public_url()
-        try:
-            response = client.post(self.url, json=self._payload(messages, with_logprobs))
-        except httpx.TransportError as exc:  # no answer at all
-            raise _Transient(self._redact(f"{type(exc).__name__}: {exc}"), unanswered=True) from None
-        status = response.status_code
-        if status >= 400:
-            detail = self._redact(" ".join(response.text[:300].split()))[:200]
-            if status in (401, 403):
-                raise JudgeError(
-                    f"judge endpoint {where} refused the request (HTTP {status}): check ${self.api_key_env}"
-                )
-            if status == 404:
-                raise JudgeError(f"judge endpoint {where} returned HTTP 404: check base_url and model {self.model!r}")
+
+        def refused_logprobs(status: int, detail: str) -> None:
             if with_logprobs and "logprob" in detail.lower() and status in (400, 422, 500, 501):
                 raise _LogprobsRejected(f"HTTP {status} {detail}")
-            if status in _RETRY_STATUS:
-                raise _Transient(f"HTTP {status} {detail}".strip(), _retry_after(response.headers.get("Retry-After")))
-            raise VerdictUnavailable(f"HTTP {status} {detail}".strip())
+
+        payload = self._payload(messages, with_logprobs)
         try:
-            data = response.json()
+            data = self.endpoint.post_once(client, self.url, payload, model=self.model, on_error=refused_logprobs)
+        except RequestFailed as exc:
+            raise VerdictUnavailable(str(exc)) from None
+        try:
             if not isinstance(data["choices"][0]["message"], dict):
                 raise TypeError
-        except (ValueError, KeyError, IndexError, TypeError):
-            raise VerdictUnavailable(f"malformed response {self._redact(response.text[:80])!r}") from None
+        except (KeyError, IndexError, TypeError):
+            raise VerdictUnavailable(f"malformed response {self._redact(str(data)[:80])!r}") from None
         return data
 
     def _logprobs_rejected(self, reason: str) -> None:
@@ -260,7 +221,7 @@ class HttpJudge(Judge):
                 self._unusable_logprobs += 1
 
     def _delay(self, attempt: int, retry_after: float | None) -> float:
-        return min(max(self.backoff * 2 ** (attempt - 1), retry_after or 0.0), self.max_backoff)
+        return self.endpoint.delay(attempt, retry_after)
 
     def _ask(self, client: httpx.Client, query: Query) -> Verdict:
         messages = judge_messages(query.instruction, query.first, query.second)
@@ -276,7 +237,7 @@ class HttpJudge(Judge):
                 self._logprobs_rejected(str(exc))
                 attempt -= 1  # the same question, asked properly: not a failed attempt
                 continue
-            except _Transient as exc:
+            except Transient as exc:
                 if attempt > self.max_retries and exc.unanswered:
                     with self._lock:
                         self._gone = self._gone or f"{self._public_url()}: {exc} (after {attempt} attempts)"
@@ -318,11 +279,7 @@ class HttpJudge(Judge):
             return self._ask(client, query)
 
     def _client(self) -> httpx.Client:
-        headers = {"Accept": "application/json"}
-        if self._api_key:
-            headers["Authorization"] = f"Bearer {self._api_key}"
-        limits = httpx.Limits(max_connections=self.workers, max_keepalive_connections=self.workers)
-        return httpx.Client(headers=headers, timeout=self.timeout, limits=limits)
+        return self.endpoint.client()
 
     def judge_batch(self, queries: Sequence[Query], on_result: OnResult | None = None) -> list[Outcome]:
         """Ask about several queries, ``workers`` at a time, over one connection pool; ``on_result``

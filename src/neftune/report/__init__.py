@@ -41,8 +41,10 @@ Input schema (every part not marked *required* may be missing or ``null``)::
             "distinct_1": float, "distinct_2": float, "repetition_rate": float,
             "rouge_l": float | null,
             "length_chars": {"mean", "median", "p90"}, "length_tokens": {"mean", "median", "p90"},
+            "reached_cap": float,       # share of answers cut off at max_new_tokens (no end token)
+            "max_new_tokens": int,      # the cap they were generated under
             "per_example": {"correct": [0/1, ...] | null, "length_chars": [int, ...],
-                            "rouge_l": [float, ...] | null}
+                            "rouge_l": [float, ...] | null, "reached_cap": [0/1, ...] | null}
           },
           "judge": null | {"vs": str, "backend": str, "win_rate": float, "ci": [lo, hi],
                            "lc_win_rate": float, "lc_ci": [lo, hi], "consistency": float,
@@ -73,8 +75,9 @@ Input schema (every part not marked *required* may be missing or ``null``)::
                           "pairs": [{"seeds": [s, s2], "estimate": float, "ci": [lo, hi], "p_value": float}]}}
     }
 
-Verdicts are ``"better"``, ``"worse"``, ``"within noise"``, ``"longer"``/``"shorter"`` (length) or
-``"seed variance unmeasured"`` (one seed).
+Verdicts are ``"better"``, ``"worse"``, ``"within noise"``, ``"longer"``/``"shorter"`` (length),
+``"seed variance unmeasured"`` (one seed) or ``"withheld"`` (length, when more than 10% of either
+side's answers reached the token cap; the effect's ``withheld`` says why: :mod:`.censoring`).
 
 Rates (exact match, ROUGE-L, win rates, consistency) are fractions in [0, 1].  Per-example lists
 are aligned by eval example across arms (index ``i`` is the same prompt in every arm); a ``null``

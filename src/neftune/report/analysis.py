@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from neftune.errors import DataError
+from neftune.report.censoring import WITHHELD, cut_share, withheld_reason
 from neftune.report.values import arm_name, as_float, is_interval, mapping_at
 from neftune.report.verdicts import SIGNIFICANCE, Verdicts, build_verdicts
 from neftune.stats import compare_seeds
@@ -30,6 +31,7 @@ __all__ = [
     "NOISE",
     "PAIRED_METRICS",
     "SHORTER",
+    "WITHHELD",
     "WORSE",
     "Analysis",
     "Metric",
@@ -130,7 +132,9 @@ def compute_effects(
     the pooled, corrected effects of :mod:`neftune.report.verdicts`.  ``verdict`` is ``"better"``,
     ``"worse"`` or ``"within noise"``; length has no better direction, so its verdict is
     ``"longer"``, ``"shorter"`` or ``"within noise"``, and it also carries ``ratio`` (arm mean /
-    baseline mean).  ``n_boot`` and ``seed`` are accepted for compatibility and unused.
+    baseline mean) and ``reached_cap`` (``{"baseline", "arm"}``: the shares of answers cut off at the
+    token cap, ``None`` where not recorded); when more than 10% of either side was cut its verdict
+    is ``"withheld"`` and ``withheld`` says why (:mod:`neftune.report.censoring`).  ``n_boot`` and ``seed`` are accepted for compatibility and unused.
 
     Raises :class:`DataError` when the two arms hold different numbers of per-example values,
     since then they were not evaluated on the same examples and cannot be paired.
@@ -176,6 +180,10 @@ def compute_effects(
         }
         if metric.key == "length_chars":
             effect["ratio"] = mean_arm / mean_base if mean_base > 0 else None
+            effect["reached_cap"] = {"baseline": cut_share(baseline_arm), "arm": cut_share(arm)}
+            reason = withheld_reason([baseline_arm], [arm])
+            if reason is not None:
+                effect.update(verdict=WITHHELD, significant=False, withheld=reason)
         effects[metric.key] = effect
     return effects
 

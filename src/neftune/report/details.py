@@ -6,6 +6,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from neftune.report.analysis import LOW_CONSISTENCY, Analysis, judge_of, judge_unreliable
+from neftune.report.censoring import cut_share
 from neftune.report.document import Example, Inline, KeyValues, Notice, Para, Section, Span, Table
 from neftune.report.format import DASH, fmt_count, fmt_duration, fmt_percent, fmt_value
 from neftune.report.sections import rate_with_ci
@@ -37,6 +38,7 @@ def _per_arm_rows() -> list[tuple[str, _Cell]]:
     for unit in ("chars", "tokens"):
         for stat in ("mean", "median", "p90"):
             rows.append((f"length ({unit}) {stat}", _length_cell(unit, stat)))
+    rows.append(("answers cut at the token cap", lambda ev, tr: fmt_percent(cut_share({"eval": ev}), 0)))
     rows += [
         ("train time", lambda ev, tr: fmt_duration(tr.get("train_time_s"))),
         ("tokens / s", lambda ev, tr: fmt_value(tr.get("tokens_per_s"), 0)),

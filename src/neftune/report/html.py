@@ -17,7 +17,7 @@ from typing import NoReturn
 import jinja2
 from markupsafe import Markup
 
-from neftune.report.analysis import BETTER, LONGER, NOISE, SHORTER, WORSE
+from neftune.report.analysis import BETTER, LONGER, NOISE, SHORTER, WITHHELD, WORSE
 from neftune.report.document import Document
 
 __all__ = ["render_html"]
@@ -26,7 +26,14 @@ TEMPLATE = "report.html.j2"
 STYLESHEET = "report.css"
 
 #: CSS class suffix of each verdict chip (``v-better`` ...); an unknown verdict looks like noise.
-VERDICT_CSS = {BETTER: "better", WORSE: "worse", NOISE: "noise", LONGER: "longer", SHORTER: "shorter"}
+VERDICT_CSS = {
+    BETTER: "better",
+    WORSE: "worse",
+    NOISE: "noise",
+    LONGER: "longer",
+    SHORTER: "shorter",
+    WITHHELD: "withheld",
+}
 
 
 def _resource(name: str) -> str:

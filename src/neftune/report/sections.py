@@ -13,11 +13,13 @@ from typing import Any
 from neftune.report.analysis import (
     BETTER,
     NOISE,
+    WITHHELD,
     WORSE,
     Analysis,
     judge_of,
     judge_verdict,
 )
+from neftune.report.censoring import CENSORED_LIMIT, cap_of, cut_share
 from neftune.report.document import Bullets, Inline, Notice, Para, Section, Span
 from neftune.report.format import fmt_bound, fmt_interval, fmt_number, fmt_percent
 from neftune.report.values import as_float, is_interval
@@ -50,7 +52,12 @@ def _effect_value(effect: Mapping[str, Any], which: str) -> str:
 
 
 def length_phrase(effect: Mapping[str, Any]) -> str:
-    """E.g. ``answers 2.1× longer`` / ``answers 12% shorter`` / ``answer length within noise (+3%)``."""
+    """E.g. ``answers 2.1× longer`` / ``answers 12% shorter`` / ``answer length within noise (+3%)``.
+
+    A withheld verdict (too many answers cut at the token cap) says so and why instead.
+    """
+    if effect.get("verdict") == WITHHELD:
+        return f"no length verdict ({effect.get('withheld') or WITHHELD})"
     ratio = effect.get("ratio")
     if ratio is None:
         return f"answer length {effect_diff_text(effect)} \u2014 {effect['verdict']}"
@@ -129,6 +136,9 @@ def length_section(a: Analysis) -> Section:
             "is not rewarded for length, but long answers can bury or garble the expected answer."
         )
     )
+    cut = _cut_notice(a)
+    if cut is not None:
+        sec.blocks.append(cut)
     items: list[Inline] = []
     for arm in a.treatments:
         name = arm["name"]
@@ -148,6 +158,24 @@ def length_section(a: Analysis) -> Section:
     if items:
         sec.blocks.append(Bullets(items))
     return sec
+
+
+def _cut_notice(a: Analysis) -> Notice | None:
+    """The share of each arm's answers cut off at the token cap; a warning when a length verdict is withheld."""
+    shares = [(arm, share) for arm in a.arms if (share := cut_share(arm)) is not None]
+    if not shares:
+        return None
+    caps = {cap for arm, _ in shares if (cap := cap_of(arm)) is not None}
+    which = f"the {caps.pop()}-token cap" if len(caps) == 1 else "the token cap"
+    listed = ", ".join(f"{a.labels[arm['name']]} {fmt_percent(share, 0)}" for arm, share in shares)
+    text = f"Answers that reached {which} without ending (cut off): {listed}."
+    if not any(share > CENSORED_LIMIT for _, share in shares):
+        return Notice("info", text)
+    return Notice(
+        "warn",
+        f"{text} Above {CENSORED_LIMIT:.0%} on either side a cut answer's length is only a lower bound, so no "
+        "length verdict is given for those arms; rerun with a higher --max-new-tokens.",
+    )
 
 
 def effects_section(a: Analysis) -> Section:

@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from neftune.report.analysis import BETTER, NOISE, WORSE, Analysis
+from neftune.report.analysis import BETTER, NOISE, WITHHELD, WORSE, Analysis
 from neftune.report.document import Inline, Para, Span, Table, verdict_span
 from neftune.report.format import DASH, fmt_bound, fmt_interval, fmt_number
 from neftune.report.verdicts import SIGNIFICANCE, UNMEASURED, Pooled, Verdicts
@@ -90,7 +90,7 @@ def summary_text(a: Analysis) -> str:
         e
         for m in v.pooled.values()
         for e in m.values()
-        if e.role == "exploratory" and e.verdict not in (NOISE, UNMEASURED)
+        if e.role == "exploratory" and e.verdict not in (NOISE, UNMEASURED, WITHHELD)
     ]
     if exploratory:
         listed = "; ".join(f"{_named(e)} ({e.verdict})" for e in exploratory)

@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from neftune.report.censoring import WITHHELD, withheld_reason
 from neftune.report.values import as_float, is_interval, mapping_at
 from neftune.stats import aa_floor, compare_seeds, holm, seed_level_test
 
@@ -78,6 +79,7 @@ class Pooled:
     components: dict[str, Any] = field(default_factory=dict)
     p_holm: float = float("nan")
     verdict: str = UNMEASURED
+    withheld: str | None = None  # why no verdict is given (length: too many answers cut at the token cap)
 
 
 @dataclass
@@ -208,6 +210,8 @@ def _judge_reliable(treated: Sequence[Mapping[str, Any]], low: float) -> bool:
 def _verdict(effect: Pooled, p_holm: float, measured: bool) -> str:
     from neftune.report.analysis import BETTER, LONGER, NOISE, SHORTER, WORSE
 
+    if effect.withheld is not None:
+        return WITHHELD
     if not measured:
         return UNMEASURED
     if not (math.isfinite(p_holm) and p_holm < SIGNIFICANCE):
@@ -247,6 +251,8 @@ def build_verdicts(
             continue
         treated, base = [per_seed[s] for s in seeds], [bases[s] for s in seeds]
         effects = {m.key: e for m in _metrics() if (e := _paired(alpha, m, treated, base, seeds)) is not None}
+        if "length_chars" in effects:
+            effects["length_chars"].withheld = withheld_reason(base, treated)
         for key in JUDGE_METRICS:
             if (e := _judged(alpha, key, treated, seeds)) is not None:
                 effects[key] = e

@@ -8,9 +8,11 @@ import math
 from pathlib import Path
 
 import pytest
+from safetensors.torch import load_file
 from tests.helpers import record_dpo_forwards
 from transformers import TrainerCallback
 
+from neftune.checkpoints import MANIFEST
 from neftune.cli import main
 from neftune.config import CompareConfig, Config, load_config
 from neftune.data.preference import load_pairs
@@ -242,3 +244,38 @@ def test_cli_full_finetuning_dpo_on_generated_pairs_saves_full_weights(cache, tm
     summary = json.loads((out / "train_summary.json").read_text())
     assert summary["reference"] == "frozen copy of the starting model"
     assert summary["train"] == "builtin:skills" and summary["train_pairs"] == 16
+
+
+def test_dpo_resumes_after_a_crash_to_the_same_weights_from_whole_checkpoints(cache, tmp_path, monkeypatch):
+    from tests.test_train import KillAtStep, Killed
+
+    monkeypatch.setenv("NEFTUNE_CACHE", str(cache))
+    data = write_jsonl(tmp_path / "uf.jsonl", ultrafeedback_pairs(16))
+
+    def cfg(out: Path, *extra: str) -> Config:
+        base = [
+            "model.name=tiny-random",
+            f"data.train={data}",
+            f"train.output={out}",
+            "train.method=dpo",
+            "train.max_steps=4",
+            "train.save_steps=2",
+            "train.batch_size=2",
+            "train.logging_steps=1",
+            "train.progress=false",
+            "train.lr=1e-2",
+            "noise.alpha=5",
+        ]
+        return load_config(Config, None, [*base, *extra])
+
+    a = run_training(cfg(tmp_path / "a"))
+    with pytest.raises(Killed):  # dies during step 4, after checkpoint-2 was written
+        run_training(cfg(tmp_path / "b"), extra_callbacks=[KillAtStep(3)])
+    kept = sorted(p.name for p in (tmp_path / "b" / "checkpoints").iterdir() if p.is_dir())
+    assert kept == ["checkpoint-2"] and (tmp_path / "b" / "checkpoints" / "checkpoint-2" / MANIFEST).is_file()
+    b = run_training(cfg(tmp_path / "b", "train.resume=true"))
+    assert [step for step, _ in b.loss_curve] == [3, 4]
+    assert [loss for _, loss in b.loss_curve] == pytest.approx([loss for _, loss in a.loss_curve[2:]], abs=1e-6)
+    wa = load_file(a.model_dir / "adapter_model.safetensors")
+    wb = load_file(b.model_dir / "adapter_model.safetensors")
+    assert max((wa[k] - wb[k]).abs().max().item() for k in wa) <= 1e-6

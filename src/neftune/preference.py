@@ -13,6 +13,8 @@ of the starting model, a separate module the hooks never touch.
 The output directory receives ``config.yaml``, ``metrics.jsonl`` (loss, reward margins and
 accuracies as TRL logs them), ``tensorboard/``, ``checkpoints/``, the final ``model/`` and
 ``train_summary.json``.  There is no held-out loss: the preference data has no eval split here.
+Checkpoints, ``--resume``, SIGTERM/SIGUSR1 and a full disk behave as in ``neftune train``
+(:mod:`neftune.checkpoints`, :mod:`neftune.preempt`, :mod:`neftune.resources`).
 """
 
 from __future__ import annotations
@@ -28,12 +30,14 @@ from transformers import TrainerCallback
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 from neftune.callback import NEFTuneCallback
+from neftune.checkpoints import AtomicCheckpoints, last_complete_checkpoint
 from neftune.config import Config, write_config
 from neftune.data.preference import PreferenceLoad, load_pairs
 from neftune.distributed import check_can_save, full_state_dict, max_over_ranks, sum_over_ranks
-from neftune.errors import NeftuneError
 from neftune.io import atomic_write_text, check_output_dir
 from neftune.noise import Distribution
+from neftune.preempt import PreemptionCallback
+from neftune.resources import explain_training
 from neftune.trainer_parts import CountingCollator, MetricsCallback
 
 if TYPE_CHECKING:
@@ -87,11 +91,12 @@ def run_preference_training(
     )
 
     cfg.validate()
-    if cfg.train.resume:
-        raise NeftuneError("--resume is not supported with --method dpo yet; start the run again")
     out = Path(cfg.train.output)
     if is_main_process():
         check_output_dir(out)
+    resume_from = last_complete_checkpoint(out / "checkpoints", tidy=is_main_process()) if cfg.train.resume else None
+    if cfg.train.resume and resume_from is None:
+        log.warning("--resume: no checkpoint in %s/checkpoints, starting from scratch", out)
     if cfg.data.packing:
         log.info("--method dpo trains on padded batches (TRL's DPOTrainer has padding-free training disabled)")
     if cfg.data.eval or cfg.data.format != "auto":
@@ -114,11 +119,16 @@ def run_preference_training(
     # full finetuning: the reference is a frozen copy of the starting weights (LoRA: the adapter disabled)
     ref_model = None if cfg.model.lora else copy.deepcopy(model)
 
-    callbacks: list[TrainerCallback] = []
+    preempt = PreemptionCallback()  # SIGTERM / SIGUSR1: checkpoint after this step, then stop
+    callbacks: list[TrainerCallback] = [preempt]
     if cfg.noise.alpha > 0:
         distribution = cast(Distribution, cfg.noise.distribution)
         callbacks.append(NEFTuneCallback(alpha=cfg.noise.alpha, distribution=distribution, seed=cfg.train.seed))
-    trainer = DPOTrainer(
+
+    class Trainer(AtomicCheckpoints, DPOTrainer):  # checkpoints appear whole or not at all
+        pass
+
+    trainer = Trainer(
         model=model,
         ref_model=ref_model,
         args=cast(DPOConfig, args),
@@ -138,7 +148,8 @@ def run_preference_training(
         tensorboard.logging_dir = str(out / "tensorboard")
         trainer.add_callback(tensorboard)
         write_config(cfg, out / "config.yaml")
-        (out / "metrics.jsonl").unlink(missing_ok=True)
+        if resume_from is None:  # a resumed run keeps the interrupted run's lines and continues them
+            (out / "metrics.jsonl").unlink(missing_ok=True)
     for callback in extra_callbacks or []:
         trainer.add_callback(callback)
     check_can_save(trainer)
@@ -155,10 +166,15 @@ def run_preference_training(
 
     started = time.perf_counter()
     try:
-        result = trainer.train()
-    except OSError as error:
-        raise NeftuneError(f"writing to {out} failed ({error.strerror or error})") from error
+        result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+        preempt.raise_if_stopped(trainer)
+    except BaseException as error:
+        explained = explain_training(error, cfg, out, bool(args.gradient_checkpointing))  # disk full, OOM
+        if explained is not None:
+            raise explained from error
+        raise
     finally:
+        preempt.uninstall()
         for callback in callbacks:
             if isinstance(callback, NEFTuneCallback):
                 callback.remove()

@@ -66,6 +66,8 @@ def read_pairs(cfg: Config) -> PreferenceLoad:
         on_bad_record=bad_record_policy(cfg.data.train, cfg.data.on_bad_record),
         limit=cfg.data.limit,
         seed=cfg.train.seed,
+        split=cfg.data.split,
+        subset=cfg.data.subset,
     )
     log.info(pairs.summary())
     for note in pairs.notes:

@@ -22,7 +22,6 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from neftune.data.formats import (
@@ -37,7 +36,8 @@ from neftune.data.formats import (
     load_examples,
 )
 from neftune.data.presets import get_preset
-from neftune.data.readers import BadRecord, Record, clip, read_records
+from neftune.data.readers import BadRecord, Record, clip
+from neftune.data.sources import open_records
 from neftune.data.types import describe_counts
 from neftune.errors import ConfigError, DataError
 
@@ -88,9 +88,16 @@ class PreferenceLoad:
 
 
 def load_pairs(
-    spec: str, *, split: str = "train", on_bad_record: str = "error", limit: int | None = None, seed: int = 0
+    spec: str,
+    *,
+    split: str = "train",
+    on_bad_record: str = "error",
+    limit: int | None = None,
+    seed: int = 0,
+    subset: str | None = None,
 ) -> PreferenceLoad:
-    """Load preference pairs from a file, a ``save_to_disk`` directory or ``builtin:skills``.
+    """Load preference pairs from a file, a ``save_to_disk`` directory, a dataset repository or hub id
+    (:mod:`neftune.data.sources`; ``split`` and ``subset`` choose its part) or ``builtin:skills``.
 
     Raises:
         DataError: unreadable source, a bad record in ``"error"`` mode (one line naming the file and
@@ -108,11 +115,9 @@ def load_pairs(
             f"{spec} has no rejected answers; --method dpo needs preference data (prompt/chosen/rejected records) "
             "or builtin:skills"
         )
-    path = Path(spec).expanduser()
-    if not path.exists():
-        raise DataError(f"{spec}: no such file or directory")
     notes: list[str] = []
-    result = _collect(read_records(path, spec, split, notes), spec, on_bad_record, limit)
+    opened = open_records(spec, split=split, subset=subset, notes=notes)  # a file, a directory or a hub id
+    result = _collect(opened.records, opened.label, on_bad_record, limit)
     result.notes = notes
     return result
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
@@ -37,7 +36,6 @@ from neftune.distributed import check_can_save, full_state_dict, max_over_ranks,
 from neftune.io import atomic_write_text, check_output_dir
 from neftune.noise import Distribution
 from neftune.preempt import PreemptionCallback
-from neftune.resources import explain_training
 from neftune.trainer_parts import CountingCollator, MetricsCallback
 
 if TYPE_CHECKING:
@@ -89,6 +87,7 @@ def run_preference_training(
         _save_model,
         build_model,
         is_main_process,
+        run_trainer,
         training_arguments,
     )
 
@@ -166,21 +165,7 @@ def run_preference_training(
         cfg.train.dpo_beta,
     )
 
-    started = time.perf_counter()
-    try:
-        result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
-        preempt.raise_if_stopped(trainer)
-    except BaseException as error:
-        explained = explain_training(error, cfg, out, bool(args.gradient_checkpointing))  # disk full, OOM
-        if explained is not None:
-            raise explained from error
-        raise
-    finally:
-        preempt.uninstall()
-        for callback in callbacks:
-            if isinstance(callback, NEFTuneCallback):
-                callback.remove()
-    train_time = time.perf_counter() - started
+    result, train_time = run_trainer(trainer, cfg, resume_from, preempt, callbacks, bool(args.gradient_checkpointing))
     real_tokens, trained_tokens = sum_over_ranks(trainer, [collator.tokens, metrics_cb.tokens_trained])
     seconds = max_over_ranks(trainer, metrics_cb.seconds)
     logged = {k: v for entry in trainer.state.log_history for k, v in entry.items() if k in SUMMARY_METRICS}

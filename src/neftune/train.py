@@ -17,6 +17,7 @@ import json
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
@@ -196,6 +197,41 @@ def training_arguments(
     )
 
 
+def run_trainer(
+    trainer: Any,
+    cfg: Config,
+    resume_from: Path | None,
+    preempt: PreemptionCallback,
+    callbacks: list[TrainerCallback],
+    gradient_checkpointing: bool,
+    *,
+    on_failure: Callable[[], object] | None = None,
+) -> tuple[Any, float]:
+    """``trainer.train()`` as every neftune run calls it; its result and wall time in seconds.
+
+    A signal that stopped it becomes :class:`~neftune.preempt.Preempted`, a full disk or an
+    out-of-memory error one line saying what to do (:func:`~neftune.resources.explain_training`);
+    whatever happens, the signal handlers are put back and the noise hooks removed.
+    """
+    started = time.perf_counter()
+    try:
+        result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+        preempt.raise_if_stopped(trainer)
+    except BaseException as error:
+        if on_failure is not None:
+            on_failure()
+        explained = explain_training(error, cfg, Path(cfg.train.output), gradient_checkpointing)
+        if explained is not None:
+            raise explained from error
+        raise
+    finally:
+        preempt.uninstall()
+        for callback in callbacks:
+            if isinstance(callback, NEFTuneCallback):
+                callback.remove()
+    return result, time.perf_counter() - started
+
+
 def run_training(cfg: Config, *, keep_model: bool = False, extra_callbacks: list | None = None) -> TrainResult:
     """Run a whole finetuning job described by ``cfg`` and return what it produced."""
     from neftune import lmhead
@@ -278,23 +314,15 @@ def run_training(cfg: Config, *, keep_model: bool = False, extra_callbacks: list
         "streamed" if cfg.data.streaming else f"{len(train_rows):,}",
     )
 
-    started = time.perf_counter()
-    try:
-        result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
-        preempt.raise_if_stopped(trainer)
-    except BaseException as error:
-        if labelled_loss is not None:
-            labelled_loss.remove()  # training failed: leave no hook of ours on the model
-        explained = explain_training(error, cfg, out, bool(args.activation_checkpointing))  # disk full, OOM
-        if explained is not None:
-            raise explained from error
-        raise
-    finally:
-        preempt.uninstall()
-        for cb in callbacks:
-            if isinstance(cb, NEFTuneCallback):
-                cb.remove()
-    train_time = time.perf_counter() - started
+    result, train_time = run_trainer(
+        trainer,
+        cfg,
+        resume_from,
+        preempt,
+        callbacks,
+        bool(args.activation_checkpointing),
+        on_failure=labelled_loss.remove if labelled_loss is not None else None,  # leave no hook of ours behind
+    )
     # every rank's real tokens, over the slowest rank's time from the first to the last step
     real_tokens, trained_tokens = sum_over_ranks(trainer, [collator.tokens, metrics_cb.tokens_trained])
     seconds = max_over_ranks(trainer, metrics_cb.seconds)

@@ -12,7 +12,10 @@ bytes a conversation, the shape of the issue that asked for this), then, each in
                      (conversations renamed to messages), an empty ``datasets`` cache
     TRL cached       the same again: ``datasets`` reuses its cached ``map`` results
 
-Measured: the wall time of the whole process (start, data, model load, one optimizer step, saving),
+Measured: the data preparation (neftune: reading and tokenizing, ``data_prepare_s`` of
+``train_summary.json``; TRL: ``load_dataset`` and the renaming ``map``, plus ``SFTTrainer``'s
+construction, which tokenizes), the wall time of the whole process (start, data, model load, one
+optimizer step, saving; in the table in brackets),
 its peak RSS (``wait4``'s ``ru_maxrss``: the process and the children it waited for, so the
 tokenizing workers count), and the size of the data cache on disk.  TRL runs full finetuning, its
 default; neftune runs LoRA, its default, so their optimizer memory differs by design and the peak RSS
@@ -107,6 +110,7 @@ def du(path: Path) -> float:
 TRL_SCRIPT = textwrap.dedent(
     """
     import sys
+    import time
     import datasets
     from trl import SFTConfig, SFTTrainer
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -117,8 +121,10 @@ TRL_SCRIPT = textwrap.dedent(
     def to_messages(row):
         return {"messages": [{"role": ROLES[t["from"]], "content": t["value"]} for t in row["conversations"]]}
 
+    started = time.perf_counter()
     dataset = datasets.load_dataset("json", data_files=data, split="train")
     dataset = dataset.map(to_messages, remove_columns=dataset.column_names, num_proc=2)
+    prepare = time.perf_counter() - started
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype="float32")
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     args = SFTConfig(
@@ -126,7 +132,11 @@ TRL_SCRIPT = textwrap.dedent(
         dataset_num_proc=2, report_to="none", save_strategy="no", logging_steps=1,
         assistant_only_loss=False, use_cpu=True, dataloader_num_workers=0,
     )
-    SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer).train()
+    started = time.perf_counter()
+    trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer)  # tokenizes
+    prepare += time.perf_counter() - started
+    print("DATA_PREPARE_S", round(prepare, 3), flush=True)
+    trainer.train()
     """
 )
 
@@ -171,6 +181,8 @@ def main() -> None:
             argv += [f"data.cache_dir={cache / 'neftune'}", "--no-progress"]
             print(f"{n}: neftune {phase}", file=sys.stderr)
             row[f"neftune_{phase}"] = run_measured(argv, env, work / f"neftune-{n}-{phase}.log")
+            summary = json.loads((Path(argv[argv.index("--output") + 1]) / "train_summary.json").read_text())
+            row[f"neftune_{phase}"]["prepare_seconds"] = summary["data_prepare_s"]
         row["neftune_cache_gib"] = du(cache / "neftune")
         if not args.no_trl and n <= args.trl_max:
             script = work / "trl_run.py"
@@ -185,7 +197,10 @@ def main() -> None:
                     str(args.max_length),
                 ]
                 print(f"{n}: TRL {phase}", file=sys.stderr)
-                row[f"trl_{phase}"] = run_measured(argv, env, work / f"trl-{n}-{phase}.log")
+                log = work / f"trl-{n}-{phase}.log"
+                row[f"trl_{phase}"] = run_measured(argv, env, log)
+                marker = [line for line in log.read_text().splitlines() if line.startswith("DATA_PREPARE_S")]
+                row[f"trl_{phase}"]["prepare_seconds"] = float(marker[-1].split()[1])
             row["trl_cache_gib"] = du(cache / "hf")
         rows.append(row)
         print(json.dumps(row), file=sys.stderr)
@@ -195,7 +210,9 @@ def main() -> None:
 
     def cell(row: dict, key: str) -> str:
         got = row.get(key)
-        return f"{got['seconds']:.0f} s, {got['peak_rss_gib']:.1f} GiB" if got else "not run"
+        if not got:
+            return "not run"
+        return f"{got['prepare_seconds']:.1f} s ({got['seconds']:.0f} s), {got['peak_rss_gib']:.1f} GiB"
 
     for row in rows:
         trl_cache = f"{row['trl_cache_gib']:.2f} GiB" if "trl_cache_gib" in row else "not run"

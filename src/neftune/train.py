@@ -254,14 +254,18 @@ def run_training(cfg: Config, *, keep_model: bool = False, extra_callbacks: list
         else:
             log.info("resuming from %s", resume_from)
 
+    data_started = time.perf_counter()
     read = read_training_data(cfg)
+    data_seconds = time.perf_counter() - data_started
     # before the model: TrainingArguments start the process group and register a ZeRO-3 config
     has_eval = read.eval is not None or read.eval_from_train or (cfg.data.streaming and bool(cfg.data.eval_size))
     args = training_arguments(cfg, out, has_eval=has_eval)
     model, tokenizer = build_model(cfg)
     labelled_loss = lmhead.attach(model) if lmhead.loss_wanted(cfg.train.loss) else None
+    data_started = time.perf_counter()
     prepared = tokenize_training_data(cfg, tokenizer, read)
     train_rows, eval_rows, data_report = prepared.train, prepared.eval_rows, prepared.report
+    data_report["data_prepare_s"] = round(data_seconds + time.perf_counter() - data_started, 3)  # read + tokenize
     if not eval_rows:  # every held-out example was dropped by tokenization
         args.eval_strategy = IntervalStrategy.NO
     if args.activation_checkpointing and cfg.model.lora:

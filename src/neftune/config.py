@@ -141,7 +141,9 @@ class DataConfig:
         flag="--data-cache-dir",
     )
     num_proc: int | None = setting(
-        None, "processes that tokenize (default: up to 8 from 20,000 examples on, else 1)", flag="--num-proc"
+        None,
+        "processes that tokenize (default: one per core, up to 8, from 5,000 examples on; else 1)",
+        flag="--num-proc",
     )
 
 

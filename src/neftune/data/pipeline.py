@@ -74,7 +74,7 @@ _MARKER = "entry.json"
 _EXAMPLES = "examples.arrow"
 _HELDOUT = "heldout.npy"
 _BATCH = 2000
-_PARALLEL_FROM = 20_000  # rows from which tokenization uses several processes by default
+_PARALLEL_FROM = 5_000  # rows from which tokenization uses several processes by default
 
 
 @dataclass(frozen=True)

@@ -280,3 +280,19 @@ def test_streaming_counts_what_it_dropped(tmp_path, tiny_tokenizer):
     account = prepared.stream
     assert sum(account.dropped.values()) + len(rows) == 30 and all(len(r["input_ids"]) <= 75 for r in rows)
     assert account.dropped and rows  # some prompts fill the 75 tokens, some leave room for an answer
+
+
+def test_a_changed_chat_template_or_max_length_is_a_new_tokenized_entry(tmp_path, tiny_tokenizer):
+    import copy
+
+    data = sharegpt(tmp_path / "d.jsonl", 10)
+    root = tmp_path / "root"
+    normalized = normalize(Request(spec=str(data)), root)
+    first = tokenize(normalized, tiny_tokenizer, 400, root)
+    assert tokenize(normalized, tiny_tokenizer, 400, root).directory == first.directory  # reused
+    other = copy.deepcopy(tiny_tokenizer)
+    other.chat_template = tiny_tokenizer.chat_template.replace("{{ m['content'] }}", "{{ m['content'] | trim }}")
+    assert other.chat_template != tiny_tokenizer.chat_template
+    changed = tokenize(normalized, other, 400, root)
+    assert changed.built and changed.directory != first.directory
+    assert tokenize(normalized, tiny_tokenizer, 300, root).directory not in (first.directory, changed.directory)

@@ -3,7 +3,7 @@
     python benchmarks/data_scale.py --sizes 1000 --model tiny-random          # checks the script, < 1 min
     python benchmarks/data_scale.py --json data-scale.json                    # 10K, 100K, 1M on SmolLM2-135M
 
-For each size a ShareGPT-shaped JSON Lines file of generated text is written (two turns, about 750
+For each size a ShareGPT-shaped JSON Lines file of generated text is written (two turns, about 850
 bytes a conversation, the shape of the issue that asked for this), then, each in a fresh process:
 
     neftune cold     ``neftune train --data FILE --max-steps 1`` with an empty data cache
@@ -76,7 +76,7 @@ _WORDS = [
 
 
 def write_sharegpt(path: Path, n: int, seed: int = 0) -> None:
-    """``n`` two-turn ShareGPT conversations of about 750 bytes each."""
+    """``n`` two-turn ShareGPT conversations of about 850 bytes each."""
     rng = random.Random(seed)
     with path.open("w", encoding="utf-8") as handle:
         for i in range(n):

@@ -296,3 +296,18 @@ def test_a_changed_chat_template_or_max_length_is_a_new_tokenized_entry(tmp_path
     changed = tokenize(normalized, other, 400, root)
     assert changed.built and changed.directory != first.directory
     assert tokenize(normalized, tiny_tokenizer, 300, root).directory not in (first.directory, changed.directory)
+
+
+def test_a_folder_of_data_files_is_read_as_a_repository_and_an_empty_folder_is_one_line(tmp_path):
+    folder = tmp_path / "plain"
+    folder.mkdir()
+    sharegpt(folder / "train.jsonl", 6)
+    sharegpt(folder / "test.jsonl", 2, start=50)
+    notes: list[str] = []
+    assert len(list(open_records(str(folder), split="train", subset=None, notes=notes).records)) == 6
+    assert len(list(open_records(str(folder), split="test", subset=None, notes=notes).records)) == 2
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(DataError) as err:
+        list(open_records(str(empty), split="train", subset=None, notes=notes).records)
+    assert str(empty) in str(err.value) and "\n" not in str(err.value)

@@ -10,8 +10,9 @@ A spec is, in this order:
 * an existing directory written by ``datasets``' ``save_to_disk`` (it holds ``dataset_info.json``,
   ``state.json`` or ``dataset_dict.json``);
 * an existing directory laid out as a dataset repository (a ``README.md`` dataset card, whose YAML
-  header may list configs, or a ``data/`` folder of data files), read by ``datasets.load_dataset``
-  exactly as a hub data set is;
+  header may list configs, a ``data/`` folder of data files, or data files at its top, split by their
+  names as ``train.jsonl`` / ``test.jsonl``), read by ``datasets.load_dataset`` exactly as a hub data
+  set is;
 * ``owner/name``: a data set on the Hugging Face hub, read by ``datasets.load_dataset(spec, subset,
   split=split)``, which downloads it once into the ``datasets`` cache (``HF_DATASETS_OFFLINE=1``
   reads that cache only).
@@ -41,6 +42,8 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}$")
 _FILE_SUFFIXES = (".json", ".jsonl", ".ndjson", ".parquet", ".csv", ".arrow", ".txt")
 """A missing path with one of these suffixes is a missing file, not a hub id."""
 _SAVED_MARKERS = ("dataset_info.json", "state.json", "dataset_dict.json")
+_REPOSITORY_SUFFIXES = (".json", ".jsonl", ".parquet", ".csv", ".arrow")
+"""A folder holding data files like these is read as ``datasets.load_dataset(folder)`` reads it."""
 
 
 @dataclass
@@ -63,7 +66,11 @@ def _kind(spec: str) -> tuple[str, Path]:
         if path.is_dir():
             if any((path / marker).is_file() for marker in _SAVED_MARKERS):
                 return "saved", path
-            repository = (path / "README.md").is_file() or (path / "data").is_dir()
+            repository = (
+                (path / "README.md").is_file()
+                or (path / "data").is_dir()
+                or any(p.is_file() and p.suffix.lower() in _REPOSITORY_SUFFIXES for p in path.iterdir())
+            )
             # anything else is reported as a directory that save_to_disk did not write
             return ("repository" if repository else "saved"), path
         problem = not_a_regular_file(path)  # a FIFO or /dev/zero would never finish hashing

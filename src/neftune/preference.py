@@ -32,8 +32,8 @@ from neftune.callback import NEFTuneCallback
 from neftune.checkpoints import AtomicCheckpoints, last_complete_checkpoint
 from neftune.config import Config, write_config
 from neftune.data.preference import PreferenceLoad, load_pairs
-from neftune.distributed import check_can_save, full_state_dict, max_over_ranks, sum_over_ranks
-from neftune.io import atomic_write_text, check_output_dir
+from neftune.distributed import check_can_save, max_over_ranks, sum_over_ranks
+from neftune.io import check_output_dir
 from neftune.noise import Distribution
 from neftune.preempt import PreemptionCallback
 from neftune.trainer_parts import CountingCollator, MetricsCallback
@@ -83,11 +83,10 @@ def run_preference_training(
     from neftune.models import describe_model
     from neftune.train import (  # train imports this module when it runs: import it lazily
         TrainResult,
-        _merge_saved_adapter,
-        _save_model,
         build_model,
         is_main_process,
         run_trainer,
+        save_run,
         training_arguments,
     )
 
@@ -188,23 +187,10 @@ def run_preference_training(
         "model": info,
     }
 
-    model_dir, merged_dir = out / "model", None
     unwrapped = trainer.accelerator.unwrap_model(trainer.model)
     if "ref" in getattr(unwrapped, "peft_config", {}):
         unwrapped.delete_adapter("ref")  # TRL's frozen copy of the starting adapter; the trained one is "default"
-    state = full_state_dict(trainer)
-    if is_main_process():
-        import json
-
-        _save_model(model_dir, unwrapped, tokenizer, state)
-        if cfg.model.lora and cfg.model.merge:
-            merged_dir = out / "merged"
-            merged = unwrapped.merge_and_unload() if state is None else _merge_saved_adapter(cfg, model_dir, args)
-            _save_model(merged_dir, merged, tokenizer)
-        summary = {k: v for k, v in metrics.items() if isinstance(v, (int, float, str, dict, list))}
-        summary["loss_curve"] = metrics_cb.loss_curve
-        atomic_write_text(out / "train_summary.json", json.dumps(summary, indent=2, default=str))
-        log.info("model written to %s", model_dir)
+    model_dir, merged_dir = save_run(cfg, trainer, tokenizer, args, metrics, {"loss_curve": metrics_cb.loss_curve})
     return TrainResult(
         output_dir=out,
         model_dir=model_dir,

@@ -351,20 +351,8 @@ def run_training(cfg: Config, *, keep_model: bool = False, extra_callbacks: list
         metrics["heldout_loss"] = metrics_cb.heldout_curve[-1][1]
         metrics["heldout_perplexity"] = math.exp(min(metrics["heldout_loss"], 700.0))
 
-    model_dir, merged_dir = out / "model", None
-    state = full_state_dict(trainer)  # a sharded model is gathered to rank 0, every rank taking part
-    if is_main_process():
-        unwrapped = trainer.accelerator.unwrap_model(trainer.model)
-        _save_model(model_dir, unwrapped, tokenizer, state)
-        if cfg.model.lora and cfg.model.merge:
-            merged_dir = out / "merged"
-            merged = unwrapped.merge_and_unload() if state is None else _merge_saved_adapter(cfg, model_dir, args)
-            _save_model(merged_dir, merged, tokenizer)
-        summary = {k: v for k, v in metrics.items() if isinstance(v, (int, float, str, dict, list))}
-        summary["loss_curve"] = metrics_cb.loss_curve
-        summary["heldout_curve"] = metrics_cb.heldout_curve
-        atomic_write_text(out / "train_summary.json", json.dumps(summary, indent=2, default=str))
-        log.info("model written to %s", model_dir)
+    curves = {"loss_curve": metrics_cb.loss_curve, "heldout_curve": metrics_cb.heldout_curve}
+    model_dir, merged_dir = save_run(cfg, trainer, tokenizer, args, metrics, curves)
     if labelled_loss is not None:
         labelled_loss.remove()  # a returned model computes its logits as usual again
     return TrainResult(
@@ -377,6 +365,28 @@ def run_training(cfg: Config, *, keep_model: bool = False, extra_callbacks: list
         model=trainer.accelerator.unwrap_model(trainer.model) if keep_model else None,
         tokenizer=tokenizer if keep_model else None,
     )
+
+
+def save_run(
+    cfg: Config, trainer: Any, tokenizer: Any, args: Any, metrics: dict[str, Any], curves: dict[str, list]
+) -> tuple[Path, Path | None]:
+    """Write the trained model (and the merged one with ``model.merge``) and ``train_summary.json``
+    (``metrics`` and ``curves``); every rank calls it, since a sharded model is gathered to rank 0.
+    Returns the model directory and the merged one (None without ``model.merge``)."""
+    out = Path(cfg.train.output)
+    model_dir, merged_dir = out / "model", None
+    state = full_state_dict(trainer)  # a sharded model is gathered to rank 0, every rank taking part
+    if is_main_process():
+        unwrapped = trainer.accelerator.unwrap_model(trainer.model)
+        _save_model(model_dir, unwrapped, tokenizer, state)
+        if cfg.model.lora and cfg.model.merge:
+            merged_dir = out / "merged"
+            merged = unwrapped.merge_and_unload() if state is None else _merge_saved_adapter(cfg, model_dir, args)
+            _save_model(merged_dir, merged, tokenizer)
+        summary = {k: v for k, v in metrics.items() if isinstance(v, (int, float, str, dict, list))}
+        atomic_write_text(out / "train_summary.json", json.dumps({**summary, **curves}, indent=2, default=str))
+        log.info("model written to %s", model_dir)
+    return model_dir, merged_dir
 
 
 def _save_model(target: Path, model: Any, tokenizer: Any, state: dict | None = None) -> None:

@@ -33,10 +33,10 @@ $(STAMP): pyproject.toml Makefile
 	touch $(STAMP)
 
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2 --dist loadfile
 
 test-fast: $(STAMP)
-	$(PY) -m pytest -q -m "not slow and not server and not vllm"
+	$(PY) -m pytest -q -n 2 --dist loadfile -m "not slow and not server and not vllm"
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

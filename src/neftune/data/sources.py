@@ -10,8 +10,8 @@ A spec is, in this order:
 * an existing directory written by ``datasets``' ``save_to_disk`` (it holds ``dataset_info.json``,
   ``state.json`` or ``dataset_dict.json``);
 * an existing directory laid out as a dataset repository (a ``README.md`` dataset card, whose YAML
-  header may list configs, a ``data/`` folder of data files, or data files at its top, split by their
-  names as ``train.jsonl`` / ``test.jsonl``), read by ``datasets.load_dataset`` exactly as a hub data
+  header may list configs, a ``data/`` folder of data files, or data files at its top named after their
+  splits, as ``train.jsonl`` / ``test.jsonl``), read by ``datasets.load_dataset`` exactly as a hub data
   set is;
 * ``owner/name``: a data set on the Hugging Face hub, read by ``datasets.load_dataset(spec, subset,
   split=split)``, which downloads it once into the ``datasets`` cache (``HF_DATASETS_OFFLINE=1``
@@ -43,7 +43,14 @@ _FILE_SUFFIXES = (".json", ".jsonl", ".ndjson", ".parquet", ".csv", ".arrow", ".
 """A missing path with one of these suffixes is a missing file, not a hub id."""
 _SAVED_MARKERS = ("dataset_info.json", "state.json", "dataset_dict.json")
 _REPOSITORY_SUFFIXES = (".json", ".jsonl", ".parquet", ".csv", ".arrow")
-"""A folder holding data files like these is read as ``datasets.load_dataset(folder)`` reads it."""
+_SPLIT_NAMES = ("train", "test", "validation", "valid", "dev", "eval")
+
+
+def _split_file(path: Path) -> bool:
+    """A data file named after a split (``train.jsonl``, ``test-00000.parquet``): a folder holding one is
+    read as ``datasets.load_dataset(folder)`` reads it; a folder of other files is not guessed at."""
+    stem = path.name.lower().split(".", 1)[0]
+    return path.is_file() and path.suffix.lower() in _REPOSITORY_SUFFIXES and stem.startswith(_SPLIT_NAMES)
 
 
 @dataclass
@@ -69,7 +76,7 @@ def _kind(spec: str) -> tuple[str, Path]:
             repository = (
                 (path / "README.md").is_file()
                 or (path / "data").is_dir()
-                or any(p.is_file() and p.suffix.lower() in _REPOSITORY_SUFFIXES for p in path.iterdir())
+                or any(_split_file(p) for p in path.iterdir())
             )
             # anything else is reported as a directory that save_to_disk did not write
             return ("repository" if repository else "saved"), path

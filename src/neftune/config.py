@@ -251,6 +251,15 @@ class Config:
             raise ConfigError(f"data.eval_size must be a count >= 1 or a share in (0, 1), got {size!r}")
         if size is not None and size >= 1 and size != int(size):
             raise ConfigError(f"data.eval_size above 1 is a count of examples and must be whole, got {size!r}")
+        if size is not None and self.data.eval:
+            raise ConfigError(
+                "data.eval_size splits held-out examples off the training data; it cannot be combined with "
+                f"data.eval (--eval-data {self.data.eval})"
+            )
+        if size is not None and _has_own_heldout_split(self.data.train):
+            raise ConfigError(
+                f"{self.data.train} has its own held-out split; data.eval_size applies to custom training data"
+            )
         if self.data.streaming and self.train.max_steps is None:
             raise ConfigError("data.streaming needs train.max_steps (--max-steps): a stream has no known length")
         if self.data.streaming and size is not None and size < 1:
@@ -272,6 +281,13 @@ class Config:
 def _choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
     if value not in choices:
         raise ConfigError(f"{name} must be one of {', '.join(choices)}; got {value!r}")
+
+
+def _has_own_heldout_split(spec: str) -> bool:
+    from neftune.data.presets import get_preset
+
+    preset = get_preset(spec)
+    return preset is not None and preset.heldout_from_train
 
 
 def _positive(name: str, value: Any) -> None:

@@ -186,6 +186,8 @@ def test_eval_size_errors_name_the_setting(tmp_path, capsys):
     assert "data.streaming holds out a count of examples" in capsys.readouterr().err
     assert main([*base, "--eval-size", "2", "--eval-data", str(data)]) == 2
     assert "it cannot be combined with data.eval (--eval-data" in capsys.readouterr().err
+    assert main([*base, "--data-split", "test"]) == 2
+    assert "data.split='test' chooses a split of a datasets directory" in capsys.readouterr().err
     skills = ["train", "--model", "tiny-random", "--data", "builtin:skills", "--output", str(tmp_path / "s")]
     assert main([*skills, "--eval-size", "8"]) == 2
     assert "builtin:skills has its own held-out split" in capsys.readouterr().err

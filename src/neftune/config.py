@@ -251,6 +251,11 @@ class Config:
             raise ConfigError(f"data.eval_size must be a count >= 1 or a share in (0, 1), got {size!r}")
         if size is not None and size >= 1 and size != int(size):
             raise ConfigError(f"data.eval_size above 1 is a count of examples and must be whole, got {size!r}")
+        if self.data.split != "train" and Path(self.data.train).expanduser().is_file():
+            raise ConfigError(
+                f"data.split={self.data.split!r} chooses a split of a datasets directory, dataset repository or hub "
+                f"data set; {self.data.train} is a single file"
+            )
         if size is not None and self.data.eval:
             raise ConfigError(
                 "data.eval_size splits held-out examples off the training data; it cannot be combined with "

@@ -162,8 +162,10 @@ def load_eval_examples(
 class Validation:
     """The running account of :func:`validate_records`: records seen, skips by reason, repairs, notes."""
 
-    def __init__(self, label: str, notes: list[str]) -> None:
+    def __init__(self, label: str, notes: list[str], expected: int | None = None) -> None:
         self.label = label
+        self.expected = expected
+        """How many records the source probably holds (for a progress bar's ETA), if known."""
         self.total = 0
         self.kept = 0
         self.skipped: Counter[str] = Counter()

@@ -287,6 +287,7 @@ def examples_of(request: Request, notes: list[str], *, streaming: bool = False) 
         notes.extend(loaded.notes)
         return iter(loaded.examples), account
     fixed = None if request.fmt == "auto" else request.fmt
+    expected: int | None = None
     if preset is not None and preset.path is not None:
         path = preset.path()
         label, records = path.name, read_records(path, path.name, request.split, notes)
@@ -296,7 +297,8 @@ def examples_of(request: Request, notes: list[str], *, streaming: bool = False) 
             request.spec, split=request.split, subset=request.subset, notes=notes, streaming=streaming
         )
         label, records, policy = opened.label, opened.records, request.on_bad_record
-    account = Validation(label, notes)
+        expected = opened.size
+    account = Validation(label, notes, expected)
     return validate_records(records, account, fixed, policy, limit, request.require_response), account
 
 
@@ -311,7 +313,9 @@ def _write_examples(request: Request, directory: Path, progress: bool) -> dict[s
     with (
         pa.OSFile(str(directory / _EXAMPLES), "wb") as sink,
         pa.ipc.new_stream(sink, schema) as writer,
-        tqdm(desc=f"reading {account.label}", unit=" examples", disable=not progress, leave=False) as bar,
+        tqdm(
+            desc=f"reading {account.label}", total=account.expected, unit=" records", disable=not progress, leave=False
+        ) as bar,
     ):
         batch: list[dict[str, Any]] = []
         for example in examples:
@@ -319,7 +323,7 @@ def _write_examples(request: Request, directory: Path, progress: bool) -> dict[s
             if len(batch) >= _BATCH:
                 writer.write_table(pa.Table.from_pylist(batch, schema=schema))
                 rows += len(batch)
-                bar.update(len(batch))
+                bar.update(account.total - bar.n)  # records read, skipped ones included: the ETA's unit
                 batch = []
         if batch:
             writer.write_table(pa.Table.from_pylist(batch, schema=schema))

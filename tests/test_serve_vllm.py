@@ -155,7 +155,7 @@ def test_two_arms_served_as_adapters_of_one_engine_answer_like_hf(vllm_engine) -
         print(f"{name}: {len(same)}/{len(examples)} answers identical to hf's")
         # fp32 on both sides: 12 of 12 identical on this AVX2 machine; the two
         # engines' kernels sum in different orders, so a near-tie may break the other way on another
-        # CPU, and the claim tested is the share stated in the README (at least 10 of 12), not all
+        # CPU, and the claim tested is the share stated in docs/serving.md (at least 10 of 12), not all
         assert len(same) >= len(examples) - 2, [(a["output"], b["output"]) for a, b in pairs if a not in same]
         for a, b in pairs:  # a differing answer still starts the same way: the same model and template
             assert a["output"][:20] == b["output"][:20]

@@ -3,7 +3,7 @@
 Every simulation is vectorised: thousands of synthetic experiments go through one call, so the file
 runs in seconds.  Thresholds allow three Monte Carlo standard errors around the nominal rate.
 
-Documented power (the README's "How to read the report" quotes these): with ``S`` seeds and the
+Documented power (docs/report.md's "How to read the report" quotes these): with ``S`` seeds and the
 per-seed standard error ``SE`` of a paired difference on the eval set, the pooled test detects an
 effect with 80% power at about 12 SE (2 seeds), 4 SE (3 seeds) and 2 SE (5 seeds) when training
 seeds add no variance; see :func:`test_power_at_documented_sizes`.

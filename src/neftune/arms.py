@@ -120,6 +120,7 @@ def engine_for(cfg: CompareConfig, arm: Arm, tokenizer: Any) -> Any:
         server=server,
         max_new_tokens=default_max_new_tokens(cfg),
         repetition_penalty=default_repetition_penalty(cfg),
+        workers=gen.batch_size,  # the server batches what is in flight
     )
     engine.ensure_served(adapter)
     return engine

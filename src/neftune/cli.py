@@ -123,7 +123,15 @@ def _answer(args: argparse.Namespace, model, tokenizer, examples) -> list[dict]:
             server = "vllm"
         elif not url:
             raise NeftuneError("--backend openai needs --url (the server's base URL, e.g. http://127.0.0.1:8000/v1)")
-        engine = ServerEngine(url, served, tokenizer, server=server, max_new_tokens=cap, repetition_penalty=penalty)
+        engine = ServerEngine(
+            url,
+            served,
+            tokenizer,
+            server=server,
+            max_new_tokens=cap,
+            repetition_penalty=penalty,
+            workers=args.batch_size,
+        )
         engine.ensure_served(adapter)
         return generate_outputs(
             None,
@@ -302,7 +310,12 @@ def _add_generation_args(p: argparse.ArgumentParser) -> None:
         default=None,
         help="greedy decoding penalty (default: the eval data's; 1.2, the paper's, for files)",
     )
-    p.add_argument("--batch-size", type=int, default=16, help="prompts per batch (batches are sorted by length)")
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=16,
+        help="prompts per batch (batches are sorted by length); with a server backend, the requests in flight",
+    )
     p.add_argument("--trust-remote-code", action="store_true", help="allow model code from the hub to run")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 

@@ -367,7 +367,9 @@ class GenerateConfig:
         "greedy decoding penalty (default: the eval data's; the paper's 1.2, or 1.0 for builtin:skills, whose "
         "exact answers copy words and digits from the prompt, which the penalty punishes)",
     )
-    batch_size: int = setting(16, "prompts per generation batch (sorted by length)")
+    batch_size: int = setting(
+        16, "prompts per generation batch (sorted by length); with a server backend, the requests in flight"
+    )
     backend: str = setting(
         "hf",
         "hf (transformers' generate, in-process), vllm (a vLLM server neftune starts, every LoRA arm an adapter "

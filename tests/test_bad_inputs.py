@@ -241,12 +241,12 @@ def test_debug_flag_and_variable_show_the_traceback(places, tmp_path, monkeypatc
 
 
 def test_an_unexpected_exception_is_one_line_saying_how_to_see_more(places, tmp_path, monkeypatch, capsys):
-    import neftune.generate
+    import neftune.outputs
 
     def broken(path):
         raise KeyError("surprise")
 
-    monkeypatch.setattr(neftune.generate, "read_outputs", broken)
+    monkeypatch.setattr(neftune.outputs, "read_outputs", broken)
     monkeypatch.delenv("NEFTUNE_DEBUG", raising=False)
     argv = ["judge", places["outs"], places["outs"], "--backend", "length", "--cache", str(tmp_path / "c")]
     code, err = run_cli(argv, capsys)

@@ -214,7 +214,7 @@ def test_generate_and_judge_against_alpaca_eval_references(tmp_path, tiny_model_
 
 
 def test_sharegpt_first_turns_have_a_fixed_heldout_split_within_the_caps():
-    from neftune.data.presets import FIRST_TURN_ANSWER_CHARS, FIRST_TURN_PROMPT_CHARS, FIRST_TURN_TEST_SIZE
+    from neftune.data.sharegpt import FIRST_TURN_ANSWER_CHARS, FIRST_TURN_PROMPT_CHARS, FIRST_TURN_TEST_SIZE
 
     train = load_examples("builtin:sharegpt_first", split="train", seed=0)
     test = load_eval_examples("builtin:sharegpt_first")

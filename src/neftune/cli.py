@@ -156,9 +156,9 @@ def _answer(args: argparse.Namespace, model, tokenizer, examples) -> list[dict]:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from neftune.generate import write_outputs
     from neftune.io import check_output_file
     from neftune.models import load_model_and_tokenizer
+    from neftune.outputs import write_outputs
 
     check_output_file(args.output)
     examples = _load_eval_set(args.data, args.format, args.limit, args.on_bad_record)
@@ -188,9 +188,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     import json
 
     from neftune.evaluate import evaluate_outputs, heldout_loss
-    from neftune.generate import read_outputs, write_outputs
     from neftune.io import check_output_file
     from neftune.models import load_model_and_tokenizer
+    from neftune.outputs import read_outputs, write_outputs
 
     if args.output:
         check_output_file(args.output)
@@ -238,9 +238,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def cmd_judge(args: argparse.Namespace) -> int:
     from neftune.data.presets import get_preset
-    from neftune.generate import read_outputs
     from neftune.io import check_output_file
     from neftune.judge import build_judge, judge_pairs
+    from neftune.outputs import read_outputs
 
     if args.output:
         check_output_file(args.output)

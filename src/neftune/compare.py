@@ -144,8 +144,8 @@ JUDGE_SUMMARY_KEYS = (
 
 def judge_arms(cfg: CompareConfig, arms: list[Arm], entries: dict[str, dict]) -> None:
     """Judge every NEFTune arm against the baseline of its seed; fill ``entry['judge']``."""
-    from neftune.generate import read_outputs
     from neftune.judge import build_judge, judge_pairs
+    from neftune.outputs import read_outputs
 
     pairs = [(a, next(b for b in arms if b.seed == a.seed and b.alpha == 0.0)) for a in arms if a.alpha > 0]
     pairs = [(a, b) for a, b in pairs if a.name in entries and b.name in entries]
@@ -315,7 +315,7 @@ def _run_arms(
 
 def _examples(arms: list[Arm], entries: dict[str, dict], n: int = 6) -> list[dict[str, Any]]:
     """The first ``n`` eval prompts with every arm's answer side by side (not hand-picked)."""
-    from neftune.generate import read_outputs
+    from neftune.outputs import read_outputs
 
     outputs = {
         a.name: read_outputs(a.directory / "outputs.json")

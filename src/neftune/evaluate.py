@@ -3,7 +3,7 @@
 Typical use::
 
     from neftune.evaluate import evaluate_outputs, heldout_loss
-    from neftune.generate import read_outputs
+    from neftune.outputs import read_outputs
 
     report = evaluate_outputs(read_outputs("runs/b/outputs.json"), examples, tokenizer)
     loss = heldout_loss(model, tokenizer, examples, max_length=1024, batch_size=8)
@@ -38,7 +38,7 @@ import torch
 
 from neftune.errors import DataError
 from neftune.ifeval import is_ifeval_example, score_ifeval
-from neftune.outputs import REACHED_CAP
+from neftune.outputs import REACHED_CAP, instruction_of
 
 __all__ = [
     "correct_flags",
@@ -312,7 +312,7 @@ def evaluate_outputs(
     """Every applicable metric for one outputs file.
 
     Args:
-        records: AlpacaEval records (see :func:`neftune.generate.read_outputs`).
+        records: AlpacaEval records (see :func:`neftune.outputs.read_outputs`).
         examples: the examples the records answer, in the same order; needed for exact match
             (examples whose ``meta`` carries an ``"answer"``) and used for references that the
             records lack.  Their last user message must equal each record's ``instruction``.
@@ -333,8 +333,6 @@ def evaluate_outputs(
     and ``per_example`` gains ``ifeval_prompt_strict`` and ``ifeval_prompt_loose`` (0/1) and the
     per-instruction verdicts.
     """
-    from neftune.generate import instruction_of
-
     outputs = [str(r["output"]) for r in records]
     if examples is not None:
         if len(examples) != len(records):

@@ -15,8 +15,9 @@ left-padded (so every row's last prompt token sits in the final column and the K
 extended in lockstep), decoded greedily until an end-of-turn token, and returned in the caller's
 order, each with whether it stopped at ``max_new_tokens`` without an end token (it was cut off).
 
-Output files are AlpacaEval ``model_outputs`` files (:mod:`neftune.outputs`, whose readers and
-writers are re-exported here); each record says whether its answer reached the token cap.
+Output files are AlpacaEval ``model_outputs`` files (:mod:`neftune.outputs`, whose readers, writers
+and :func:`instruction_of` are re-exported here); each record says whether its answer reached the
+token cap.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ import torch
 
 from neftune.data.presets import defaults_for
 from neftune.errors import DataError
-from neftune.outputs import REACHED_CAP, REQUIRED_KEYS, read_outputs, write_outputs
+from neftune.outputs import REACHED_CAP, REQUIRED_KEYS, instruction_of, read_outputs, write_outputs
 
 logger = logging.getLogger(__name__)
 
@@ -280,19 +281,6 @@ def generate_texts(
         progress=progress,
     )
     return [tokenizer.decode(row, skip_special_tokens=True).strip() for row in ids]
-
-
-def instruction_of(messages: Sequence[Mapping[str, Any]]) -> str:
-    """Return the instruction recorded for a prompt: the content of its last user message.
-
-    For a multi-turn prompt this is the final user turn only; earlier turns (and any system message)
-    are part of the prompt the model saw but not of the ``instruction`` field, which AlpacaEval and
-    :mod:`neftune.judge` use to pair up two models' answers.
-    """
-    for message in reversed(messages):
-        if message.get("role") == "user":
-            return str(message.get("content", ""))
-    raise ValueError("prompt has no user message")
 
 
 _META_MAX_CHARS = 200

@@ -7,14 +7,15 @@ keys: ``reference`` (the dataset's reference answer, a string), ``meta`` (a smal
 e.g. a builtin example's ``family`` and ``answer``) and ``reached_cap`` (``true`` when generation
 stopped at ``max_new_tokens`` without an end token, i.e. the answer was cut off).  AlpacaEval accepts
 such files unchanged: its head-to-head annotation keeps only the ``instruction`` and ``output``
-columns of each file.
+columns of each file.  A record's ``instruction`` is its prompt's last user message
+(:func:`instruction_of`), which is how two files' answers are paired up.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -23,12 +24,25 @@ from neftune.io import atomic_write_json, not_a_regular_file
 from neftune.jsonsafe import JSONProblem
 from neftune.jsonsafe import loads as strict_loads
 
-__all__ = ["REACHED_CAP", "REQUIRED_KEYS", "read_outputs", "write_outputs"]
+__all__ = ["REACHED_CAP", "REQUIRED_KEYS", "instruction_of", "read_outputs", "write_outputs"]
 
 #: Keys every output record must have, with string values (``dataset``, also written, is optional).
 REQUIRED_KEYS: tuple[str, ...] = ("instruction", "output", "generator")
 #: The optional record key saying whether the answer stopped at the token cap without an end token.
 REACHED_CAP = "reached_cap"
+
+
+def instruction_of(messages: Sequence[Mapping[str, Any]]) -> str:
+    """Return the instruction recorded for a prompt: the content of its last user message.
+
+    For a multi-turn prompt this is the final user turn only; earlier turns (and any system message)
+    are part of the prompt the model saw but not of the ``instruction`` field, which AlpacaEval and
+    :mod:`neftune.judge` use to pair up two models' answers.
+    """
+    for message in reversed(messages):
+        if message.get("role") == "user":
+            return str(message.get("content", ""))
+    raise ValueError("prompt has no user message")
 
 
 def _validate_records(records: Any, where: str) -> list[dict[str, Any]]:

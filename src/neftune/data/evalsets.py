@@ -38,9 +38,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from neftune.data.formats import load_examples
+from neftune.data.formats import load_eval_examples, load_examples
 from neftune.data.types import Example
 from neftune.errors import ConfigError, DataError
+from neftune.outputs import instruction_of
 
 logger = logging.getLogger(__name__)
 
@@ -235,9 +236,6 @@ def reference_pairs(
     Raises:
         DataError: a candidate's instruction is not in ``spec``, or its example has no reference.
     """
-    from neftune.data.formats import load_eval_examples
-    from neftune.generate import instruction_of
-
     examples = load_eval_examples(spec, require_response=False).examples
     by_instruction = {instruction_of(e.prompt_messages): e for e in examples}
     baseline = []

@@ -2,7 +2,7 @@
 
 Typical use::
 
-    from neftune.generate import read_outputs
+    from neftune.outputs import read_outputs
     from neftune.judge import judge_pairs, make_judge
 
     judge = make_judge("http", base_url="http://127.0.0.1:8080/v1", model="judge")

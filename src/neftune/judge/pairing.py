@@ -33,7 +33,7 @@ def pair_outputs(
 ) -> tuple[list[Mapping[str, Any]], list[Mapping[str, Any]]]:
     """``(baseline, candidate)`` with the candidate's records in the baseline's instruction order.
 
-    Records are AlpacaEval records (:func:`neftune.generate.read_outputs`); the labels name the
+    Records are AlpacaEval records (:func:`neftune.outputs.read_outputs`); the labels name the
     files in messages.  Raises :class:`DataError` when a file is empty, when the two files do not
     hold the same instructions, or when a repeated instruction makes the pairing ambiguous.
     """

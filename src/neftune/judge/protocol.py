@@ -192,7 +192,7 @@ def judge_pairs(
     """Judge candidate outputs ``records_b`` against baseline outputs ``records_a``, pair by pair.
 
     Args:
-        records_a, records_b: AlpacaEval records (:func:`neftune.generate.read_outputs`) for the
+        records_a, records_b: AlpacaEval records (:func:`neftune.outputs.read_outputs`) for the
             same instructions in the same order.  A ``reference`` in ``records_a`` (else
             ``records_b``) is passed to the judge.
         backend: a :class:`~neftune.judge.Judge`, or a name in :data:`~neftune.judge.JUDGES` built

@@ -5,7 +5,9 @@ returns an :class:`Analysis`: the arms that ran and those that failed, the basel
 readable labels, for every treatment its paired per-example effects against the baseline of its own
 seed (:func:`compute_effects`, one seed's view), and the experiment's verdicts pooled over seeds
 (:mod:`neftune.report.verdicts`).  Every statistic comes from :mod:`neftune.stats`; nothing here
-formats text for a reader.
+formats text for a reader.  The verdict words (:mod:`neftune.report.words`) and the paired metrics
+(:mod:`neftune.report.paired`) live below this module and :mod:`~neftune.report.verdicts`, and are
+re-exported here.
 """
 
 from __future__ import annotations
@@ -18,9 +20,11 @@ from typing import Any
 import numpy as np
 
 from neftune.errors import DataError
-from neftune.report.censoring import WITHHELD, cut_share, withheld_reason
+from neftune.report.censoring import cut_share, withheld_reason
+from neftune.report.paired import PAIRED_METRICS, Metric, per_example_values
 from neftune.report.values import arm_name, as_float, is_interval, mapping_at
 from neftune.report.verdicts import SIGNIFICANCE, Verdicts, build_verdicts
+from neftune.report.words import BETTER, LONGER, NOISE, SHORTER, WITHHELD, WORSE, verdict_word
 from neftune.stats import compare_seeds
 
 __all__ = [
@@ -51,64 +55,14 @@ LOW_CONSISTENCY = 0.6
 #: Confidence level of every interval in the report.
 CI_LEVEL = 0.95
 
-BETTER, WORSE, NOISE, LONGER, SHORTER = "better", "worse", "within noise", "longer", "shorter"
-
-
-@dataclass(frozen=True)
-class Metric:
-    """A per-example metric that can be paired across arms."""
-
-    key: str  # key in the returned effects
-    source: str  # key of the per-example values in eval.per_example
-    label: str
-    higher_is_better: bool | None  # None: neither direction is better (length)
-    scale: float  # multiply a raw difference by this for display
-    unit: str  # unit of the scaled difference
-
-
-PAIRED_METRICS = (
-    Metric("exact_match", "correct", "exact match", True, 100.0, "points"),
-    Metric("rouge_l", "rouge_l", "ROUGE-L", True, 100.0, "points"),
-    Metric("ifeval_prompt_strict", "ifeval_prompt_strict", "IFEval prompt-level (strict)", True, 100.0, "points"),
-    Metric("ifeval_prompt_loose", "ifeval_prompt_loose", "IFEval prompt-level (loose)", True, 100.0, "points"),
-    Metric("length_chars", "length_chars", "response length", None, 1.0, "chars"),
-)
-
-
-def per_example_values(arm: Mapping[str, Any], key: str) -> list[float | None] | None:
-    """Return the per-example values of ``key`` as floats (``None`` kept), or ``None`` if absent.
-
-    Non-finite numbers become ``None``; a value that is not a number raises :class:`DataError`.
-    """
-    values = mapping_at(mapping_at(arm, "eval"), "per_example").get(key)
-    if values is None:
-        return None
-    if isinstance(values, (str, bytes)) or not isinstance(values, Sequence):
-        raise DataError(f"arm {arm_name(arm)!r}: eval.per_example.{key} must be a list, got {type(values).__name__}")
-    out: list[float | None] = []
-    for i, v in enumerate(values):
-        if v is None:
-            out.append(None)
-            continue
-        try:
-            f = float(v)
-        except (TypeError, ValueError):
-            raise DataError(f"arm {arm_name(arm)!r}: eval.per_example.{key}[{i}] is not a number: {v!r}") from None
-        out.append(f if math.isfinite(f) else None)
-    return out
-
 
 def _verdict(lo: float, hi: float, higher_is_better: bool | None) -> str:
     """Plain-language verdict for a difference whose CI is ``[lo, hi]`` (inclusive of 0 = noise).
 
     An interval that could not be computed (a bound is NaN) decides nothing: noise.
     """
-    if not (math.isfinite(lo) and math.isfinite(hi)) or lo <= 0.0 <= hi:
-        return NOISE
-    up = lo > 0.0
-    if higher_is_better is None:
-        return LONGER if up else SHORTER
-    return BETTER if up == higher_is_better else WORSE
+    excludes_zero = math.isfinite(lo) and math.isfinite(hi) and not lo <= 0.0 <= hi
+    return verdict_word(excludes_zero, lo > 0.0, higher_is_better)
 
 
 def compute_effects(

@@ -14,13 +14,12 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from neftune.report.values import arm_name, as_float, mapping_at
+from neftune.report.words import WITHHELD
 
 __all__ = ["CENSORED_LIMIT", "WITHHELD", "cap_of", "cut_share", "withheld_reason"]
 
 #: Above this share of cut-off answers on either side, no length verdict is given.
 CENSORED_LIMIT = 0.10
-#: The verdict a length effect gets in its place.
-WITHHELD = "withheld"
 
 
 def cut_share(arm: Mapping[str, Any]) -> float | None:

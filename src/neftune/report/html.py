@@ -17,8 +17,8 @@ from typing import NoReturn
 import jinja2
 from markupsafe import Markup
 
-from neftune.report.analysis import BETTER, LONGER, NOISE, SHORTER, WITHHELD, WORSE
 from neftune.report.document import Document
+from neftune.report.words import BETTER, LONGER, NOISE, SHORTER, WITHHELD, WORSE
 
 __all__ = ["render_html"]
 

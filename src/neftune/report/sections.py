@@ -10,20 +10,13 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from neftune.report.analysis import (
-    BETTER,
-    NOISE,
-    WITHHELD,
-    WORSE,
-    Analysis,
-    judge_of,
-    judge_verdict,
-)
+from neftune.report.analysis import Analysis, judge_of, judge_verdict
 from neftune.report.censoring import CENSORED_LIMIT, cap_of, cut_share
 from neftune.report.document import Bullets, Inline, Notice, Para, Section, Span
 from neftune.report.format import fmt_bound, fmt_interval, fmt_number, fmt_percent
 from neftune.report.values import as_float, is_interval
 from neftune.report.verdict_text import METHOD_NOTE, aa_table, alpha_lines, per_seed_table, pooled_table, summary_text
+from neftune.report.words import BETTER, NOISE, WITHHELD, WORSE
 
 __all__ = [
     "effect_diff_text",

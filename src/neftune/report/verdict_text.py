@@ -8,10 +8,11 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from neftune.report.analysis import BETTER, NOISE, WITHHELD, WORSE, Analysis
+from neftune.report.analysis import Analysis
 from neftune.report.document import Inline, Para, Span, Table, verdict_span
 from neftune.report.format import DASH, fmt_bound, fmt_interval, fmt_number
-from neftune.report.verdicts import SIGNIFICANCE, UNMEASURED, Pooled, Verdicts
+from neftune.report.verdicts import SIGNIFICANCE, Pooled, Verdicts
+from neftune.report.words import BETTER, NOISE, UNMEASURED, WITHHELD, WORSE
 
 __all__ = ["METHOD_NOTE", "aa_table", "alpha_lines", "per_seed_table", "pooled_table", "summary_text"]
 

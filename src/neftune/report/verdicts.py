@@ -22,8 +22,10 @@ from typing import Any
 
 import numpy as np
 
-from neftune.report.censoring import WITHHELD, withheld_reason
+from neftune.report.censoring import withheld_reason
+from neftune.report.paired import PAIRED_METRICS, per_example_values
 from neftune.report.values import as_float, is_interval, mapping_at
+from neftune.report.words import UNMEASURED, WITHHELD, verdict_word
 from neftune.stats import aa_floor, compare_seeds, holm, seed_level_test
 
 __all__ = [
@@ -42,7 +44,6 @@ __all__ = [
 SCHEMA_VERSION = 2
 #: Family-wise error rate of every verdict.
 SIGNIFICANCE = 0.05
-UNMEASURED = "seed variance unmeasured"
 #: Metrics a user may declare primary (``compare.primary``); length has no better direction.
 PRIMARY_CHOICES = ("exact_match", "ifeval_prompt_strict", "ifeval_prompt_loose", "rouge_l", "lc_win_rate")
 #: When nothing was declared: the first of these that every arm measured.
@@ -107,16 +108,8 @@ class Verdicts:
         return out
 
 
-def _metrics() -> Sequence[Any]:
-    from neftune.report.analysis import PAIRED_METRICS
-
-    return PAIRED_METRICS
-
-
 def _matrix(arms: Sequence[Mapping[str, Any]], source: str) -> np.ndarray | None:
     """Per-example values of ``source`` as a (len(arms), n) array; prompts with any gap dropped."""
-    from neftune.report.analysis import per_example_values
-
     rows = [per_example_values(arm, source) for arm in arms]
     if any(r is None for r in rows) or len({len(r) for r in rows if r is not None}) != 1:
         return None
@@ -208,18 +201,12 @@ def _judge_reliable(treated: Sequence[Mapping[str, Any]], low: float) -> bool:
 
 
 def _verdict(effect: Pooled, p_holm: float, measured: bool) -> str:
-    from neftune.report.analysis import BETTER, LONGER, NOISE, SHORTER, WORSE
-
     if effect.withheld is not None:
         return WITHHELD
     if not measured:
         return UNMEASURED
-    if not (math.isfinite(p_holm) and p_holm < SIGNIFICANCE):
-        return NOISE
-    up = effect.estimate > 0
-    if effect.higher_is_better is None:
-        return LONGER if up else SHORTER
-    return BETTER if up == effect.higher_is_better else WORSE
+    significant = math.isfinite(p_holm) and p_holm < SIGNIFICANCE
+    return verdict_word(significant, effect.estimate > 0, effect.higher_is_better)
 
 
 def _declared(results: Mapping[str, Any]) -> tuple[str | None, str, str | None]:
@@ -250,7 +237,7 @@ def build_verdicts(
         if not seeds:
             continue
         treated, base = [per_seed[s] for s in seeds], [bases[s] for s in seeds]
-        effects = {m.key: e for m in _metrics() if (e := _paired(alpha, m, treated, base, seeds)) is not None}
+        effects = {m.key: e for m in PAIRED_METRICS if (e := _paired(alpha, m, treated, base, seeds)) is not None}
         if "length_chars" in effects:
             effects["length_chars"].withheld = withheld_reason(base, treated)
         for key in JUDGE_METRICS:
@@ -289,7 +276,7 @@ def build_verdicts(
 
     aa: dict[str, dict[str, Any]] = {}
     if len(seeds_all) >= 2:
-        for m in _metrics():
+        for m in PAIRED_METRICS:
             matrix = _matrix([bases[s] for s in seeds_all], m.source)
             if matrix is not None:
                 aa[m.key] = aa_floor(matrix, seed_ids=seeds_all)

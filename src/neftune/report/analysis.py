@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from neftune.errors import DataError
+from neftune.metrics import paired_metrics
 from neftune.report.censoring import WITHHELD, cut_share, withheld_reason
 from neftune.report.values import arm_name, as_float, is_interval, mapping_at
 from neftune.report.verdicts import SIGNIFICANCE, Verdicts, build_verdicts
@@ -34,7 +35,6 @@ __all__ = [
     "WITHHELD",
     "WORSE",
     "Analysis",
-    "Metric",
     "analyse",
     "arm_labels",
     "compute_effects",
@@ -54,25 +54,8 @@ CI_LEVEL = 0.95
 BETTER, WORSE, NOISE, LONGER, SHORTER = "better", "worse", "within noise", "longer", "shorter"
 
 
-@dataclass(frozen=True)
-class Metric:
-    """A per-example metric that can be paired across arms."""
-
-    key: str  # key in the returned effects
-    source: str  # key of the per-example values in eval.per_example
-    label: str
-    higher_is_better: bool | None  # None: neither direction is better (length)
-    scale: float  # multiply a raw difference by this for display
-    unit: str  # unit of the scaled difference
-
-
-PAIRED_METRICS = (
-    Metric("exact_match", "correct", "exact match", True, 100.0, "points"),
-    Metric("rouge_l", "rouge_l", "ROUGE-L", True, 100.0, "points"),
-    Metric("ifeval_prompt_strict", "ifeval_prompt_strict", "IFEval prompt-level (strict)", True, 100.0, "points"),
-    Metric("ifeval_prompt_loose", "ifeval_prompt_loose", "IFEval prompt-level (loose)", True, 100.0, "points"),
-    Metric("length_chars", "length_chars", "response length", None, 1.0, "chars"),
-)
+#: The metrics paired prompt by prompt, as the metric registry (:mod:`neftune.metrics`) lists them.
+PAIRED_METRICS = paired_metrics()
 
 
 def per_example_values(arm: Mapping[str, Any], key: str) -> list[float | None] | None:
@@ -121,8 +104,9 @@ def compute_effects(
 ) -> dict[str, dict[str, Any]]:
     """Return the paired per-example effect of ``arm`` against ``baseline_arm``, per metric.
 
-    Metrics: ``"exact_match"`` (from ``per_example.correct``), ``"rouge_l"``, IFEval's
-    ``"ifeval_prompt_strict"`` and ``"ifeval_prompt_loose"`` and ``"length_chars"``; a metric is present only when both arms recorded it per example.  Each
+    Metrics: the registry's paired ones (:func:`neftune.metrics.paired_metrics`): ``"exact_match"`` (from
+    ``per_example.correct``), ``"rouge_l"``, IFEval's ``"ifeval_prompt_strict"`` and
+    ``"ifeval_prompt_loose"`` and ``"length_chars"``; a metric is present only when both arms recorded it per example.  Each
     value is a dict with ``metric`` (the key), ``label``, ``unit`` and ``scale`` (display: ``diff * scale`` in ``unit``),
     ``n`` (pairs used), ``baseline`` and ``arm`` (means over those pairs), ``diff`` (mean of
     ``arm - baseline``), ``ci`` (``[lo, hi]`` at ``level``) and ``p_value``: for 0/1 metrics the
@@ -140,8 +124,10 @@ def compute_effects(
     since then they were not evaluated on the same examples and cannot be paired.
     """
     effects: dict[str, dict[str, Any]] = {}
-    for metric in PAIRED_METRICS:
-        key = metric.source
+    for metric in paired_metrics():
+        key = metric.per_example
+        if key is None:
+            continue
         base, other = per_example_values(baseline_arm, key), per_example_values(arm, key)
         if base is None or other is None:
             continue

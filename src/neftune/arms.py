@@ -20,6 +20,7 @@ from neftune.config import CompareConfig
 from neftune.data.prepare import auto_split, heldout_examples, heldout_name
 from neftune.data.presets import resolve_eval_spec
 from neftune.errors import NeftuneError
+from neftune.metrics import paired_metrics
 
 log = logging.getLogger("neftune")
 
@@ -174,7 +175,7 @@ def evaluate_arm(
     ``known_loss`` (``{"loss", "perplexity"}``) is the held-out loss training already measured on
     ``heldout``; it is not measured again.
     """
-    from neftune.evaluate import evaluate_outputs, heldout_loss
+    from neftune.evaluate import arm_scores, evaluate_outputs, heldout_loss
     from neftune.generate import generate_outputs, write_outputs
 
     model.eval()
@@ -211,8 +212,6 @@ def evaluate_arm(
     gc.collect()
     summary = read_summary(arm.directory)
 
-    em = metrics.get("exact_match")
-    rouge = metrics.get("rouge_l")
     cut = metrics.get("reached_cap")
     if cut:
         log.info("%s: %.0f%% of the answers reached the %d-token cap", arm.name, 100 * cut["share"], cap)
@@ -229,25 +228,13 @@ def evaluate_arm(
         "eval": {
             "heldout_loss": loss["loss"],
             "perplexity": loss["perplexity"],
-            "exact_match": em["accuracy"] if em else None,
-            "exact_match_by_family": {f: v["accuracy"] for f, v in (em or {}).get("per_family", {}).items()},
-            "distinct_1": metrics["distinct_1"],
-            "distinct_2": metrics["distinct_2"],
-            "repetition_rate": metrics["repetition_4"],
-            "rouge_l": rouge["mean"] if rouge else None,
+            **arm_scores(metrics),  # the metric registry's numbers, under its keys
             "length_chars": _stats(metrics["lengths"].get("chars")),
             "length_tokens": _stats(metrics["lengths"].get("tokens")),
             # share of answers cut off at the cap: their lengths are censored (neftune.report.censoring)
             "reached_cap": cut["share"] if cut else None,
             "max_new_tokens": cap,
-            "per_example": {
-                "correct": _as_ints(metrics["per_example"].get("correct")),
-                "length_chars": metrics["per_example"]["length_chars"],
-                "rouge_l": metrics["per_example"].get("rouge_l"),
-                "ifeval_prompt_strict": metrics["per_example"].get("ifeval_prompt_strict"),
-                "ifeval_prompt_loose": metrics["per_example"].get("ifeval_prompt_loose"),
-                "reached_cap": metrics["per_example"].get("reached_cap"),
-            },
+            "per_example": _per_example(metrics["per_example"]),
             "ifeval": metrics.get("ifeval"),
         },
         "judge": None,
@@ -281,6 +268,22 @@ def _stats(block: dict | None) -> dict[str, Any] | None:
     if not block:
         return None
     return {k: block[k] for k in ("mean", "median", "p90") if k in block}
+
+
+def _per_example(values: dict[str, Any]) -> dict[str, Any]:
+    """The per-example lists an arm keeps for paired tests: every paired metric's, and the token-cap flags."""
+    kept = {
+        "correct": _as_ints(values.get("correct")),
+        "length_chars": values["length_chars"],
+        "rouge_l": values.get("rouge_l"),
+        "ifeval_prompt_strict": values.get("ifeval_prompt_strict"),
+        "ifeval_prompt_loose": values.get("ifeval_prompt_loose"),
+        "reached_cap": values.get("reached_cap"),
+    }
+    for spec in paired_metrics():  # a metric registered since this layout was fixed goes last
+        if spec.per_example is not None and spec.per_example not in kept:
+            kept[spec.per_example] = values.get(spec.per_example)
+    return kept
 
 
 def _as_ints(flags: list | None) -> list | None:

@@ -18,7 +18,7 @@ arms), and a change of generation or scoring settings regenerates only the answe
 run details are read from the arms' own records.
 
 The verdict rests on one primary metric declared before the run
-(:func:`neftune.report.verdicts.declare_primary`).
+(:func:`neftune.metrics.declare_primary`).
 """
 
 from __future__ import annotations
@@ -213,8 +213,8 @@ def hold_out_by_default(cfg: CompareConfig) -> None:
 
 def run_compare(cfg: CompareConfig) -> dict[str, Path]:
     """Run the whole experiment described by ``cfg``; return the report's file paths."""
+    from neftune.metrics import declare_primary
     from neftune.report import write_report
-    from neftune.report.verdicts import declare_primary
 
     cfg.validate()
     hold_out_by_default(cfg)

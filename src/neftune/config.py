@@ -30,6 +30,7 @@ from neftune.config_io import (
     write_config,
 )
 from neftune.errors import ConfigError
+from neftune.metrics import primary_choices, spoken_list
 
 __all__ = [
     "SECRET_MARKERS",
@@ -426,9 +427,9 @@ class CompareSection:
     output: str = setting("runs/compare", "experiment directory (arms, outputs, report)", flag="--output")
     primary: str | None = setting(
         None,
-        "the metric the verdict rests on, declared before the run: exact_match, ifeval_prompt_strict, "
-        "ifeval_prompt_loose, rouge_l or lc_win_rate (default: the judge's LC win rate when a judge is configured "
-        "and passes its reliability check, else the eval set's own primary metric, else rouge_l)",
+        f"the metric the verdict rests on, declared before the run: {spoken_list(primary_choices())} (default: "
+        "the judge's LC win rate when a judge is configured and passes its reliability check, else the eval set's "
+        "own primary metric, else rouge_l)",
     )
     overwrite: bool = setting(
         False,

@@ -20,6 +20,10 @@ across models with different vocabularies:
 * IFEval accuracy -- verifiable instructions (``builtin:ifeval``), via :func:`neftune.ifeval.score_ifeval`;
 * :func:`length_stats` -- answer lengths, which matter because LLM judges favour longer answers.
 
+:func:`evaluate_outputs` scores one outputs file (what ``neftune eval`` writes); :func:`arm_scores` reads
+from that the numbers an experiment arm records, under the keys of the metric registry
+(:mod:`neftune.metrics`).
+
 :func:`heldout_loss` is the mean cross-entropy per reference assistant token of held-out examples, with
 the model in eval mode (NEFTune noise is only ever added in training mode); :func:`labelled_loss`,
 which it calls, is the one definition of held-out loss that training, ``neftune eval`` and
@@ -38,9 +42,11 @@ import torch
 
 from neftune.errors import DataError
 from neftune.ifeval import is_ifeval_example, score_ifeval
+from neftune.metrics import arm_metrics
 from neftune.outputs import REACHED_CAP, instruction_of
 
 __all__ = [
+    "arm_scores",
     "correct_flags",
     "distinct_n",
     "evaluate_outputs",
@@ -381,3 +387,24 @@ def evaluate_outputs(
         report["ifeval"] = score_ifeval(outputs, examples)
         report["per_example"].update(report["ifeval"].pop("per_example"))
     return report
+
+
+def arm_scores(report: Mapping[str, Any]) -> dict[str, Any]:
+    """One number per metric from an :func:`evaluate_outputs` report, keyed by the metric registry.
+
+    Every :func:`neftune.metrics.arm_metrics` metric, in registry order, read from where the report
+    keeps it (:attr:`~neftune.metrics.MetricSpec.scored_at`; ``None`` when the report lacks it); a metric
+    scored per task family is followed by ``<key>_by_family`` (``{family: number}``).  These are the
+    numbers of an arm's ``eval`` block in ``results.json``.
+    """
+    scores: dict[str, Any] = {}
+    for spec in arm_metrics():
+        path = spec.scored_at or ()
+        block: Any = report
+        for key in path[:-1]:
+            block = block.get(key) if isinstance(block, Mapping) else None
+        scores[spec.key] = block.get(path[-1]) if isinstance(block, Mapping) else None
+        if spec.by_family:
+            families = block.get("per_family", {}) if isinstance(block, Mapping) else {}
+            scores[f"{spec.key}_by_family"] = {f: v.get(path[-1]) for f, v in families.items()}
+    return scores

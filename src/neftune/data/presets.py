@@ -33,7 +33,8 @@ from pathlib import Path
 
 from neftune.data.builtin import DEFAULT_SIZES, skills_examples
 from neftune.data.types import Example, LoadResult
-from neftune.errors import DataError
+from neftune.errors import ConfigError, DataError
+from neftune.metrics import get_metric, primary_choices
 
 __all__ = [
     "GENERIC",
@@ -71,6 +72,14 @@ class DataDefaults:
     """Optimizer steps when the user sets neither steps nor epochs (None: one epoch)."""
     exact_answers: bool = False
     """Whether every example carries an answer that :func:`neftune.data.builtin.check_example` checks."""
+
+    def __post_init__(self) -> None:
+        """Check ``primary_metric`` against the metric registry (:mod:`neftune.metrics`)."""
+        if self.primary_metric is not None and not get_metric(self.primary_metric).can_be_primary:
+            raise ConfigError(
+                f"primary_metric {self.primary_metric!r} cannot carry a verdict; use one of "
+                f"{', '.join(primary_choices())}"
+            )
 
 
 GENERIC = DataDefaults()

@@ -20,8 +20,9 @@ from typing import Any
 import numpy as np
 
 from neftune.errors import DataError
+from neftune.metrics import paired_metrics
 from neftune.report.censoring import cut_share, withheld_reason
-from neftune.report.paired import PAIRED_METRICS, Metric, per_example_values
+from neftune.report.paired import PAIRED_METRICS, per_example_values
 from neftune.report.values import arm_name, as_float, is_interval, mapping_at
 from neftune.report.verdicts import SIGNIFICANCE, Verdicts, build_verdicts
 from neftune.report.words import BETTER, LONGER, NOISE, SHORTER, WITHHELD, WORSE, verdict_word
@@ -38,7 +39,6 @@ __all__ = [
     "WITHHELD",
     "WORSE",
     "Analysis",
-    "Metric",
     "analyse",
     "arm_labels",
     "compute_effects",
@@ -75,8 +75,9 @@ def compute_effects(
 ) -> dict[str, dict[str, Any]]:
     """Return the paired per-example effect of ``arm`` against ``baseline_arm``, per metric.
 
-    Metrics: ``"exact_match"`` (from ``per_example.correct``), ``"rouge_l"``, IFEval's
-    ``"ifeval_prompt_strict"`` and ``"ifeval_prompt_loose"`` and ``"length_chars"``; a metric is present only when both arms recorded it per example.  Each
+    Metrics: the registry's paired ones (:func:`neftune.metrics.paired_metrics`): ``"exact_match"`` (from
+    ``per_example.correct``), ``"rouge_l"``, IFEval's ``"ifeval_prompt_strict"`` and
+    ``"ifeval_prompt_loose"`` and ``"length_chars"``; a metric is present only when both arms recorded it per example.  Each
     value is a dict with ``metric`` (the key), ``label``, ``unit`` and ``scale`` (display: ``diff * scale`` in ``unit``),
     ``n`` (pairs used), ``baseline`` and ``arm`` (means over those pairs), ``diff`` (mean of
     ``arm - baseline``), ``ci`` (``[lo, hi]`` at ``level``) and ``p_value``: for 0/1 metrics the
@@ -94,8 +95,10 @@ def compute_effects(
     since then they were not evaluated on the same examples and cannot be paired.
     """
     effects: dict[str, dict[str, Any]] = {}
-    for metric in PAIRED_METRICS:
-        key = metric.source
+    for metric in paired_metrics():
+        key = metric.per_example
+        if key is None:
+            continue
         base, other = per_example_values(baseline_arm, key), per_example_values(arm, key)
         if base is None or other is None:
             continue

@@ -1,7 +1,7 @@
 """The per-example metrics that are paired across arms, and their values read out of an arm.
 
 :data:`PAIRED_METRICS` lists each metric an eval records per example (``eval.per_example``) that
-the report pairs prompt by prompt: one seed's effects (:func:`neftune.report.analysis.compute_effects`)
+the report pairs prompt by prompt (from the registry, :mod:`neftune.metrics`): one seed's effects (:func:`neftune.report.analysis.compute_effects`)
 and the verdicts pooled over seeds (:mod:`neftune.report.verdicts`) both read them here.
 """
 
@@ -9,34 +9,17 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 from neftune.errors import DataError
+from neftune.metrics import paired_metrics
 from neftune.report.values import arm_name, mapping_at
 
-__all__ = ["PAIRED_METRICS", "Metric", "per_example_values"]
+__all__ = ["PAIRED_METRICS", "per_example_values"]
 
 
-@dataclass(frozen=True)
-class Metric:
-    """A per-example metric that can be paired across arms."""
-
-    key: str  # key in the returned effects
-    source: str  # key of the per-example values in eval.per_example
-    label: str
-    higher_is_better: bool | None  # None: neither direction is better (length)
-    scale: float  # multiply a raw difference by this for display
-    unit: str  # unit of the scaled difference
-
-
-PAIRED_METRICS = (
-    Metric("exact_match", "correct", "exact match", True, 100.0, "points"),
-    Metric("rouge_l", "rouge_l", "ROUGE-L", True, 100.0, "points"),
-    Metric("ifeval_prompt_strict", "ifeval_prompt_strict", "IFEval prompt-level (strict)", True, 100.0, "points"),
-    Metric("ifeval_prompt_loose", "ifeval_prompt_loose", "IFEval prompt-level (loose)", True, 100.0, "points"),
-    Metric("length_chars", "length_chars", "response length", None, 1.0, "chars"),
-)
+#: The metrics paired prompt by prompt, as the metric registry (:mod:`neftune.metrics`) lists them.
+PAIRED_METRICS = paired_metrics()
 
 
 def per_example_values(arm: Mapping[str, Any], key: str) -> list[float | None] | None:

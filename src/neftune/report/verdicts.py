@@ -11,6 +11,10 @@ One metric is primary, declared before looking (``results["primary"]``): the ver
 on it alone, Holm-corrected across the alphas.  Every other metric is exploratory and counts as
 significant only after Holm correction across the whole family of alpha x metric tests.  With one
 seed the training-seed variance is unmeasured and no verdict claims help or harm.
+
+Which metrics are tested, how (prompt by prompt or per seed), their labels, units and better
+directions, and the order the primary metric is chosen in when none was declared all come from the
+metric registry, :mod:`neftune.metrics`.
 """
 
 from __future__ import annotations
@@ -22,34 +26,26 @@ from typing import Any
 
 import numpy as np
 
+from neftune.metrics import MetricSpec, default_primaries, judge_metrics, paired_metrics
 from neftune.report.censoring import withheld_reason
-from neftune.report.paired import PAIRED_METRICS, per_example_values
+from neftune.report.paired import per_example_values
 from neftune.report.values import as_float, is_interval, mapping_at
 from neftune.report.words import UNMEASURED, WITHHELD, verdict_word
 from neftune.stats import aa_floor, compare_seeds, holm, seed_level_test
 
 __all__ = [
-    "JUDGE_METRICS",
-    "PRIMARY_CHOICES",
     "SCHEMA_VERSION",
     "SIGNIFICANCE",
     "UNMEASURED",
     "Pooled",
     "Verdicts",
     "build_verdicts",
-    "declare_primary",
 ]
 
 #: Version of the ``results.json`` layout (documented in :mod:`neftune.report`).
 SCHEMA_VERSION = 2
 #: Family-wise error rate of every verdict.
 SIGNIFICANCE = 0.05
-#: Metrics a user may declare primary (``compare.primary``); length has no better direction.
-PRIMARY_CHOICES = ("exact_match", "ifeval_prompt_strict", "ifeval_prompt_loose", "rouge_l", "lc_win_rate")
-#: When nothing was declared: the first of these that every arm measured.
-DEFAULT_ORDER = ("exact_match", "ifeval_prompt_strict", "rouge_l")
-#: Judge measures pooled over seeds: key in the arm's ``judge`` block -> label.
-JUDGE_METRICS = {"lc_win_rate": "judge LC win rate", "win_rate": "judge win rate"}
 
 
 @dataclass
@@ -108,6 +104,10 @@ class Verdicts:
         return out
 
 
+def _metrics() -> Sequence[MetricSpec]:
+    return paired_metrics()
+
+
 def _matrix(arms: Sequence[Mapping[str, Any]], source: str) -> np.ndarray | None:
     """Per-example values of ``source`` as a (len(arms), n) array; prompts with any gap dropped."""
     rows = [per_example_values(arm, source) for arm in arms]
@@ -120,9 +120,11 @@ def _matrix(arms: Sequence[Mapping[str, Any]], source: str) -> np.ndarray | None
 
 
 def _paired(
-    alpha: float, metric: Any, treated: list[Mapping[str, Any]], bases: list[Mapping[str, Any]], seeds: list[int]
+    alpha: float, metric: MetricSpec, treated: list[Mapping[str, Any]], bases: list[Mapping[str, Any]], seeds: list[int]
 ) -> Pooled | None:
-    both = _matrix([*treated, *bases], metric.source)
+    if metric.per_example is None:
+        return None
+    both = _matrix([*treated, *bases], metric.per_example)
     if both is None:
         return None
     t, b = both[: len(treated)], both[len(treated) :]
@@ -150,12 +152,12 @@ def _paired(
     )
 
 
-def _judged(alpha: float, key: str, treated: list[Mapping[str, Any]], seeds: list[int]) -> Pooled | None:
-    rates = [as_float(mapping_at(arm, "judge").get(key)) for arm in treated]
+def _judged(alpha: float, metric: MetricSpec, treated: list[Mapping[str, Any]], seeds: list[int]) -> Pooled | None:
+    rates = [as_float(mapping_at(arm, "judge").get(metric.key)) for arm in treated]
     if any(r is None for r in rates):
         return None
     values = [float(r) for r in rates if r is not None]
-    ci_key = "lc_ci" if key == "lc_win_rate" else "ci"
+    ci_key = metric.ci_key or "ci"
     per_seed = []
     for arm, seed, rate in zip(treated, seeds, values, strict=True):
         ci = mapping_at(arm, "judge").get(ci_key)
@@ -174,14 +176,13 @@ def _judged(alpha: float, key: str, treated: list[Mapping[str, Any]], seeds: lis
             test.p_value,
             test.method,
         )
-    label = JUDGE_METRICS[key]
     return Pooled(
         alpha,
-        key,
-        label,
-        "points",
-        100.0,
-        True,
+        metric.key,
+        metric.label,
+        metric.unit,
+        metric.scale,
+        metric.higher_is_better,
         "exploratory",
         seeds,
         0,
@@ -237,12 +238,12 @@ def build_verdicts(
         if not seeds:
             continue
         treated, base = [per_seed[s] for s in seeds], [bases[s] for s in seeds]
-        effects = {m.key: e for m in PAIRED_METRICS if (e := _paired(alpha, m, treated, base, seeds)) is not None}
+        effects = {m.key: e for m in _metrics() if (e := _paired(alpha, m, treated, base, seeds)) is not None}
         if "length_chars" in effects:
             effects["length_chars"].withheld = withheld_reason(base, treated)
-        for key in JUDGE_METRICS:
-            if (e := _judged(alpha, key, treated, seeds)) is not None:
-                effects[key] = e
+        for judged in judge_metrics():
+            if (e := _judged(alpha, judged, treated, seeds)) is not None:
+                effects[judged.key] = e
         if "lc_win_rate" in effects:
             reliable = reliable and _judge_reliable(treated, low_consistency)
         pooled[alpha] = effects
@@ -259,7 +260,7 @@ def build_verdicts(
     elif declared is not None and declared not in measured_keys:
         primary, note = None, f"The declared primary metric {declared} was not measured for every alpha."
     elif declared is None:
-        primary = next((k for k in DEFAULT_ORDER if k in measured_keys), None)
+        primary = next((k for k in default_primaries() if k in measured_keys), None)
         source = "not declared; the default for data without a preset"
 
     seeds_all = sorted(bases)
@@ -276,40 +277,8 @@ def build_verdicts(
 
     aa: dict[str, dict[str, Any]] = {}
     if len(seeds_all) >= 2:
-        for m in PAIRED_METRICS:
-            matrix = _matrix([bases[s] for s in seeds_all], m.source)
+        for m in _metrics():
+            matrix = _matrix([bases[s] for s in seeds_all], m.per_example) if m.per_example else None
             if matrix is not None:
                 aa[m.key] = aa_floor(matrix, seed_ids=seeds_all)
     return Verdicts(primary, declared, source, note, seeds_all, measured, pooled, aa, len(family))
-
-
-def declare_primary(
-    chosen: str | None, judge: str, eval_name: str, preset_metric: str | None, has_references: bool
-) -> dict[str, Any]:
-    """The metric the verdict will rest on, declared before any arm is trained.
-
-    ``chosen`` (``compare.primary``) when set; else the judge's length-controlled win rate when a judge is
-    configured (falling back to the eval set's metric if the judge fails its reliability check);
-    else the eval set's preset metric (exact match for builtin:skills, IFEval prompt-level strict
-    for builtin:ifeval); else, for the user's own data, ROUGE-L against the reference answers.
-    """
-    from neftune.errors import ConfigError
-
-    preset = preset_metric
-    data_default = preset or ("rouge_l" if has_references else None)
-    judged = judge != "none"
-    if chosen is not None:
-        if chosen not in PRIMARY_CHOICES:
-            raise ConfigError(f"compare.primary must be one of {', '.join(PRIMARY_CHOICES)}, got {chosen!r}")
-        if chosen == "lc_win_rate" and not judged:
-            raise ConfigError("compare.primary=lc_win_rate needs a judge: set --judge")
-        return {"metric": chosen, "source": "chosen with compare.primary", "fallback": None}
-    if judged:
-        return {
-            "metric": "lc_win_rate",
-            "source": f"the {judge} judge's length-controlled win rate",
-            "fallback": data_default,
-        }
-    if preset:
-        return {"metric": preset, "source": f"declared by {eval_name}", "fallback": None}
-    return {"metric": data_default, "source": "the default for data without a preset", "fallback": None}

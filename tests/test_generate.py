@@ -244,3 +244,49 @@ def test_write_outputs_validates(tmp_path):
     with pytest.raises(DataError, match="record 0 has no 'generator'"):
         write_outputs(tmp_path / "o.json", [{"instruction": "a", "output": "b", "dataset": "d"}])
     assert not (tmp_path / "o.json").exists()
+
+
+def test_the_penalty_spares_the_stop_tokens_and_nothing_else():
+    """PenaltySparingStops is transformers' repetition penalty with the stop tokens' scores left as they were."""
+    from transformers import RepetitionPenaltyLogitsProcessor
+
+    from neftune.generate import PenaltySparingStops
+
+    torch.manual_seed(0)
+    scores = torch.randn(3, 50)
+    ids = torch.tensor([[2, 5, 5, 9], [7, 2, 11, 2], [1, 3, 4, 6]])  # token 2 plays the stop token
+    plain = RepetitionPenaltyLogitsProcessor(1.3)(ids, scores.clone())
+    spared = PenaltySparingStops(1.3, [2])(ids, scores.clone())
+    others = [t for t in range(50) if t != 2]
+    assert torch.equal(spared[:, others], plain[:, others])
+    assert torch.equal(spared[:, 2], scores[:, 2])  # in rows 0 and 1 the penalty would have lowered it
+    assert not torch.equal(plain[:2, 2], scores[:2, 2])
+    assert torch.equal(spared[2], plain[2])  # no stop token in the row: exactly transformers' penalty
+
+
+def test_sparing_the_stop_tokens_lets_answers_end_that_the_plain_penalty_keeps_going():
+    tokenizer = build_tiny_tokenizer()
+    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    model = build_tiny_model(vocab_size=len(tokenizer))
+
+    class _EndNarrowly(torch.nn.Module):  # the end token leads many tokens by a margin a penalty of 1.5 overturns
+        def __init__(self) -> None:
+            super().__init__()
+            self.anchor = torch.nn.Parameter(torch.zeros(1))
+
+        def forward(self, hidden):
+            logits = torch.zeros(*hidden.shape[:-1], len(tokenizer)) + self.anchor
+            logits[..., 7:40] = 2.0
+            logits[..., im_end] = 2.5
+            return logits
+
+    model.lm_head = _EndNarrowly()
+    prompt = [_chat(tokenizer, "say one thing")]  # ChatML: <|im_end|> closes the user turn in the prompt
+    kw = {"max_new_tokens": 6, "repetition_penalty": 1.5, "progress": False}
+    assert generate_completions(model, tokenizer, prompt, **kw) == [Completion([], False)]
+    plain = generate_completions(model, tokenizer, prompt, spare_stop_tokens=False, **kw)
+    # 2.5 / 1.5 < 2.0: the penalised end token loses to every token not yet said, up to the cap
+    assert plain == [Completion([7, 8, 9, 10, 11, 12], True)]
+    assert generate_completions(model, tokenizer, prompt, **{**kw, "repetition_penalty": 1.0}) == [
+        Completion([], False)
+    ]

@@ -84,7 +84,8 @@ def _engine_server(model, tokenizer, *, bos: bool = False):
 def test_server_answers_match_the_hf_backend_token_for_token(loaded, server, penalty):
     model, tokenizer = loaded
     kw = {"generator_name": "tiny", "dataset_name": "unit", "max_new_tokens": 12, "repetition_penalty": penalty}
-    local = generate_outputs(model, tokenizer, _examples(), progress=False, **kw)
+    # servers apply transformers' own penalty, which also lowers the stop token in the prompt
+    local = generate_outputs(model, tokenizer, _examples(), progress=False, spare_stop_tokens=False, **kw)
     with _engine_server(model, tokenizer) as http:
         engine = ServerEngine(
             http.url,
@@ -119,6 +120,15 @@ def test_penalty_each_server_cannot_honour_is_refused_in_one_line():
         assert reason in message and "\n" not in message
     with pytest.raises(ConfigError, match=r"generate\.server must be one of vllm, sglang, llama\.cpp, other"):
         penalty_fields("ollama", 1.0)
+    for server in ("vllm", "sglang"):  # their penalty lowers the prompt's end-of-turn token too: no sparing
+        assert penalty_fields(server, 1.0, spare_stop_tokens=True) == {"repetition_penalty": 1.0}
+        with pytest.raises(ConfigError) as info:
+            penalty_fields(server, 1.2, spare_stop_tokens=True)
+        message = str(info.value)
+        assert message.startswith(
+            f"generate.repetition_penalty=1.2 sparing the stop tokens cannot be honoured by generate.server={server}: "
+        )
+        assert "generate.spare_stop_tokens=false" in message and "\n" not in message
 
 
 def test_a_server_that_reads_the_prompt_differently_is_refused(loaded):
@@ -227,6 +237,7 @@ def test_generate_command_answers_through_the_server(loaded, tiny_model_dir, tmp
     model, tokenizer = loaded
     out = tmp_path / "served.json"
     flags = ["--data", "builtin:skills", "--limit", "3", "--max-new-tokens", "12", "--repetition-penalty", "1.3"]
+    flags.append("--penalize-stop-tokens")  # the server's penalty: transformers' own
     with _engine_server(model, tokenizer) as http:
         args = ["generate", "--model", str(tiny_model_dir), "--output", str(out), "--backend", "openai"]
         assert main([*args, "--url", http.url, "--server", "sglang", "--served-model", "arm", *flags]) == 0
@@ -240,6 +251,7 @@ def test_generate_command_answers_through_the_server(loaded, tiny_model_dir, tmp
         dataset_name="builtin:skills",
         max_new_tokens=12,
         repetition_penalty=1.3,
+        spare_stop_tokens=False,
         progress=False,
     )
     served = json.loads(out.read_text())

@@ -149,7 +149,9 @@ def test_two_arms_served_as_adapters_of_one_engine_answer_like_hf(vllm_engine) -
         engine.ensure_served(path)  # alpha5: loaded now; alpha0: already served, left alone
         served = generate_outputs(None, tokenizer, examples, engine=engine, **kw)
         model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32), path)
-        local = generate_outputs(model, tokenizer, examples, max_new_tokens=CAP, repetition_penalty=PENALTY, **kw)
+        # vLLM's penalty is transformers' own, stop tokens included
+        plain = {"max_new_tokens": CAP, "repetition_penalty": PENALTY, "spare_stop_tokens": False}
+        local = generate_outputs(model, tokenizer, examples, **plain, **kw)
         pairs = list(zip(local, served, strict=True))
         same = [a for a, b in pairs if (a["output"], a["reached_cap"]) == (b["output"], b["reached_cap"])]
         print(f"{name}: {len(same)}/{len(examples)} answers identical to hf's")
@@ -186,6 +188,7 @@ def test_compare_answers_two_arms_through_a_vllm_server_it_runs_like_hf(tmp_path
     ]
     args += ["--judge", "none", "--output", str(out), "--no-progress", "--eval-limit", "4"]
     args += ["generate.prompts=builtin:ifeval", "--prompts-limit", "12", f"--max-new-tokens={CAP}"]
+    args.append("generate.spare_stop_tokens=false")  # the penalty vLLM can apply: transformers' own
     vllm_python = VENV / "bin" / "python"
     assert main([*args, "generate.backend=vllm", f"generate.vllm_python={vllm_python}"]) == 0
     served = {arm: json.loads((out / "arms" / arm / "outputs.json").read_text()) for arm in ("alpha0", "alpha5")}

@@ -145,3 +145,15 @@ def test_no_python_with_vllm_names_the_ways_to_get_one(tmp_path, monkeypatch):
     venv_python.write_text("")
     monkeypatch.setenv("NEFTUNE_VLLM_VENV", str(tmp_path / "venv"))
     assert find_vllm_python() == str(venv_python)
+
+
+def test_a_penalty_vllm_cannot_apply_stops_compare_before_training_or_a_server(fake_python, tmp_path, capsys):
+    """IFEval's default penalty (1.2) spares the stop tokens, which vLLM's cannot: one line, nothing started."""
+    wrapper, record = fake_python
+    out = tmp_path / "exp"
+    args = ["compare", *SMALL, "--alphas", "5", "--seeds", "0", "--judge", "none", "--output", str(out)]
+    args += ["generate.prompts=builtin:ifeval", "generate.backend=vllm", f"generate.vllm_python={wrapper}"]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "sparing the stop tokens cannot be honoured by generate.server=vllm" in err[0]
+    assert not (out / "arms").exists() and not record.exists()

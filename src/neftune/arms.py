@@ -79,14 +79,16 @@ def backend_settings(cfg: CompareConfig) -> dict[str, Any]:
     penalty (:func:`neftune.serve.penalty_fields`).
     """
     gen = cfg.generate
-    if gen.backend == "vllm":  # a server of our own: where it listens changes from run to run, its flags do not
-        return {"backend": gen.backend, "server": "vllm", "vllm_args": gen.vllm_args}
-    if gen.backend != "openai":
+    if gen.backend == "hf":
         return {"backend": gen.backend}
     from neftune.http_api import Endpoint
     from neftune.serve import penalty_fields
 
-    penalty_fields(gen.server, default_repetition_penalty(cfg))
+    penalty_fields(
+        "vllm" if gen.backend == "vllm" else gen.server, default_repetition_penalty(cfg), gen.spare_stop_tokens
+    )
+    if gen.backend == "vllm":  # a server of our own: where it listens changes from run to run, its flags do not
+        return {"backend": gen.backend, "server": "vllm", "vllm_args": gen.vllm_args}
     return {
         "backend": gen.backend,
         "url": Endpoint.public(gen.url),
@@ -121,6 +123,7 @@ def engine_for(cfg: CompareConfig, arm: Arm, tokenizer: Any) -> Any:
         server=server,
         max_new_tokens=default_max_new_tokens(cfg),
         repetition_penalty=default_repetition_penalty(cfg),
+        spare_stop_tokens=gen.spare_stop_tokens,
         workers=gen.batch_size,  # the server batches what is in flight
     )
     engine.ensure_served(adapter)
@@ -195,7 +198,10 @@ def evaluate_arm(
     settings: dict[str, Any] = {"progress": cfg.train.progress}
     if engine is None:  # the hf backend's own settings (a server engine holds its own)
         settings.update(
-            max_new_tokens=cap, repetition_penalty=default_repetition_penalty(cfg), batch_size=cfg.generate.batch_size
+            max_new_tokens=cap,
+            repetition_penalty=default_repetition_penalty(cfg),
+            spare_stop_tokens=cfg.generate.spare_stop_tokens,
+            batch_size=cfg.generate.batch_size,
         )
     records = generate_outputs(
         model,

@@ -109,9 +109,11 @@ def _answer(args: argparse.Namespace, model, tokenizer, examples) -> list[dict]:
     name = getattr(args, "name", None) or os.path.basename(os.path.normpath(args.model))
     backend = getattr(args, "backend", "hf")
     if backend in ("openai", "vllm"):
-        from neftune.serve import ServerEngine
+        from neftune.serve import ServerEngine, penalty_fields
 
         url, served, server, adapter = args.url, args.served_model or name, args.server, None
+        spare = not args.penalize_stop_tokens
+        penalty_fields("vllm" if backend == "vllm" else server, penalty, spare)  # before a server starts
         if backend == "vllm":  # a server of our own, stopped when the answers are in
             from pathlib import Path
 
@@ -130,6 +132,7 @@ def _answer(args: argparse.Namespace, model, tokenizer, examples) -> list[dict]:
             server=server,
             max_new_tokens=cap,
             repetition_penalty=penalty,
+            spare_stop_tokens=spare,
             workers=args.batch_size,
         )
         engine.ensure_served(adapter)
@@ -150,6 +153,7 @@ def _answer(args: argparse.Namespace, model, tokenizer, examples) -> list[dict]:
         dataset_name=args.data,
         max_new_tokens=cap,
         repetition_penalty=penalty,
+        spare_stop_tokens=not getattr(args, "penalize_stop_tokens", False),
         batch_size=args.batch_size,
         progress=not args.no_progress,
     )
@@ -315,6 +319,12 @@ def _add_generation_args(p: argparse.ArgumentParser) -> None:
         type=int,
         default=16,
         help="prompts per batch (batches are sorted by length); with a server backend, the requests in flight",
+    )
+    p.add_argument(
+        "--penalize-stop-tokens",
+        action="store_true",
+        help="transformers' own repetition penalty, which also lowers the end-of-turn token a chat template puts in "
+        "every prompt (default: spared; vLLM and SGLang need this flag or --repetition-penalty 1.0)",
     )
     p.add_argument("--trust-remote-code", action="store_true", help="allow model code from the hub to run")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")

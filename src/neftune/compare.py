@@ -242,6 +242,7 @@ def run_compare(cfg: CompareConfig) -> dict[str, Path]:
         "heldout": fingerprint.examples_digest(heldout),
         "max_new_tokens": default_max_new_tokens(cfg),
         "repetition_penalty": default_repetition_penalty(cfg),
+        "spare_stop_tokens": cfg.generate.spare_stop_tokens,
         "batch_size": cfg.generate.batch_size,
         "max_length": cfg.data.max_length,
         **backend_settings(cfg),

@@ -368,6 +368,12 @@ class GenerateConfig:
         "greedy decoding penalty (default: the eval data's; the paper's 1.2, or 1.0 for builtin:skills, whose "
         "exact answers copy words and digits from the prompt, which the penalty punishes)",
     )
+    spare_stop_tokens: bool = setting(
+        True,
+        "the repetition penalty leaves the stop tokens alone: a chat template puts its end-of-turn token in every "
+        "prompt, where transformers' penalty would keep answers from ending (false: transformers' own penalty, "
+        "which vLLM and SGLang share)",
+    )
     batch_size: int = setting(
         16, "prompts per generation batch (sorted by length); with a server backend, the requests in flight"
     )

@@ -57,13 +57,22 @@ SERVERS = ("vllm", "sglang", "llama.cpp", "other")
 _TAKES_TOKEN_IDS = ("vllm", "sglang")
 
 
-def penalty_fields(server: str, penalty: float) -> dict[str, Any]:
+def penalty_fields(server: str, penalty: float, spare_stop_tokens: bool = False) -> dict[str, Any]:
     """The request fields that make ``server`` apply transformers' repetition penalty ``penalty``.
 
-    Raises :class:`ConfigError` (one line) for a server that has no such penalty and ``penalty != 1``.
+    Raises :class:`ConfigError` (one line) for a server that has no such penalty and ``penalty != 1``,
+    and for a penalty that should spare the stop tokens (:class:`neftune.generate.PenaltySparingStops`),
+    which no server's penalty does.
     """
     if server not in SERVERS:
         raise ConfigError(f"generate.server must be one of {', '.join(SERVERS)}, got {server!r}")
+    if spare_stop_tokens and penalty != 1.0 and server in _TAKES_TOKEN_IDS:
+        raise ConfigError(
+            f"generate.repetition_penalty={penalty:g} sparing the stop tokens cannot be honoured by "
+            f"generate.server={server}: its penalty also lowers the end-of-turn token a chat template puts in "
+            "every prompt; set generate.spare_stop_tokens=false (transformers' own penalty, which "
+            f"{server} shares; answers may then run to the cap) or generate.repetition_penalty=1.0"
+        )
     if server in _TAKES_TOKEN_IDS:
         return {"repetition_penalty": penalty}
     if penalty != 1.0:
@@ -89,6 +98,8 @@ class ServerEngine:
         server: one of :data:`SERVERS`.
         max_new_tokens: the cap on each answer.
         repetition_penalty: transformers' repetition penalty (see the module doc).
+        spare_stop_tokens: whether the penalty must spare the stop tokens (refused: see
+            :func:`penalty_fields`).
         workers: requests in flight at once (the server batches them).
         api_key_env: NAME of the environment variable holding the API key.
         timeout: seconds per request (a long answer on a CPU takes minutes).
@@ -104,6 +115,7 @@ class ServerEngine:
         server: str = "other",
         max_new_tokens: int = 256,
         repetition_penalty: float = 1.2,
+        spare_stop_tokens: bool = False,
         workers: int = 8,
         api_key_env: str = "OPENAI_API_KEY",
         timeout: float = 600.0,
@@ -113,7 +125,7 @@ class ServerEngine:
             raise ConfigError("generate.served_model is empty: name the model or adapter the server serves")
         if max_new_tokens < 1:
             raise ConfigError(f"generate.max_new_tokens must be >= 1, got {max_new_tokens}")
-        self.penalty = penalty_fields(server, repetition_penalty)
+        self.penalty = penalty_fields(server, repetition_penalty, spare_stop_tokens)
         self.endpoint = Endpoint(
             base_url,
             role="generation",

@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import random
 import shutil
 import subprocess
@@ -154,11 +153,7 @@ def main() -> None:
     sizes = [int(s) for s in args.sizes.split(",")]
 
     sys.path.insert(0, str(ROOT / "src"))
-    import datasets
-    import torch
-    import transformers
-    import trl
-
+    from neftune.machine import machine_info, versions
     from neftune.models import resolve_model
 
     model_dir = resolve_model(args.model)  # built once, outside the measurements
@@ -223,16 +218,10 @@ def main() -> None:
     if args.json:
         meta = {
             "date": time.strftime("%Y-%m-%d"),
-            "machine": platform.processor() or platform.machine(),
-            "cpus": os.cpu_count(),
+            "machine": machine_info(),
             "model": args.model,
             "max_length": args.max_length,
-            "versions": {
-                "torch": torch.__version__,
-                "transformers": transformers.__version__,
-                "datasets": datasets.__version__,
-                "trl": trl.__version__,
-            },
+            "versions": versions(("torch", "transformers", "datasets", "trl")),
         }
         Path(args.json).write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
 

@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import subprocess
 import sys
@@ -206,11 +205,9 @@ def main() -> None:
             f"{'' if same is None else f'{same:.0%}':>5} {row['peak_rss_mb']:7d} {row['server_peak_rss_mb']:9d}"
         )
     if args.json:
-        meta = {
-            "machine": platform.processor() or platform.machine(),
-            "cpus": os.cpu_count(),
-            "python": platform.python_version(),
-        }
+        from neftune.machine import machine_info, versions
+
+        meta = {"machine": machine_info(), **versions(("neftune", "torch", "transformers"))}
         Path(args.json).write_text(json.dumps({"meta": meta, "rows": rows}, indent=1), encoding="utf-8")
 
 

@@ -35,7 +35,6 @@ import argparse
 import importlib.metadata
 import json
 import os
-import platform
 import signal
 import subprocess
 import sys
@@ -44,6 +43,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "src"))
 LIMITS = {"cuda-tests": 60, "throughput": 240, "noise-overhead": 60, "fsdp2-smoke": 60, "zero3-smoke": 60}
 """Seconds per part: 480 in all."""
 WHEELS = ["transformers", "tokenizers", "peft", "trl", "datasets", "dill", "multiprocess", "hjson"]
@@ -125,20 +125,19 @@ def smoke(name: str, config: str, results: Path, scratch: Path) -> dict:
 
 
 def environment() -> dict:
-    import torch
+    from neftune.machine import machine_info, versions
 
-    versions = {}
-    for package in ("torch", "transformers", "accelerate", "peft", "trl", "deepspeed", "datasets"):
-        try:
-            versions[package] = importlib.metadata.version(package)
-        except importlib.metadata.PackageNotFoundError:
-            versions[package] = None
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
-    return {"date": time.strftime("%Y-%m-%d %H:%M"), "python": platform.python_version(), "gpu": gpu, **versions}
+    packages = ("torch", "transformers", "accelerate", "peft", "trl", "deepspeed", "datasets")
+    return {
+        "date": time.strftime("%Y-%m-%d %H:%M"),
+        "machine": machine_info(),
+        "versions": versions(packages, missing="not installed"),
+    }
 
 
 def summary_markdown(env: dict, records: list[dict], results: Path) -> str:
-    lines = [f"# GPU check ({env['date']}, {env['gpu']})", "", f"versions: {json.dumps(env)}", ""]
+    title = f"# GPU check ({env['date']}, {env['machine'].get('gpu')})"
+    lines = [title, "", f"versions: {json.dumps(env['versions'])}", ""]
     lines += ["| part | status | seconds | note |", "|---|---|---:|---|"]
     for r in records:
         last = r["tail"].strip().splitlines()[-1:] or [""]

@@ -31,7 +31,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from throughput import machine_info, peak_memory_bytes, reset_peak_memory, versions
+from neftune.machine import machine_info
+from throughput_arms import bench_versions
+from throughput_train import peak_memory_bytes, reset_peak_memory
 
 VARIANTS = ("full", "labelled")
 
@@ -185,7 +187,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "benchmark": "loss_memory",
         "date": time.strftime("%Y-%m-%d %H:%M"),
         "machine": machine_info(),
-        "versions": versions(),
+        "versions": bench_versions(),
         "settings": {k: v for k, v in vars(args).items() if k not in ("variant", "json")},
         "variants": variants,
         "ratios": {

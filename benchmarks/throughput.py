@@ -59,685 +59,44 @@ so generated tokens can be counted exactly).
 
 Stdout gets a Markdown report; progress goes to stderr; ``--json`` writes every number with the
 machine, versions and settings.  Run on an otherwise idle machine.
+
+Code: the arms are the ``ARM_SPECS`` table of ``throughput_arms.py`` (with the settings and presets),
+the model and data ``throughput_data.py``, training and measuring one arm ``throughput_train.py``.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
-import ctypes
 import dataclasses
-import gc
-import importlib.metadata
 import json
-import math
-import os
-import platform
-import random
 import statistics
 import sys
-import tempfile
 import time
 import traceback
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
-from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
-from transformers.trainer_callback import PrinterCallback, ProgressCallback
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-import neftune
-from neftune.data.template import IGNORE_INDEX
-
-RANDOM_LLAMA = "random-llama-1b"
-ARMS = ("a", "b", "c", "d", "e", "f", "g", "ceiling")
-ARM_LABELS = {
-    "a": "TRL SFTTrainer, padded, built-in NEFTune",
-    "b": "TRL SFTTrainer, packing=True (bfd, padding-free), built-in NEFTune",
-    "c": "neftune train, packed (padding-free), per-example NEFTune, the model's own loss",
-    "d": "neftune train --no-packing (padded), per-example NEFTune",
-    "e": "neftune train, packed, no NEFTune",
-    "f": "neftune train, packed, per-example NEFTune, transformers' SDPA over the whole row",
-    "g": "neftune train, packed, per-example NEFTune, LM head and loss at labelled positions only",
-    "ceiling": "fixed-shape ceiling: full rows, no mask, no NEFTune",
-}
-
-
-@dataclass
-class Settings:
-    """Everything one benchmark run does; presets fill it, flags override single fields."""
-
-    preset: str
-    model: str
-    data: str
-    batch_sizes: list[int]
-    max_length: int
-    warmup: int
-    steps: int
-    arms: list[str]
-    lora: bool = True
-    lora_r: int = 16
-    alpha: float = 5.0
-    trl_pack_rows: str = "match"
-    ceiling_length: int = 2048
-    attn: str = "sdpa"
-    gradient_checkpointing: bool | None = None
-    gen_prompts: int = 64
-    gen_max_new_tokens: int = 32
-    gen_batch_size: int = 16
-    gen_prompt_max: int = 256
-    seed: int = 0
-
-
-PRESETS: dict[str, Settings] = {
-    "smoke": Settings(
-        preset="smoke",
-        model="tiny-random",
-        data="alpaca-like",
-        batch_sizes=[4],
-        max_length=256,
-        warmup=1,
-        steps=2,
-        arms=list(ARMS),
-        ceiling_length=256,
-        gen_prompts=16,
-        gen_max_new_tokens=8,
-        gen_batch_size=4,
-        gen_prompt_max=64,
-    ),
-    "cpu": Settings(
-        preset="cpu",
-        model="smollm2-135m",
-        data="sharegpt",
-        batch_sizes=[8],
-        max_length=1024,
-        warmup=2,
-        steps=4,
-        arms=["a", "b", "c", "d", "e", "f"],
-        gen_prompts=64,
-        gen_max_new_tokens=32,
-        gen_batch_size=16,
-        gen_prompt_max=256,
-    ),
-    "gpu": Settings(
-        preset="gpu",
-        model=RANDOM_LLAMA,
-        data="alpaca-like",
-        batch_sizes=[8, 32],
-        max_length=1024,
-        warmup=3,
-        steps=10,
-        arms=list(ARMS),
-        ceiling_length=2048,
-        gen_prompts=64,
-        gen_max_new_tokens=128,
-        gen_batch_size=16,
-        gen_prompt_max=1024,
-    ),
-}
-
-
-def one_line(error: BaseException) -> str:
-    """An exception as ``Type: message`` on one line (the traceback goes to stderr)."""
-    return f"{type(error).__name__}: {' '.join(str(error).split())}"
-
-
-def log(message: str) -> None:
-    """Progress goes to stderr, so stdout holds only the report."""
-    print(message, file=sys.stderr, flush=True)
-
-
-# -- machine, memory -------------------------------------------------------------------------
-
-
-def cuda() -> bool:
-    return torch.cuda.is_available()
-
-
-def device() -> torch.device:
-    return torch.device("cuda" if cuda() else "cpu")
-
-
-def machine_info() -> dict[str, Any]:
-    """CPU model and cores, and the GPU when there is one."""
-    cpu_model = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu_model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    info: dict[str, Any] = {
-        "cpu": cpu_model,
-        "cpu_count": os.cpu_count(),
-        "cpus_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "platform": platform.platform(),
-    }
-    if cuda():
-        props = torch.cuda.get_device_properties(0)
-        info.update({"gpu": torch.cuda.get_device_name(0), "gpu_memory_gib": round(props.total_memory / 2**30, 1)})
-    return info
-
-
-def versions() -> dict[str, str]:
-    """Versions of Python, neftune and the libraries the arms run on."""
-    found = {"python": platform.python_version(), "neftune": neftune.__version__}
-    for package in ("torch", "transformers", "trl", "peft", "accelerate", "datasets"):
-        try:
-            found[package] = importlib.metadata.version(package)
-        except importlib.metadata.PackageNotFoundError:
-            found[package] = "not installed"
-    return found
-
-
-def reset_peak_memory() -> bool:
-    """Start a new peak-memory window; False when only the process-wide CPU peak can be read."""
-    if cuda():
-        torch.cuda.reset_peak_memory_stats()
-        return True
-    try:
-        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM, the peak RSS (Linux >= 4.0)
-        return True
-    except OSError:
-        return False
-
-
-def peak_memory_bytes() -> int:
-    """CUDA max_memory_allocated, else the peak RSS (VmHWM, or getrusage where /proc is missing)."""
-    if cuda():
-        return int(torch.cuda.max_memory_allocated())
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    import resource
-
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return int(rss if sys.platform == "darwin" else rss * 1024)
-
-
-def release_memory() -> None:
-    """Collect what the last arm left behind and return it to the device or the OS."""
-    gc.collect()
-    if cuda():
-        torch.cuda.empty_cache()
-    else:
-        with contextlib.suppress(OSError, AttributeError):
-            ctypes.CDLL("libc.so.6").malloc_trim(0)  # hand freed arenas back, so the next arm's RSS starts low
-
-
-# -- models ----------------------------------------------------------------------------------
-
-
-def build_tokenizer(settings: Settings) -> Any:
-    """The tokenizer of the benchmark model (the byte-level tiny tokenizer for the random Llama)."""
-    if settings.model == RANDOM_LLAMA:
-        from neftune.tiny import build_tiny_tokenizer
-
-        return build_tiny_tokenizer()
-    from neftune.models import load_model_and_tokenizer
-
-    model, tokenizer = load_model_and_tokenizer(settings.model, for_training=True)
-    del model
-    return tokenizer
-
-
-def random_llama(settings: Settings, tokenizer: Any) -> Any:
-    """A random-init ~1B Llama (d=2048, 16 layers, 32 heads, vocab 32000), built on the device."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from neftune.models import resolve_dtype
-
-    config = LlamaConfig(
-        vocab_size=32000,
-        hidden_size=2048,
-        intermediate_size=5632,
-        num_hidden_layers=16,
-        num_attention_heads=32,
-        num_key_value_heads=32,
-        max_position_embeddings=max(4096, settings.ceiling_length),
-        bos_token_id=None,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=False,
-        attn_implementation=settings.attn,
-        use_cache=False,
-    )
-    with torch.device(device()):
-        model = LlamaForCausalLM(config)
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    return model.to(resolve_dtype("auto", device()))
-
-
-def build_model(settings: Settings, tokenizer: Any, *, for_training: bool = True) -> Any:
-    """A fresh, seeded copy of the benchmark model, LoRA-wrapped as ``neftune train`` does."""
-    from neftune.models import default_lora_targets, load_model_and_tokenizer
-
-    torch.manual_seed(settings.seed)
-    if settings.model == RANDOM_LLAMA:
-        model = random_llama(settings, tokenizer)
-        model.train(for_training)
-    else:
-        model, _ = load_model_and_tokenizer(settings.model, for_training=for_training)
-        if model.config._attn_implementation != settings.attn:
-            model.set_attn_implementation(settings.attn)
-    if for_training and settings.lora:
-        from peft import LoraConfig, get_peft_model
-
-        from neftune.config import ModelConfig
-
-        defaults = ModelConfig()
-        model = get_peft_model(
-            model,
-            LoraConfig(
-                r=settings.lora_r,
-                lora_alpha=defaults.lora_alpha,
-                lora_dropout=defaults.lora_dropout,
-                target_modules=default_lora_targets(model),
-                task_type="CAUSAL_LM",
-            ),
-        )
-    return model
-
-
-# -- data ------------------------------------------------------------------------------------
-
-
-@dataclass
-class BenchData:
-    """The examples every arm trains on and the prompts the generation benchmark answers."""
-
-    rows: list[dict[str, list[int]]]
-    """Tokenized training examples (``input_ids``, ``labels``) in the order every arm consumes them."""
-    gen_prompts: list[list[int]]
-    """Token ids of the generation prompts, of mixed length."""
-    notes: dict[str, Any]
-
-
-def sharegpt_data(settings: Settings, tokenizer: Any, n_rows: int) -> BenchData:
-    """First turns (up to and including the first assistant answer) of shuffled ShareGPT conversations."""
-    from neftune.data.formats import Example, load_examples
-    from neftune.data.template import encode_examples
-
-    loaded = load_examples("builtin:sharegpt", on_bad_record="skip")
-    firsts = []
-    for example in loaded.examples:
-        end = next(i for i, m in enumerate(example.messages) if m["role"] == "assistant")
-        firsts.append(Example(messages=example.messages[: end + 1]))
-    random.Random(settings.seed).shuffle(firsts)
-    rows: list[dict[str, list[int]]] = []
-    used, dropped = 0, 0
-    while len(rows) < n_rows and used < len(firsts):
-        chunk = firsts[used : used + n_rows]
-        used += len(chunk)
-        kept, drops = encode_examples(tokenizer, chunk, settings.max_length)
-        rows.extend(kept)
-        dropped += sum(drops.values())
-    prompts = generation_prompts(settings, tokenizer, firsts[used:])
-    notes = {
-        "source": "builtin:sharegpt first turns",
-        "conversations": len(loaded.examples),
-        "encoded": used,
-        "dropped_all_prompt_after_truncation_or_template": dropped,
-    }
-    return BenchData(rows[:n_rows], prompts, notes)
-
-
-def generation_prompts(settings: Settings, tokenizer: Any, examples: Sequence[Any]) -> list[list[int]]:
-    """Token ids of the first ``gen_prompts`` prompts of ``examples`` no longer than ``gen_prompt_max``."""
-    from neftune.data.template import encode_prompt
-
-    prompts = []
-    for example in examples:
-        ids = encode_prompt(tokenizer, example.prompt_messages)
-        if len(ids) <= settings.gen_prompt_max:
-            prompts.append(ids)
-        if len(prompts) == settings.gen_prompts:
-            break
-    return prompts
-
-
-def skills_data(settings: Settings, tokenizer: Any, n_rows: int) -> BenchData:
-    """Shuffled ``builtin:skills`` training examples (short tasks: mostly prompt, answers of a few tokens)."""
-    from neftune.data.formats import load_examples
-    from neftune.data.template import encode_examples
-
-    examples = list(load_examples("builtin:skills", split="train", seed=settings.seed).examples)
-    random.Random(settings.seed).shuffle(examples)
-    rows, drops = encode_examples(tokenizer, examples[:n_rows], settings.max_length)
-    notes = {"source": "builtin:skills (train split)", "dropped": sum(drops.values())}
-    return BenchData(rows, generation_prompts(settings, tokenizer, examples[n_rows:]), notes)
-
-
-def alpaca_like_data(settings: Settings, tokenizer: Any, n_rows: int) -> BenchData:
-    """Random token ids with Alpaca-like lengths: prompt ~ lognormal(median 20), response ~ lognormal(median 80)."""
-    rng = random.Random(settings.seed)
-    vocab = plain_token_ids(tokenizer)
-    eos = tokenizer.eos_token_id
-
-    def prompt_len(cap: int) -> int:
-        return max(4, min(cap, round(rng.lognormvariate(math.log(20), 0.8))))
-
-    rows = []
-    for _ in range(n_rows):
-        n_prompt = prompt_len(settings.max_length // 2)
-        n_answer = max(1, min(settings.max_length - n_prompt - 1, round(rng.lognormvariate(math.log(80), 0.9))))
-        prompt = rng.choices(vocab, k=n_prompt)
-        answer = [*rng.choices(vocab, k=n_answer), eos]
-        rows.append({"input_ids": prompt + answer, "labels": [IGNORE_INDEX] * n_prompt + answer})
-    prompts = [rng.choices(vocab, k=prompt_len(settings.gen_prompt_max)) for _ in range(settings.gen_prompts)]
-    notes = {
-        "source": "synthetic: prompt ~ lognormal(median 20, sigma 0.8), response ~ lognormal(median 80, sigma 0.9)"
-        " + eos, random token ids"
-    }
-    return BenchData(rows, prompts, notes)
-
-
-DATA_SOURCES: dict[str, Callable[[Settings, Any, int], BenchData]] = {
-    "sharegpt": sharegpt_data,
-    "skills": skills_data,
-    "alpaca-like": alpaca_like_data,
-}
-
-
-def plain_token_ids(tokenizer: Any) -> list[int]:
-    """Ids that are neither special tokens nor beyond the random Llama's 32000-row vocabulary."""
-    special = set(tokenizer.all_special_ids)
-    return [i for i in range(min(len(tokenizer), 32000)) if i not in special]
-
-
-def describe_lengths(rows: Sequence[dict[str, list[int]]], max_length: int) -> dict[str, Any]:
-    """Length statistics of the training examples, in tokens."""
-    lengths = [len(r["input_ids"]) for r in rows]
-    return {
-        "examples": len(lengths),
-        "mean_tokens": round(statistics.mean(lengths), 1),
-        "median_tokens": statistics.median(lengths),
-        "max_tokens": max(lengths),
-        "share_at_max_length": round(sum(n >= max_length for n in lengths) / len(lengths), 3),
-    }
-
-
-# -- measuring -------------------------------------------------------------------------------
-
-
-class TokenCounter:
-    """Wraps a collator; records real (non-padding) and computed tokens of every batch it builds."""
-
-    def __init__(self, inner: Callable[[list[dict]], dict]) -> None:
-        self.inner = inner
-        self.real: list[int] = []
-        self.computed: list[int] = []
-        self.work: list[tuple[int, int]] = []
-        self.layout: dict[str, Any] = {}
-
-    def __call__(self, features: list[dict]) -> dict:
-        batch = self.inner(features)
-        self.real.append(sum(len(f["input_ids"]) for f in features))
-        self.computed.append(int(batch["input_ids"].numel()))
-        self.work.append(batch_work(batch))
-        if not self.layout:
-            self.layout = {"keys": sorted(batch), "input_ids_shape": list(batch["input_ids"].shape)}
-            if "position_ids" in batch:
-                self.layout["sequences_per_batch"] = int((batch["position_ids"] == 0).sum())
-        return batch
-
-
-def batch_work(batch: dict[str, torch.Tensor]) -> tuple[int, int]:
-    """``(labelled targets, causal query-key pairs)`` of a collated batch: the two counts besides its real
-    tokens that its model FLOPs depend on.  Examples are the attention mask's rows, else the segments of
-    restarting ``position_ids``, else whole rows."""
-    ids = batch["input_ids"]
-    labels = batch.get("labels")
-    targets = int((labels[..., 1:] != IGNORE_INDEX).sum()) if labels is not None else ids[..., 1:].numel()
-    if batch.get("attention_mask") is not None:
-        lengths = batch["attention_mask"].sum(-1).flatten()
-    elif batch.get("position_ids") is not None:
-        segments = []
-        for row in batch["position_ids"].reshape(-1, ids.shape[-1]):
-            starts = torch.ones_like(row, dtype=torch.bool)
-            starts[1:] = row[1:] != row[:-1] + 1
-            segments.append(torch.diff(starts.nonzero().flatten(), append=torch.tensor([row.numel()])))
-        lengths = torch.cat(segments)
-    else:
-        lengths = torch.full((ids.reshape(-1, ids.shape[-1]).shape[0],), ids.shape[-1])
-    return targets, int((lengths * (lengths + 1) // 2).sum())
-
-
-@dataclass
-class FlopModel:
-    """Model FLOPs of one training step (the formula in the module docstring), from the trained model."""
-
-    per_token: int
-    per_pair: int
-    per_target: int
-
-    @classmethod
-    def of(cls, model: Any) -> FlopModel:
-        inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-        embedding, head = inner.get_input_embeddings().weight, inner.get_output_embeddings().weight
-        per_token = sum(
-            (6 if p.requires_grad else 4) * p.numel()
-            for p in model.parameters()
-            if p.dim() == 2 and p is not embedding and p is not head
-        )
-        cfg = inner.config
-        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-        per_pair = 12 * cfg.num_hidden_layers * cfg.num_attention_heads * head_dim
-        return cls(per_token, per_pair, (6 if head.requires_grad else 4) * head.numel())
-
-    def step(self, tokens: int, targets: int, pairs: int) -> int:
-        return self.per_token * tokens + self.per_pair * pairs + self.per_target * targets
-
-
-def peak_matmul_flops(seconds: float = 2.0) -> float:
-    """The best FLOP/s of a square GEMM on this device (fp32 on CPU, bf16 on GPU) over ``seconds``."""
-    n, dtype = (8192, torch.bfloat16) if cuda() else (2048, torch.float32)
-    a, b = (torch.randn(n, n, device=device(), dtype=dtype) for _ in range(2))
-    torch.matmul(a, b)
-    best, deadline = 0.0, time.perf_counter() + seconds
-    while time.perf_counter() < deadline:
-        if cuda():
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        torch.matmul(a, b)
-        if cuda():
-            torch.cuda.synchronize()
-        best = max(best, 2 * n**3 / (time.perf_counter() - start))
-    return best
-
-
-class StepTimer(TrainerCallback):
-    """Wall time of every optimizer step (data loading included), logged to stderr as it goes."""
-
-    def __init__(self, label: str, counter: TokenCounter, warmup: int, total: int) -> None:
-        self.label, self.counter, self.warmup, self.total = label, counter, warmup, total
-        self.times: list[float] = []
-        self._last = 0.0
-
-    def _now(self) -> float:
-        if cuda():
-            torch.cuda.synchronize()
-        return time.perf_counter()
-
-    def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any):
-        self._last = self._now()
-
-    def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any):
-        now = self._now()
-        self.times.append(now - self._last)
-        self._last = now
-        k = len(self.times) - 1
-        tokens = self.counter.real[k] if k < len(self.counter.real) else 0
-        phase = " (warm-up)" if k < self.warmup else ""
-        log(f"  [{self.label}] step {k + 1}/{self.total}{phase}: {self.times[-1] * 1e3:.0f} ms, {tokens} real tokens")
-
-
-def common_arguments(settings: Settings, batch: int, out: str) -> dict[str, Any]:
-    """TrainingArguments shared by every arm (TRL's SFTConfig gets the same values)."""
-    grad_ckpt = settings.gradient_checkpointing if settings.gradient_checkpointing is not None else cuda()
-    return {
-        "output_dir": out,
-        "per_device_train_batch_size": batch,
-        "max_steps": settings.warmup + settings.steps,
-        "learning_rate": 2e-4 if settings.lora else 2e-5,
-        "lr_scheduler_type": "cosine",
-        "seed": settings.seed,
-        "data_seed": settings.seed,
-        "train_sampling_strategy": "sequential",
-        "logging_strategy": "no",
-        "save_strategy": "no",
-        "report_to": [],
-        "disable_tqdm": True,
-        "use_cpu": not cuda(),
-        "bf16": cuda(),
-        "activation_checkpointing": grad_ckpt,
-        "activation_checkpointing_kwargs": {"use_reentrant": False} if grad_ckpt else None,
-        "dataloader_num_workers": 0,
-    }
-
-
-def trl_pack_rows(settings: Settings, batch: int, rows: Sequence[dict[str, list[int]]]) -> int:
-    """Rows of ``max_length`` per step for arm b (see ``--trl-pack-rows``)."""
-    if settings.trl_pack_rows != "match":
-        return int(settings.trl_pack_rows)
-    mean = statistics.mean(len(r["input_ids"]) for r in rows)
-    return max(1, round(batch * mean / settings.max_length))
-
-
-def make_trainer(
-    arm: str, settings: Settings, batch: int, rows: list[dict], tokenizer: Any, model: Any, out: str
-) -> tuple[Trainer, TokenCounter]:
-    """The trainer of one arm, its collator wrapped in a :class:`TokenCounter`."""
-    args = common_arguments(settings, batch, out)
-    if arm in ("a", "b"):
-        from datasets import Dataset
-        from trl import SFTConfig, SFTTrainer
-
-        packing = arm == "b"
-        if packing:
-            args["per_device_train_batch_size"] = trl_pack_rows(settings, batch, rows)
-        config = SFTConfig(**args, max_length=settings.max_length, packing=packing, neftune_noise_alpha=settings.alpha)
-        trainer: Trainer = SFTTrainer(
-            model=model, args=config, train_dataset=Dataset.from_list(rows), processing_class=tokenizer
-        )
-        counter = TokenCounter(trainer.data_collator)
-        trainer.data_collator = counter
-    else:
-        from neftune.callback import NEFTuneCallback
-        from neftune.data.collate import PaddingCollator, packing_collator
-
-        if args["activation_checkpointing"] and settings.lora:
-            model.enable_input_require_grads()  # as neftune.train.run_training does
-        if arm == "ceiling":
-            inner: Callable[[list[dict]], dict] = stack_collator
-        elif arm == "d":
-            inner = PaddingCollator(tokenizer.pad_token_id)
-        else:
-            inner = packing_collator()
-        if arm in ("c", "e", "g"):
-            use_neftune_attention(model)
-        if arm == "g":
-            from neftune import lmhead
-
-            lmhead.attach(model)  # this arm's model is discarded after it, hooks and all
-        counter = TokenCounter(inner)
-        callbacks = [NEFTuneCallback(alpha=settings.alpha, seed=settings.seed)] if arm in ("c", "d", "f", "g") else []
-        trainer = Trainer(
-            model=model,
-            args=TrainingArguments(**args, remove_unused_columns=False),
-            train_dataset=rows,
-            data_collator=counter,
-            processing_class=tokenizer,
-            callbacks=callbacks,
-        )
-    trainer.remove_callback(PrinterCallback)
-    trainer.remove_callback(ProgressCallback)
-    return trainer, counter
-
-
-def use_neftune_attention(model: Any) -> None:
-    """Switch to the attention ``neftune train`` picks for packed rows (``model.attention=auto``)."""
-    from neftune.config import Config, DataConfig
-    from neftune.train import choose_attention
-
-    impl = choose_attention(Config(data=DataConfig(packing=True)))
-    if impl is not None:
-        base = model.get_base_model() if hasattr(model, "get_base_model") else model
-        base.set_attn_implementation(impl)
-
-
-def stack_collator(features: list[dict]) -> dict[str, torch.Tensor]:
-    """Equal-length rows stacked as they are: no attention mask, no position ids."""
-    return {key: torch.tensor([f[key] for f in features]) for key in ("input_ids", "labels")}
-
-
-def ceiling_rows(settings: Settings, batch: int, tokenizer: Any) -> list[dict[str, list[int]]]:
-    """Random full rows of ``ceiling_length`` tokens, every token labelled."""
-    rng = random.Random(settings.seed)
-    vocab = plain_token_ids(tokenizer)
-    n = batch * (settings.warmup + settings.steps)
-    return [{"input_ids": (ids := rng.choices(vocab, k=settings.ceiling_length)), "labels": ids} for _ in range(n)]
-
-
-def run_arm(arm: str, settings: Settings, batch: int, data: BenchData, tokenizer: Any) -> dict[str, Any]:
-    """Train one arm for warm-up + measured steps and return its numbers."""
-    per_process = reset_peak_memory()
-    total = settings.warmup + settings.steps
-    rows = ceiling_rows(settings, batch, tokenizer) if arm == "ceiling" else data.rows[: batch * total]
-    model = build_model(settings, tokenizer)
-    with tempfile.TemporaryDirectory(prefix=f"throughput-{arm}-") as out:
-        trainer, counter = make_trainer(arm, settings, batch, rows, tokenizer, model, out)
-        timer = StepTimer(f"{arm} b={batch}", counter, settings.warmup, total)
-        trainer.add_callback(timer)
-        trainer.train()
-    measured = timer.times[settings.warmup : total]
-    if not measured:
-        raise RuntimeError(f"only {len(timer.times)} steps ran; nothing left after {settings.warmup} warm-up steps")
-    real = counter.real[settings.warmup : settings.warmup + len(measured)]
-    computed = counter.computed[settings.warmup : settings.warmup + len(measured)]
-    work = counter.work[settings.warmup : settings.warmup + len(measured)]
-    seconds = sum(measured)
-    flops = FlopModel.of(model)
-    model_flops = sum(flops.step(n, t, p) for n, (t, p) in zip(real, work, strict=True))
-    result: dict[str, Any] = {
-        "label": ARM_LABELS[arm],
-        "per_device_train_batch_size": trainer.args.per_device_train_batch_size,
-        "measured_steps": len(measured),
-        "tokens_per_s": sum(real) / seconds,
-        "step_ms_median": statistics.median(measured) * 1e3,
-        "step_ms": [round(t * 1e3, 1) for t in timer.times],
-        "real_tokens_per_step": sum(real) / len(real),
-        "padding_share": 1 - sum(real) / sum(computed),
-        "labelled_share": sum(t for t, _ in work) / sum(real),
-        "model_flops_per_token": model_flops / sum(real),
-        "model_flops_per_s": model_flops / seconds,
-        "flop_model": dataclasses.asdict(flops),
-        "peak_memory_bytes": peak_memory_bytes(),
-        "peak_memory_kind": "cuda_max_allocated" if cuda() else ("rss_per_arm" if per_process else "rss_process_peak"),
-        "batch_layout": counter.layout,
-    }
-    if arm in ("a", "b"):
-        result["trl"] = {
-            "packing": trainer.args.packing,
-            "packing_strategy": trainer.args.packing_strategy,
-            "padding_free": trainer.padding_free,
-            "neftune_noise_alpha": trainer.args.neftune_noise_alpha,
-        }
-    log(
-        f"  [{arm} b={batch}] {result['tokens_per_s']:.1f} real tokens/s, median step {result['step_ms_median']:.0f} ms"
-    )
-    return result
-
+from neftune.machine import machine_info
+from throughput_arms import (
+    ARM_SPECS,
+    ARMS,
+    BASELINE,
+    NOISE_OVERHEAD,
+    PRESETS,
+    RANDOM_LLAMA,
+    RATIOS,
+    Settings,
+    bench_versions,
+    cuda,
+    device,
+    log,
+    one_line,
+)
+from throughput_data import DATA_SOURCES, BenchData, build_model, build_tokenizer, describe_lengths
+from throughput_train import peak_matmul_flops, peak_memory_bytes, release_memory, reset_peak_memory, run_arm
 
 # -- generation ------------------------------------------------------------------------------
 
@@ -790,23 +149,15 @@ def add_ratios(arms: dict[str, dict[str, Any]]) -> dict[str, float]:
         return arms.get(arm, {}).get("tokens_per_s")
 
     ratios: dict[str, float] = {}
-    for name, (num, den) in {
-        "c_over_a": ("c", "a"),
-        "c_over_b": ("c", "b"),
-        "b_over_a": ("b", "a"),
-        "c_over_d": ("c", "d"),
-        "c_over_f": ("c", "f"),
-        "g_over_c": ("g", "c"),
-        "g_over_a": ("g", "a"),
-        "packed_over_ceiling": ("c", "ceiling"),
-    }.items():
+    for name, num, den, _ in RATIOS:
         if tps(num) and tps(den):
             ratios[name] = tps(num) / tps(den)
-    if tps("c") and tps("e"):
-        ratios["neftune_overhead_pct"] = (tps("e") / tps("c") - 1) * 100  # extra time per token with the noise
+    noisy, plain = NOISE_OVERHEAD
+    if tps(noisy) and tps(plain):
+        ratios["neftune_overhead_pct"] = (tps(plain) / tps(noisy) - 1) * 100  # extra time per token with the noise
     for _arm, result in arms.items():
-        if tps("a") and "tokens_per_s" in result:
-            result["vs_a"] = result["tokens_per_s"] / tps("a")
+        if tps(BASELINE) and "tokens_per_s" in result:
+            result["vs_a"] = result["tokens_per_s"] / tps(BASELINE)
     return ratios
 
 
@@ -857,14 +208,11 @@ def markdown(report: dict[str, Any]) -> str:
             "|---|---|---:|---:|---:|---:|---:|---:|---:|",
         ]
         for arm, r in arms.items():
+            spec = ARM_SPECS[arm]
             if "error" in r:
-                lines.append(f"| {arm} | {ARM_LABELS[arm]} | failed: {r['error'][:120]} | | | | | | |")
+                lines.append(f"| {arm} | {spec.label} | failed: {r['error'][:120]} | | | | | | |")
                 continue
-            setup = r["label"] + (
-                f" ({r['per_device_train_batch_size']} rows of {s['max_length']})" if arm == "b" else ""
-            )
-            if arm == "ceiling":
-                setup += f" ({r['per_device_train_batch_size']}x{s['ceiling_length']})"
+            setup = spec.setup(r, s)
             vs_a = f"{r['vs_a']:.2f}x" if "vs_a" in r else "-"
             lines.append(
                 f"| {arm} | {setup} | {r['tokens_per_s']:,.0f} | {r['step_ms_median']:,.0f} "
@@ -873,20 +221,12 @@ def markdown(report: dict[str, Any]) -> str:
             )
         ratios = report["ratios"][batch]
         parts = []
-        for key, text in (
-            ("c_over_a", "(c)/(a)"),
-            ("c_over_b", "(c)/(b)"),
-            ("b_over_a", "(b)/(a)"),
-            ("c_over_d", "(c)/(d)"),
-            ("c_over_f", "(c)/(f) varlen vs SDPA"),
-            ("g_over_c", "(g)/(c) labelled-only loss"),
-            ("g_over_a", "(g)/(a)"),
-            ("packed_over_ceiling", "packed (c)/ceiling"),
-        ):
+        for key, _, _, text in RATIOS:
             if key in ratios:
                 parts.append(f"{text} = {ratios[key]:.2f}x")
         if "neftune_overhead_pct" in ratios:
-            parts.append(f"NEFTune overhead (c) vs (e) = {ratios['neftune_overhead_pct']:+.1f}%")
+            noisy, plain = NOISE_OVERHEAD
+            parts.append(f"NEFTune overhead ({noisy}) vs ({plain}) = {ratios['neftune_overhead_pct']:+.1f}%")
         lines += ["", "Headline: " + "; ".join(parts) if parts else "Headline: -", ""]
         lines += [mfu_note(report, arms), ""]
     gen = report.get("generation")
@@ -1005,7 +345,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "benchmark": "throughput",
         "date": time.strftime("%Y-%m-%d %H:%M"),
         "machine": machine_info(),
-        "versions": versions(),
+        "versions": bench_versions(),
         "settings": dataclasses.asdict(settings),
         "dtype": str(resolve_dtype("auto", device())).removeprefix("torch."),
         "data": {**lengths, **data.notes},
@@ -1017,14 +357,15 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     for batch in settings.batch_sizes:
         arms: dict[str, dict[str, Any]] = {}
         for arm in settings.arms:
-            if arm == "ceiling" and batch != settings.batch_sizes[0]:
+            spec = ARM_SPECS[arm]
+            if not spec.every_batch_size and batch != settings.batch_sizes[0]:
                 continue
-            log(f"arm {arm} (batch {batch}): {ARM_LABELS[arm]}")
+            log(f"arm {arm} (batch {batch}): {spec.label}")
             try:
                 arms[arm] = run_arm(arm, settings, batch, data, tokenizer)
             except Exception as error:  # one failing arm must not cost the others
                 traceback.print_exc(file=sys.stderr)
-                arms[arm] = {"label": ARM_LABELS[arm], "error": one_line(error)}
+                arms[arm] = {"label": spec.label, "error": one_line(error)}
             release_memory()
         report["results"][str(batch)] = arms
     peak_after = peak_matmul_flops()

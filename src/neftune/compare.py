@@ -23,10 +23,8 @@ The verdict rests on one primary metric declared before the run
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
-import platform
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -185,13 +183,9 @@ def judge_arms(cfg: CompareConfig, arms: list[Arm], entries: dict[str, dict]) ->
 
 def versions() -> dict[str, str]:
     """Versions of the software that produced a result."""
-    from importlib.metadata import PackageNotFoundError, version
+    from neftune.machine import versions as installed_versions
 
-    found = {"python": platform.python_version()}
-    for name in ("neftune", "torch", "transformers", "peft", "accelerate"):
-        with contextlib.suppress(PackageNotFoundError):
-            found[name] = version(name)
-    return found
+    return installed_versions(("neftune", "torch", "transformers", "peft", "accelerate"))
 
 
 DEFAULT_HOLDOUT_SHARE = 0.1

@@ -5,7 +5,7 @@ cached pipeline (:func:`neftune.data.pipeline.examples_of`; a hub data set is op
 ``streaming=True``), become a ``datasets.IterableDataset`` and are tokenized batch by batch as the
 Trainer draws them; the padding-free collator packs each batch into one row as usual.
 
-What streaming gives up, and says in the README:
+What streaming gives up, and says in docs/data.md:
 
 * **a known epoch length**: training needs ``train.max_steps``; when the stream ends first it
   starts again (a new epoch, reshuffled);

@@ -330,6 +330,13 @@ def _add_generation_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
+def _add_answering_args(p: argparse.ArgumentParser, func: Callable[[argparse.Namespace], int]) -> None:
+    """What ``generate`` and ``eval`` share: the eval set, the generation settings; and the command to run."""
+    _add_eval_set_args(p)
+    _add_generation_args(p)
+    p.set_defaults(func=func)
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse, but a usage error is one ``neftune: error:`` line (exit 2) like every other error."""
 
@@ -422,9 +429,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--served-model", help="openai: the model or adapter name on the server (default: --name)")
     gen.add_argument("--vllm-python", help="vllm: the Python that has vLLM (default: make vllm's venv, then this one)")
     gen.add_argument("--vllm-args", help="vllm: more arguments for vLLM's server, e.g. '--dtype bfloat16'")
-    _add_eval_set_args(gen)
-    _add_generation_args(gen)
-    gen.set_defaults(func=cmd_generate)
+    _add_answering_args(gen, cmd_generate)
 
     ev = sub.add_parser(
         "eval",
@@ -438,9 +443,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--outputs", help="answers from neftune generate, aligned with --data")
     ev.add_argument("--output", help="write metrics JSON here (default: print)")
     ev.add_argument("--max-length", type=int, default=512, help="max tokens per example for held-out loss")
-    _add_eval_set_args(ev)
-    _add_generation_args(ev)
-    ev.set_defaults(func=cmd_eval)
+    _add_answering_args(ev, cmd_eval)
 
     judge = sub.add_parser(
         "judge",

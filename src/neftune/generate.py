@@ -25,13 +25,16 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypedDict
 
 import torch
 
 from neftune.data.presets import defaults_for
 from neftune.errors import DataError
 from neftune.outputs import REACHED_CAP, REQUIRED_KEYS, instruction_of, read_outputs, write_outputs
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
 logger = logging.getLogger(__name__)
 
@@ -40,6 +43,7 @@ __all__ = [
     "REQUIRED_KEYS",
     "Completion",
     "Engine",
+    "GenerationOptions",
     "PenaltySparingStops",
     "default_max_new_tokens",
     "default_repetition_penalty",
@@ -271,44 +275,40 @@ def generate_completions(
     return results
 
 
+class GenerationOptions(TypedDict, total=False):
+    """The keyword arguments of :func:`generate_completions`, which the functions reading it accept."""
+
+    max_new_tokens: int
+    repetition_penalty: float
+    spare_stop_tokens: bool
+    batch_size: int
+    sort_by_length: bool
+    do_sample: bool
+    progress: bool
+
+
 def generate_token_ids(
     model: Any,
     tokenizer: Any,
     prompts: Sequence[str] | Sequence[Sequence[int]],
-    **kw: Any,
+    **options: Unpack[GenerationOptions],
 ) -> list[list[int]]:
     """The token ids of :func:`generate_completions` (same arguments), in the order of ``prompts``."""
-    return [c.ids for c in generate_completions(model, tokenizer, prompts, **kw)]
+    return [c.ids for c in generate_completions(model, tokenizer, prompts, **options)]
 
 
 def generate_texts(
     model: Any,
     tokenizer: Any,
     prompts: Sequence[str] | Sequence[Sequence[int]],
-    *,
-    max_new_tokens: int = 256,
-    repetition_penalty: float = 1.2,
-    batch_size: int = 16,
-    sort_by_length: bool = True,
-    do_sample: bool = False,
-    progress: bool = True,
+    **options: Unpack[GenerationOptions],
 ) -> list[str]:
     """Generate one completion per prompt and return the texts in the order of ``prompts``.
 
-    Same arguments as :func:`generate_token_ids`; each completion is decoded with special tokens
+    Same arguments as :func:`generate_completions`; each completion is decoded with special tokens
     removed and stripped of surrounding whitespace.
     """
-    ids = generate_token_ids(
-        model,
-        tokenizer,
-        prompts,
-        max_new_tokens=max_new_tokens,
-        repetition_penalty=repetition_penalty,
-        batch_size=batch_size,
-        sort_by_length=sort_by_length,
-        do_sample=do_sample,
-        progress=progress,
-    )
+    ids = generate_token_ids(model, tokenizer, prompts, **options)
     return [tokenizer.decode(row, skip_special_tokens=True).strip() for row in ids]
 
 

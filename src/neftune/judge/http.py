@@ -35,12 +35,12 @@ import logging
 import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 
 from neftune.errors import ConfigError, JudgeError
-from neftune.http_api import Endpoint, RequestFailed, Transient
+from neftune.http_api import Endpoint, EndpointOptions, RequestFailed, Transient
 from neftune.judge.base import (
     Judge,
     JudgeUnreachable,
@@ -53,6 +53,9 @@ from neftune.judge.base import (
 )
 from neftune.judge.logprobs import p_first_better
 from neftune.judge.parse import parse_verdict, strip_reasoning
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
 __all__ = ["HttpJudge"]
 
@@ -70,18 +73,16 @@ class HttpJudge(Judge):
         base_url: API root such as ``http://127.0.0.1:8080/v1`` or ``https://api.openai.com/v1``
             (``/chat/completions`` is appended unless the URL already ends with it).
         model: model name sent in the request (llama.cpp's server accepts any name).
-        api_key_env: NAME of the environment variable holding the API key.  If it is unset no
-            ``Authorization`` header is sent (fine for local servers).
-        timeout: seconds per HTTP request.
-        max_retries: extra attempts after the first for failures a retry can cure (see module doc).
-        backoff: delay before the first retry, doubled each retry; ``Retry-After`` is honoured.
-        max_backoff: longest wait between two attempts.
         temperature: sampling temperature; at 0 an unparseable reply is final.
         max_tokens: longest reply (``None`` omits the field).  The default suits a one-word verdict;
             a reasoning model needs room for its thinking (e.g. 2048).
-        workers: concurrent requests.
         logprobs: ask for the verdict token's top log-probabilities.
         top_logprobs: how many alternatives to ask for (OpenAI and vLLM allow up to 20).
+        endpoint: :class:`~neftune.http_api.Endpoint`'s settings, with its defaults: ``api_key_env``
+            (NAME of the environment variable holding the API key; unset, no ``Authorization``
+            header is sent, fine for local servers), ``timeout`` (seconds per HTTP request),
+            ``max_retries`` (extra attempts after the first for failures a retry can cure, see
+            the module doc), ``backoff``, ``max_backoff`` and ``workers`` (concurrent requests).
     """
 
     name = "http"
@@ -91,42 +92,24 @@ class HttpJudge(Judge):
         base_url: str,
         model: str,
         *,
-        api_key_env: str = "OPENAI_API_KEY",
-        timeout: float = 60.0,
-        max_retries: int = 4,
-        backoff: float = 1.0,
-        max_backoff: float = 60.0,
         temperature: float = 0.0,
         max_tokens: int | None = 16,
-        workers: int = 4,
         logprobs: bool = True,
         top_logprobs: int = 20,
+        **endpoint: Unpack[EndpointOptions],
     ) -> None:
-        self.endpoint = Endpoint(
-            base_url,
-            role="judge",
-            fatal=JudgeError,
-            api_key_env=api_key_env,
-            timeout=timeout,
-            max_retries=max_retries,
-            backoff=backoff,
-            max_backoff=max_backoff,
-            workers=workers,
-        )
+        self.endpoint = Endpoint(base_url, role="judge", fatal=JudgeError, **endpoint)
         if not model or not isinstance(model, str):
             raise ConfigError("judge model name is empty")
         if not temperature >= 0 or (max_tokens is not None and max_tokens < 1) or not 0 < top_logprobs <= 20:
             raise ConfigError("judge needs temperature >= 0, max_tokens >= 1 (or None) and 1 <= top_logprobs <= 20")
         self.url = self.endpoint.url("/chat/completions")
         self.model = model
-        self.api_key_env = api_key_env
-        self.timeout = float(timeout)
-        self.max_retries = int(max_retries)
-        self.backoff = float(backoff)
-        self.max_backoff = float(max_backoff)
+        self.api_key_env, self.timeout = self.endpoint.api_key_env, self.endpoint.timeout
+        self.max_retries, self.workers = self.endpoint.max_retries, self.endpoint.workers
+        self.backoff, self.max_backoff = self.endpoint.backoff, self.endpoint.max_backoff
         self.temperature = float(temperature)
         self.max_tokens = max_tokens
-        self.workers = int(workers)
         self.chunk_size = self.workers * 4
         self.logprobs = bool(logprobs)
         self.top_logprobs = int(top_logprobs)

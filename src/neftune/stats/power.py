@@ -23,16 +23,50 @@ is monotone.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING, TypedDict
 
 import numpy as np
 
 from neftune.stats.seeds import compare_arms
 
-__all__ = ["detectable_effect", "power"]
+if TYPE_CHECKING:
+    from typing_extensions import Required, Unpack
+
+__all__ = ["Design", "detectable_effect", "power"]
+
+
+class Design(TypedDict, total=False):
+    """An experiment's size, as :func:`power` and :func:`detectable_effect` take it (keywords).
+
+    ``prompts`` (answered by every arm), ``seeds`` (training seeds: one baseline and one arm per
+    seed, paired within seed) and ``discordance`` (the share of prompts on which an arm and its
+    baseline disagree when there is no effect: about the share on which two baseline seeds
+    disagree, an A/A comparison) are required.  ``seed_sd`` is the run-to-run standard deviation
+    of the effect between seeds, in proportion units (default 0); ``arms`` the number of alphas
+    tested, the Holm family of the primary metric (1); ``level`` the family-wise significance
+    level (0.05); ``sims`` the simulated experiments (2000) and ``seed`` their random numbers (0).
+    """
+
+    prompts: Required[int]
+    seeds: Required[int]
+    discordance: Required[float]
+    seed_sd: float
+    arms: int
+    level: float
+    sims: int
+    seed: int
 
 
 def _simulator(
-    prompts: int, seeds: int, discordance: float, seed_sd: float, arms: int, level: float, sims: int, seed: int
+    *,
+    prompts: int,
+    seeds: int,
+    discordance: float,
+    seed_sd: float = 0.0,
+    arms: int = 1,
+    level: float = 0.05,
+    sims: int = 2000,
+    seed: int = 0,
 ) -> Callable[[float], float]:
     """Check the design and draw its random numbers once; return ``delta -> power`` on those draws."""
     if prompts < 1 or seeds < 1 or arms < 1:
@@ -57,53 +91,22 @@ def _simulator(
     return power_at
 
 
-def power(
-    delta: float,
-    *,
-    prompts: int,
-    seeds: int,
-    discordance: float,
-    seed_sd: float = 0.0,
-    arms: int = 1,
-    level: float = 0.05,
-    sims: int = 2000,
-    seed: int = 0,
-) -> float:
-    """Share of simulated experiments in which a true difference ``delta`` (in proportion units, e.g.
-    0.1 for 10 points) is declared significant with the right sign.
-
-    Args:
-        prompts: prompts answered by every arm.
-        seeds: training seeds (one baseline and one arm per seed, paired within seed).
-        discordance: share of prompts on which an arm and its baseline disagree when there is no
-            effect (about the share on which two baseline seeds disagree: an A/A comparison).
-        seed_sd: run-to-run standard deviation of the effect between seeds, in proportion units.
-        arms: number of alphas tested (Holm family of the primary metric).
-        level: family-wise significance level.
-    """
-    return _simulator(prompts, seeds, discordance, seed_sd, arms, level, sims, seed)(delta)
+def power(delta: float, **design: Unpack[Design]) -> float:
+    """Share of simulated experiments of ``design`` (:class:`Design`) in which a true difference
+    ``delta`` (in proportion units, e.g. 0.1 for 10 points) is declared significant with the right sign."""
+    return _simulator(**design)(delta)
 
 
-def detectable_effect(
-    *,
-    prompts: int,
-    seeds: int,
-    discordance: float,
-    seed_sd: float = 0.0,
-    arms: int = 1,
-    level: float = 0.05,
-    target: float = 0.8,
-    sims: int = 2000,
-    seed: int = 0,
-) -> float | None:
-    """Smallest true difference detected in ``target`` of simulations (bisection to 0.1 point);
-    ``None`` when even the largest possible one (``1 - discordance``) is not."""
-    power_at = _simulator(prompts, seeds, discordance, seed_sd, arms, level, sims, seed)
+def detectable_effect(*, target: float = 0.8, **design: Unpack[Design]) -> float | None:
+    """Smallest true difference detected in ``target`` of simulated experiments of ``design``
+    (:class:`Design`; bisection to 0.1 point); ``None`` when even the largest possible one
+    (``1 - discordance``) is not."""
+    power_at = _simulator(**design)
 
     def found(delta: float) -> bool:
         return power_at(delta) >= target
 
-    lo, hi = 0.0, 1.0 - discordance
+    lo, hi = 0.0, 1.0 - design["discordance"]
     if not found(hi):
         return None
     while hi - lo > 0.001:

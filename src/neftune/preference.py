@@ -34,7 +34,6 @@ from neftune.config import Config, write_config
 from neftune.data.preference import PreferenceLoad, load_pairs
 from neftune.distributed import check_can_save, max_over_ranks, sum_over_ranks
 from neftune.io import check_output_dir
-from neftune.noise import Distribution
 from neftune.preempt import PreemptionCallback
 from neftune.trainer_parts import CountingCollator, MetricsCallback
 
@@ -122,8 +121,9 @@ def run_preference_training(
     preempt = PreemptionCallback()  # SIGTERM / SIGUSR1: checkpoint after this step, then stop
     callbacks: list[TrainerCallback] = [preempt]
     if cfg.noise.alpha > 0:
-        distribution = cast(Distribution, cfg.noise.distribution)
-        callbacks.append(NEFTuneCallback(alpha=cfg.noise.alpha, distribution=distribution, seed=cfg.train.seed))
+        callbacks.append(
+            NEFTuneCallback(alpha=cfg.noise.alpha, distribution=cfg.noise.distribution, seed=cfg.train.seed)
+        )
 
     class Trainer(AtomicCheckpoints, DPOTrainer):  # checkpoints appear whole or not at all
         pass

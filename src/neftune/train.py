@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import torch
 from transformers import IntervalStrategy, TrainerCallback, TrainingArguments
@@ -40,7 +40,6 @@ from neftune.distributed import (
 )
 from neftune.errors import NeftuneError
 from neftune.io import atomic_save_dir, atomic_write_text, check_output_dir
-from neftune.noise import Distribution
 from neftune.preempt import PreemptionCallback
 from neftune.resources import explain, explain_training
 from neftune.trainer_parts import CountingCollator, HeldoutTrainer, MetricsCallback
@@ -279,9 +278,7 @@ def run_training(cfg: Config, *, keep_model: bool = False, extra_callbacks: list
     if cfg.noise.alpha > 0:
         callbacks.insert(
             0,
-            NEFTuneCallback(
-                alpha=cfg.noise.alpha, distribution=cast(Distribution, cfg.noise.distribution), seed=cfg.train.seed
-            ),
+            NEFTuneCallback(alpha=cfg.noise.alpha, distribution=cfg.noise.distribution, seed=cfg.train.seed),
         )
     if is_main_process():
         from torch.utils.tensorboard import SummaryWriter

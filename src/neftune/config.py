@@ -9,9 +9,7 @@ one-line :class:`~neftune.errors.ConfigError` naming the offending field.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
-import functools
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,6 +42,7 @@ from neftune.config_io import (
 )
 from neftune.errors import ConfigError
 from neftune.metrics import primary_choices, spoken_list
+from neftune.settings import reused, setting
 
 __all__ = [
     "SECRET_MARKERS",
@@ -68,32 +67,6 @@ __all__ = [
     "to_dict",
     "write_config",
 ]
-
-
-def setting(default: Any, help: str, *, flag: str | dict[str, Any] | None = None, **kw: Any) -> Any:
-    """A config field with its help text, the single source of the CLI's help.
-
-    ``flag`` makes it a command-line flag too: ``"--lr"`` takes a value (or, for a bool, sets it to
-    true); ``{"--lora": True, "--full": False}`` gives a setting one flag per value, and
-    ``flag_help={"--full": "..."}`` a flag its own help.  A name without dashes is a positional
-    argument.  A field typed with a ``Literal`` (:mod:`neftune.choices`) takes only its values.
-    ``required=True`` makes the flag mandatory, ``group="NAME"`` puts it in a mutually exclusive
-    group, ``nargs`` and ``metavar`` go to argparse as they are.  Lists and dicts are copied per
-    instance.
-    """
-    metadata = {"help": help, "flag": flag, **kw}
-    if isinstance(default, (list, dict)):
-        return field(default_factory=functools.partial(copy.copy, default), metadata=metadata)
-    return field(default=default, metadata=metadata)
-
-
-def reused(cls: type, name: str, **changes: Any) -> Any:
-    """Setting ``name`` of config class ``cls`` for another config: the same help and default (and
-    type, which the annotation repeats for the type checker), with ``changes`` (``flag=``,
-    ``flag_help=``, ``default=`` ...) on top; a flag is never inherited."""
-    f = next(f for f in dataclasses.fields(cls) if f.name == name)
-    metadata = {**f.metadata, "flag": None, "flag_help": {}, **changes}
-    return setting(metadata.pop("default", default_of(f)), metadata.pop("help"), **metadata)
 
 
 @dataclass

@@ -33,6 +33,7 @@ __all__ = [
     "iter_fields",
     "read_yaml",
     "to_dict",
+    "unwrap_optional",
     "write_config",
 ]
 
@@ -242,10 +243,16 @@ def command_flags(cls: type) -> list[Flag]:
     return flags
 
 
-def _metavar(hint: Any) -> str:
+def unwrap_optional(hint: Any) -> Any:
+    """``X`` for ``X | None``; any other type as it is."""
     inner = [a for a in typing.get_args(hint) if a is not type(None)]
     if typing.get_origin(hint) in (typing.Union, types.UnionType) and len(inner) == 1:
-        hint = inner[0]
+        return inner[0]
+    return hint
+
+
+def _metavar(hint: Any) -> str:
+    hint = unwrap_optional(hint)
     if typing.get_origin(hint) is list:
         return "X,Y"
     return {int: "N", float: "X"}.get(hint, "VALUE")

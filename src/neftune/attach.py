@@ -39,7 +39,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from neftune.noise import Distribution, check_alpha, noisy_embeddings
+from neftune.choices import Distribution
+from neftune.noise import check_alpha, noisy_embeddings
 from neftune.reference import policy_probe
 
 _HANDLE_ATTR = "_neftune_handle"

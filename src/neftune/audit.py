@@ -18,7 +18,6 @@ max_length=N)`` does); ``--batch-size`` then counts those sequences.
 
 from __future__ import annotations
 
-import argparse
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -27,9 +26,12 @@ from typing import Any
 
 import numpy as np
 
+from neftune.choices import BadRecordPolicy, BatchMode, DataFormat, choices_of
+from neftune.config import DataConfig
 from neftune.errors import ConfigError, DataError, ModelError
+from neftune.settings import Command, reused, setting
 
-MODES = ("padded", "packed")
+MODES: tuple[str, ...] = choices_of(BatchMode) or ()
 
 
 @dataclass
@@ -289,71 +291,85 @@ def run_audit(
     return audit
 
 
-def add_audit_parser(sub: Any) -> None:
-    """Add the ``audit`` subcommand to the ``neftune`` command's subparsers."""
-    p = sub.add_parser(
-        "audit",
-        help="the NEFTune alpha transformers' built-in hook gives each example of your data",
-        description="Per-example effective alpha of transformers' neftune_noise_alpha (TRL, Axolotl, "
-        "LLaMA-Factory) on your data and batching: alpha*sqrt(L_i/T), T the padded or packed row length.",
+@dataclass
+class AuditSettings:
+    """``neftune audit``'s settings: the data, the tokenizer and the framework's batching."""
+
+    data: str = setting(
+        None, "training data (Alpaca, ShareGPT, messages, parquet, builtin:...)", flag="--data", required=True
     )
-    p.add_argument("--data", required=True, help="training data (Alpaca, ShareGPT, messages, parquet, builtin:...)")
-    source = p.add_mutually_exclusive_group(required=True)
-    source.add_argument(
-        "--model",
-        help="model (alias, directory, .gguf or hub id) whose tokenizer to use; its input embedding also gives "
-        "the noise relative to the embedding norm",
+    model: str | None = setting(
+        None,
+        "model (alias, directory, .gguf or hub id) whose tokenizer to use; its input embedding also gives the "
+        "noise relative to the embedding norm",
+        flag="--model",
+        group="source",
+        required=True,
     )
-    source.add_argument("--tokenizer", dest="tokenizer", help="a tokenizer only (no embedding report)")
-    mode = p.add_mutually_exclusive_group(required=True)
-    mode.add_argument(
-        "--padded", dest="mode", action="store_const", const="padded", help="batches padded to the longest"
+    tokenizer: str | None = setting(
+        None, "a tokenizer only (no embedding report)", flag="--tokenizer", group="source", required=True
     )
-    mode.add_argument(
-        "--packed",
-        dest="mode",
-        action="store_const",
-        const="packed",
-        help="each batch flattened into one padding-free row",
+    mode: BatchMode = setting(
+        None,
+        "how the framework batches examples",
+        flag={"--padded": "padded", "--packed": "packed"},
+        flag_help={
+            "--padded": "batches padded to the longest",
+            "--packed": "each batch flattened into one padding-free row",
+        },
+        group="mode",
+        required=True,
     )
-    p.add_argument(
-        "--batch-size",
-        type=int,
+    batch_size: int = setting(
+        None,
+        "per-device batch size (packed sequences with --pack-length)",
+        flag="--batch-size",
         required=True,
         metavar="N",
-        help="per-device batch size (packed sequences with --pack-length)",
     )
-    p.add_argument(
-        "--max-length", type=int, required=True, metavar="N", help="max tokens per example (longer truncated)"
+    max_length: int = setting(
+        None, "max tokens per example (longer truncated)", flag="--max-length", required=True, metavar="N"
     )
-    p.add_argument("--alpha", type=float, required=True, metavar="A", help="neftune_noise_alpha the framework is given")
-    p.add_argument(
-        "--pack-length", type=int, metavar="N", help="with --packed: bin-pack to N tokens first (TRL packing=True)"
+    alpha: float = setting(
+        None, "neftune_noise_alpha the framework is given", flag="--alpha", required=True, metavar="A"
     )
-    p.add_argument("--seed", type=int, default=42, metavar="N", help="the Trainer's seed (default 42, transformers')")
-    p.add_argument("--format", default="auto", help="auto, alpaca, sharegpt or messages")
-    p.add_argument("--limit", type=int, metavar="N", help="use the first N examples")
-    p.add_argument("--on-bad-record", default="error", choices=["error", "skip"], help="stop at, or skip and count")
-    p.set_defaults(func=cmd_audit)
+    pack_length: int | None = setting(
+        None, "with --packed: bin-pack to N tokens first (TRL packing=True)", flag="--pack-length", metavar="N"
+    )
+    seed: int = setting(42, "the Trainer's seed (default 42, transformers')", flag="--seed", metavar="N")
+    format: DataFormat = reused(DataConfig, "format", flag="--format")
+    limit: int | None = setting(None, "use the first N examples", flag="--limit", metavar="N")
+    on_bad_record: BadRecordPolicy = reused(DataConfig, "on_bad_record", flag="--on-bad-record")
 
 
-def cmd_audit(args: argparse.Namespace) -> int:
+def cmd_audit(cfg: AuditSettings) -> int:
     """Run :func:`run_audit` with the parsed flags and print its report."""
-    source = args.model or args.tokenizer
+    source = str(cfg.model or cfg.tokenizer)
     audit = run_audit(
-        args.data,
+        cfg.data,
         source,
-        mode=args.mode,
-        batch_size=args.batch_size,
-        max_length=args.max_length,
-        alpha=args.alpha,
-        seed=args.seed,
-        pack_length=args.pack_length,
-        fmt=args.format,
-        on_bad_record=args.on_bad_record,
-        limit=args.limit,
-        embedding_spec=args.model,
+        mode=cfg.mode,
+        batch_size=cfg.batch_size,
+        max_length=cfg.max_length,
+        alpha=cfg.alpha,
+        seed=cfg.seed,
+        pack_length=cfg.pack_length,
+        fmt=cfg.format,
+        on_bad_record=cfg.on_bad_record,
+        limit=cfg.limit,
+        embedding_spec=cfg.model,
     )
-    print(f"{args.data} (tokenizer {source}, max length {args.max_length}, seed {args.seed}):")
+    print(f"{cfg.data} (tokenizer {source}, max length {cfg.max_length}, seed {cfg.seed}):")
     print(audit.render())
     return 0
+
+
+AUDIT = Command(
+    "audit",
+    AuditSettings,
+    cmd_audit,
+    help="the NEFTune alpha transformers' built-in hook gives each example of your data",
+    description="Per-example effective alpha of transformers' neftune_noise_alpha (TRL, Axolotl, "
+    "LLaMA-Factory) on your data and batching: alpha*sqrt(L_i/T), T the padded or packed row length.",
+)
+"""``neftune audit``, as :mod:`neftune.cli` registers it."""

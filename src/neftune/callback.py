@@ -19,7 +19,8 @@ from torch import nn
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 from neftune.attach import NEFTuneHandle, attach
-from neftune.noise import Distribution, check_alpha
+from neftune.choices import Distribution
+from neftune.noise import check_alpha
 
 
 class NEFTuneCallback(TrainerCallback):

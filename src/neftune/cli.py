@@ -1,8 +1,10 @@
 """The ``neftune`` command: a thin layer that parses arguments and calls the library.
 
-Each subcommand turns its flags into ``section.key=value`` overrides of a typed config (see
-:mod:`neftune.config`), so YAML files, overrides and flags share one validation path.  Errors caused
-by input are printed as one line and exit with status 2, never as a traceback.
+Every subcommand is a :class:`~neftune.settings.Command`: a typed config class whose fields declare
+the flags (:mod:`neftune.cli_flags` builds the parser), and a function that runs with one.
+``train`` and ``compare`` turn their flags into ``section.key=value`` overrides of their config
+(see :mod:`neftune.config`), so YAML files, overrides and flags share one validation path.  Errors
+caused by input are printed as one line and exit with status 2, never as a traceback.
 """
 
 from __future__ import annotations
@@ -13,60 +15,22 @@ import os
 import sys
 import traceback
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from neftune import __version__
+from neftune.cli_flags import add_command, config_from_args
 from neftune.errors import NeftuneError
+from neftune.settings import Command
+
+if TYPE_CHECKING:
+    from neftune.cli_settings import EvalSet, EvalSettings, GenerateSettings, JudgeSettings
+    from neftune.config import CompareConfig, Config
+
+__all__ = ["build_parser", "config_from_args", "error_line", "main", "unexpected_error_line"]
 
 
-def add_config_flags(parser: argparse.ArgumentParser, cls: type) -> None:
-    """Add ``--config``, ``key=value`` overrides and the flags declared in ``cls``'s field metadata
-    (:func:`neftune.config.command_flags`); list every setting with its default in the epilog."""
-    from neftune.config import command_flags, default_of, iter_fields
-
-    parser.add_argument("--config", metavar="FILE.yaml", help="YAML config file (sections as in the list below)")
-    parser.usage = "%(prog)s [options] [key=value ...]"
-    for flag in command_flags(cls):
-        dest = f"set:{flag.key}"
-        if flag.const is None:
-            parser.add_argument(flag.name, dest=dest, metavar=flag.metavar, help=_escape(f"{flag.help} ({flag.key})"))
-        else:
-            value = "true" if flag.const else "false"
-            parser.add_argument(
-                flag.name,
-                dest=dest,
-                action="store_const",
-                const=value,
-                help=_escape(f"sets {flag.key}={value} ({flag.help})"),
-            )
-    per_arm = set(getattr(cls, "SET_PER_ARM", ()))
-    lines = ["all settings (YAML sections or key=value):"]
-    for name, f, _hint in iter_fields(cls):
-        note = " (set per arm, ignored here)" if name in per_arm else ""
-        lines.append(f"  {name:<28} {f.metadata.get('help', '')} [default: {default_of(f)}]{note}")
-    parser.epilog = "\n".join(lines)
-    parser.formatter_class = argparse.RawDescriptionHelpFormatter
-
-
-def _escape(text: str) -> str:
-    return text.replace("%", "%%")  # argparse formats help strings with %
-
-
-def config_from_args(args: argparse.Namespace, cls: type) -> Any:
-    """Defaults < --config YAML < key=value overrides < flags; validated."""
-    from neftune.config import load_config
-
-    overrides = list(getattr(args, "overrides", []))
-    for dest, value in vars(args).items():
-        if dest.startswith("set:") and value is not None:
-            overrides.append(f"{dest[4:]}={value}")
-    return load_config(cls, args.config, overrides, recipe=getattr(args, "preset", None))
-
-
-def cmd_train(args: argparse.Namespace) -> int:
-    from neftune.config import Config
-
-    cfg = config_from_args(args, Config)  # before importing torch: a bad flag fails in a second
+def cmd_train(cfg: Config) -> int:
+    """``neftune train``: one finetuning run."""
     from neftune.train import is_main_process, run_training
 
     result = run_training(cfg)
@@ -80,10 +44,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_compare(args: argparse.Namespace) -> int:
-    from neftune.config import CompareConfig
-
-    cfg = config_from_args(args, CompareConfig)
+def cmd_compare(cfg: CompareConfig) -> int:
+    """``neftune compare``: the experiment, its arms and its report."""
     from neftune.compare import run_compare
 
     paths = run_compare(cfg)
@@ -92,36 +54,43 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
-def _load_eval_set(spec: str, fmt: str, limit: int | None, on_bad_record: str):
+def _load_eval_set(eval_set: EvalSet) -> list:
     from neftune.data.formats import load_eval_examples
 
-    held = load_eval_examples(spec, fmt=fmt, on_bad_record=on_bad_record, limit=limit, require_response=False)
+    held = load_eval_examples(
+        eval_set.data,
+        fmt=eval_set.format,
+        on_bad_record=eval_set.on_bad_record,
+        limit=eval_set.limit,
+        require_response=False,
+    )
     logging.getLogger("neftune").info(held.summary())
     return held.examples
 
 
-def _answer(args: argparse.Namespace, model, tokenizer, examples) -> list[dict]:
-    """Generate AlpacaEval-format answers with the generation flags of ``args``."""
+def _answer(cfg: GenerateSettings | EvalSettings, model, tokenizer, examples) -> list[dict]:
+    """Generate AlpacaEval-format answers with the settings of ``cfg`` (``eval``: in-process, hf)."""
+    from neftune.cli_settings import GenerateSettings
     from neftune.generate import default_max_new_tokens, default_repetition_penalty, generate_outputs
 
-    cap = default_max_new_tokens(args.data, args.max_new_tokens)
-    penalty = default_repetition_penalty(args.data, args.repetition_penalty)
-    name = getattr(args, "name", None) or os.path.basename(os.path.normpath(args.model))
-    backend = getattr(args, "backend", "hf")
-    if backend in ("openai", "vllm"):
+    data, answering, model_spec = cfg.eval_set.data, cfg.answering, str(cfg.model)
+    cap = default_max_new_tokens(data, answering.max_new_tokens)
+    penalty = default_repetition_penalty(data, answering.repetition_penalty)
+    name = (cfg.name if isinstance(cfg, GenerateSettings) else None) or os.path.basename(os.path.normpath(model_spec))
+    if isinstance(cfg, GenerateSettings) and cfg.backend in ("openai", "vllm"):
         from neftune.serve import ServerEngine, penalty_fields
 
-        url, served, server, adapter = args.url, args.served_model or name, args.server, None
-        spare = not args.penalize_stop_tokens
-        penalty_fields("vllm" if backend == "vllm" else server, penalty, spare)  # before a server starts
-        if backend == "vllm":  # a server of our own, stopped when the answers are in
+        url, served, server, adapter = cfg.url, cfg.served_model or name, str(cfg.server), None
+        spare = answering.spare_stop_tokens
+        penalty_fields("vllm" if cfg.backend == "vllm" else server, penalty, spare)  # before a server starts
+        if cfg.backend == "vllm":  # a server of our own, stopped when the answers are in
             from pathlib import Path
 
             from neftune.model_cache import resolve_model
             from neftune.vllm_server import VLLMSettings, serve_model
 
-            where = VLLMSettings(args.vllm_python or "", args.vllm_args or "", log_dir=Path(args.output).parent)
-            url, served, adapter = serve_model(Path(resolve_model(args.model)), where, name)
+            where = VLLMSettings(cfg.vllm_python, cfg.vllm_args, log_dir=Path(cfg.output).parent)
+            url, served, adapter = serve_model(Path(resolve_model(model_spec)), where, name)
             server = "vllm"
         elif not url:
             raise NeftuneError("--backend openai needs --url (the server's base URL, e.g. http://127.0.0.1:8000/v1)")
@@ -133,7 +102,7 @@ def _answer(args: argparse.Namespace, model, tokenizer, examples) -> list[dict]:
             max_new_tokens=cap,
             repetition_penalty=penalty,
             spare_stop_tokens=spare,
-            workers=args.batch_size,
+            workers=answering.batch_size,
         )
         engine.ensure_served(adapter)
         return generate_outputs(
@@ -141,54 +110,52 @@ def _answer(args: argparse.Namespace, model, tokenizer, examples) -> list[dict]:
             tokenizer,
             examples,
             generator_name=name,
-            dataset_name=args.data,
+            dataset_name=data,
             engine=engine,
-            progress=not args.no_progress,
+            progress=answering.progress,
         )
     return generate_outputs(
         model,
         tokenizer,
         examples,
         generator_name=name,
-        dataset_name=args.data,
+        dataset_name=data,
         max_new_tokens=cap,
         repetition_penalty=penalty,
-        spare_stop_tokens=not getattr(args, "penalize_stop_tokens", False),
-        batch_size=args.batch_size,
-        progress=not args.no_progress,
+        spare_stop_tokens=answering.spare_stop_tokens,
+        batch_size=answering.batch_size,
+        progress=answering.progress,
     )
 
 
-def cmd_generate(args: argparse.Namespace) -> int:
+def cmd_generate(cfg: GenerateSettings) -> int:
+    """``neftune generate``: answer an eval set and write the outputs file."""
     from neftune.io import check_output_file
     from neftune.models import load_model_and_tokenizer
     from neftune.outputs import write_outputs
 
-    check_output_file(args.output)
-    examples = _load_eval_set(args.data, args.format, args.limit, args.on_bad_record)
-    if args.backend in ("openai", "vllm"):  # the server holds the weights; the tokenizer renders the prompts
+    check_output_file(cfg.output)
+    examples = _load_eval_set(cfg.eval_set)
+    trust = cfg.answering.trust_remote_code
+    if cfg.backend in ("openai", "vllm"):  # the server holds the weights; the tokenizer renders the prompts
         from transformers import AutoTokenizer
 
         from neftune.model_cache import resolve_model
 
-        model, tokenizer = (
-            None,
-            AutoTokenizer.from_pretrained(resolve_model(args.model), trust_remote_code=args.trust_remote_code),
-        )
+        model, tokenizer = None, AutoTokenizer.from_pretrained(resolve_model(cfg.model), trust_remote_code=trust)
     else:
-        model, tokenizer = load_model_and_tokenizer(
-            args.model, for_training=False, trust_remote_code=args.trust_remote_code
-        )
+        model, tokenizer = load_model_and_tokenizer(cfg.model, for_training=False, trust_remote_code=trust)
     from neftune.vllm_server import vllm_session
 
     with vllm_session():  # --backend vllm: its server stops with the answers in, or on an error
-        records = _answer(args, model, tokenizer, examples)
-    path = write_outputs(args.output, records)
+        records = _answer(cfg, model, tokenizer, examples)
+    path = write_outputs(cfg.output, records)
     print(f"{len(records)} answers written to {path}")
     return 0
 
 
-def cmd_eval(args: argparse.Namespace) -> int:
+def cmd_eval(cfg: EvalSettings) -> int:
+    """``neftune eval``: held-out loss of a model and the metrics of its (or given) answers."""
     import json
 
     from neftune.evaluate import evaluate_outputs, heldout_loss
@@ -196,32 +163,33 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from neftune.models import load_model_and_tokenizer
     from neftune.outputs import read_outputs, write_outputs
 
-    if args.output:
-        check_output_file(args.output)
-        if args.model and not args.outputs:
-            check_output_file(os.path.splitext(args.output)[0] + ".outputs.json")
-    examples = _load_eval_set(args.data, args.format, args.limit, args.on_bad_record)
-    report: dict = {"data": args.data}
+    data = cfg.eval_set.data
+    if cfg.output:
+        check_output_file(cfg.output)
+        if cfg.model and not cfg.outputs:
+            check_output_file(os.path.splitext(cfg.output)[0] + ".outputs.json")
+    examples = _load_eval_set(cfg.eval_set)
+    report: dict = {"data": data}
     tokenizer = None
-    records = read_outputs(args.outputs) if args.outputs else None
-    if args.model:
+    records = read_outputs(cfg.outputs) if cfg.outputs else None
+    if cfg.model:
         model, tokenizer = load_model_and_tokenizer(
-            args.model, for_training=False, trust_remote_code=args.trust_remote_code
+            cfg.model, for_training=False, trust_remote_code=cfg.answering.trust_remote_code
         )
         with_answers = [e for e in examples if e.reference is not None]
         if with_answers:
             report["heldout"] = heldout_loss(
-                model, tokenizer, with_answers, max_length=args.max_length, batch_size=args.batch_size
+                model, tokenizer, with_answers, max_length=cfg.max_length, batch_size=cfg.answering.batch_size
             )
         if records is None:
-            records = _answer(args, model, tokenizer, examples)
-            if args.output:
-                write_outputs(os.path.splitext(args.output)[0] + ".outputs.json", records)
+            records = _answer(cfg, model, tokenizer, examples)
+            if cfg.output:
+                write_outputs(os.path.splitext(cfg.output)[0] + ".outputs.json", records)
     if records is None:
         raise NeftuneError("eval needs --model (to measure loss and generate) or --outputs (answers to score)")
     if len(records) != len(examples):
         raise NeftuneError(
-            f"{args.outputs}: {len(records)} answers but {args.data} has {len(examples)} examples "
+            f"{cfg.outputs}: {len(records)} answers but {data} has {len(examples)} examples "
             "(use the same --data and --limit as for generate)"
         )
     report["outputs"] = evaluate_outputs(records, examples, tokenizer)
@@ -230,111 +198,60 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
         logging.getLogger("neftune").info(summary_line(report["outputs"]["ifeval"]))
     text = json.dumps(report, indent=2, default=str)
-    if args.output:
+    if cfg.output:
         from neftune.io import atomic_write_text
 
-        atomic_write_text(args.output, text)
-        print(f"metrics written to {args.output}")
+        atomic_write_text(cfg.output, text)
+        print(f"metrics written to {cfg.output}")
     else:
         print(text)
     return 0
 
 
-def cmd_judge(args: argparse.Namespace) -> int:
+def cmd_judge(cfg: JudgeSettings) -> int:
+    """``neftune judge``: judge the candidate's answers against the baseline's, both orders."""
     from neftune.data.presets import get_preset
     from neftune.io import check_output_file
     from neftune.judge import build_judge, judge_pairs
     from neftune.outputs import read_outputs
 
-    if args.output:
-        check_output_file(args.output)
+    if cfg.output:
+        check_output_file(cfg.output)
     a: Sequence[Mapping[str, Any]]
-    b: Sequence[Mapping[str, Any]] = read_outputs(args.candidate)
-    if get_preset(args.baseline) is not None:  # a prompt set's shipped reference answers as the baseline
+    b: Sequence[Mapping[str, Any]] = read_outputs(cfg.candidate)
+    if get_preset(cfg.baseline) is not None:  # a prompt set's shipped reference answers as the baseline
         from neftune.data.evalsets import reference_pairs
         from neftune.errors import DataError
 
         try:
-            a, b = reference_pairs(args.baseline, b)
+            a, b = reference_pairs(cfg.baseline, b)
         except DataError as e:
-            raise DataError(f"{args.candidate}: {e}") from None
+            raise DataError(f"{cfg.candidate}: {e}") from None
     else:
         from neftune.judge.pairing import pair_outputs
 
-        a, b = pair_outputs(read_outputs(args.baseline), b, args.baseline, args.candidate)
-    if args.limit:
-        a, b = a[: args.limit], b[: args.limit]
-    if args.backend == "http" and not (args.base_url and args.judge_model):
+        a, b = pair_outputs(read_outputs(cfg.baseline), b, cfg.baseline, cfg.candidate)
+    if cfg.limit:
+        a, b = a[: cfg.limit], b[: cfg.limit]
+    if cfg.backend == "http" and not (cfg.base_url and cfg.model):
         raise NeftuneError("--backend http needs --base-url and --judge-model")
-    if args.backend == "local" and not args.judge_model:
+    if cfg.backend == "local" and not cfg.model:
         raise NeftuneError("--backend local needs --judge-model (a model directory, alias or hub id)")
     judge = build_judge(
-        args.backend,
-        model=args.judge_model or "",
-        base_url=args.base_url or "",
-        api_key_env=args.api_key_env,
-        max_tokens=args.max_tokens,
-        temperature=args.temperature,
+        cfg.backend,
+        model=cfg.model,
+        base_url=cfg.base_url,
+        api_key_env=cfg.api_key_env,
+        max_tokens=cfg.max_tokens,
+        temperature=cfg.temperature,
     )
     if judge is None:
         raise NeftuneError("neftune judge needs a judge: --backend http, local or length")
-    result = judge_pairs(a, b, judge, cache_dir=args.cache, seed=args.seed, progress=not args.no_progress)
-    if args.output:
-        result.save(args.output)
+    result = judge_pairs(a, b, judge, cache_dir=cfg.cache, seed=cfg.seed, progress=cfg.progress)
+    if cfg.output:
+        result.save(cfg.output)
     print(result.summary())
     return 0
-
-
-def _add_eval_set_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--data",
-        default="builtin:skills",
-        help="eval set: builtin:skills (held-out split), builtin:ifeval, builtin:alpaca_eval, builtin:mt_bench, "
-        "Alpaca/AlpacaEval JSON, ShareGPT or messages (first turns)",
-    )
-    p.add_argument("--format", default="auto", help="auto, alpaca, sharegpt or messages")
-    p.add_argument(
-        "--limit",
-        type=int,
-        default=None,
-        help="use N examples: the first N, or a fixed stratified subset of builtin:ifeval, alpaca_eval, mt_bench",
-    )
-    p.add_argument(
-        "--on-bad-record", default="error", choices=["error", "skip"], help="stop at, or skip and count, bad records"
-    )
-
-
-def _add_generation_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--max-new-tokens", type=int, default=None, help="tokens per answer (default: the eval data's, 256 for files)"
-    )
-    p.add_argument(
-        "--repetition-penalty",
-        type=float,
-        default=None,
-        help="greedy decoding penalty (default: the eval data's; 1.2, the paper's, for files)",
-    )
-    p.add_argument(
-        "--batch-size",
-        type=int,
-        default=16,
-        help="prompts per batch (batches are sorted by length); with a server backend, the requests in flight",
-    )
-    p.add_argument(
-        "--penalize-stop-tokens",
-        action="store_true",
-        help="transformers' own repetition penalty, which also lowers the end-of-turn token a chat template puts in "
-        "every prompt (default: spared; vLLM and SGLang need this flag or --repetition-penalty 1.0)",
-    )
-    p.add_argument("--trust-remote-code", action="store_true", help="allow model code from the hub to run")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-
-
-def _add_answering_args(p: argparse.ArgumentParser, func: Callable[[argparse.Namespace], int]) -> None:
-    """What ``generate`` and ``eval`` share: the eval set, the generation settings; and the command to run."""
-    _add_eval_set_args(p)
-    _add_generation_args(p)
-    p.set_defaults(func=func)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -365,8 +282,7 @@ def unexpected_error_line(error: BaseException) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from neftune.config import CompareConfig, Config
-
+    """The ``neftune`` parser: global flags and one subparser per :func:`commands` entry."""
     parser = _Parser(
         prog="neftune",
         description="Instruction finetuning with per-example NEFTune noise, and experiments that show whether it helped.",
@@ -377,110 +293,66 @@ def build_parser() -> argparse.ArgumentParser:
         "--debug", action="store_true", help=f"show the full traceback of an error (or set {DEBUG_ENV}=1)"
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-
-    # no abbreviations: `--alpha` must not silently mean compare's `--alphas`
-    train = sub.add_parser(
-        "train",
-        help="finetune a model with NEFTune",
-        description="Finetune a model with per-example NEFTune noise.",
-        allow_abbrev=False,
-    )
-    add_config_flags(train, Config)
-    train.set_defaults(func=cmd_train)
-
-    compare = sub.add_parser(
-        "compare",
-        help="train with and without NEFTune and report the difference",
-        description="Train a baseline (alpha=0) and NEFTune arms on identical data and seed, "
-        "evaluate and judge them, and write report.html.",
-        allow_abbrev=False,
-    )
-    compare.add_argument(
-        "--preset",
-        metavar="NAME",
-        help="start from a shipped experiment recipe: demo (ShareGPT first turns, IFEval subset, ~15 min on 2 CPU "
-        "cores), skills (builtin:skills, the fast sanity check) or study (alpha 0/5/10/15 x 3 seeds, ~95 min); "
-        "--config, key=value and flags override it",
-    )
-    add_config_flags(compare, CompareConfig)
-    compare.set_defaults(func=cmd_compare)
-
-    gen = sub.add_parser(
-        "generate",
-        help="answer an eval set (AlpacaEval output format)",
-        description="Batched greedy generation; writes a JSON list of {instruction, output, generator, dataset}.",
-    )
-    gen.add_argument("--model", required=True, help="model directory (a trained output/model), alias or hub id")
-    gen.add_argument("--output", required=True, help="outputs JSON file to write")
-    gen.add_argument("--name", help="generator name recorded in the outputs (default: the model directory name)")
-    gen.add_argument(
-        "--backend",
-        default="hf",
-        choices=["hf", "vllm", "openai"],
-        help="hf (in-process), vllm (a vLLM server neftune starts and stops) or openai (a server at --url)",
-    )
-    gen.add_argument("--url", help="openai: the server's base URL, e.g. http://127.0.0.1:8000/v1")
-    gen.add_argument(
-        "--server",
-        default="other",
-        choices=["vllm", "sglang", "llama.cpp", "other"],
-        help="openai: what serves --url; decides how the prompt and the repetition penalty are sent",
-    )
-    gen.add_argument("--served-model", help="openai: the model or adapter name on the server (default: --name)")
-    gen.add_argument("--vllm-python", help="vllm: the Python that has vLLM (default: make vllm's venv, then this one)")
-    gen.add_argument("--vllm-args", help="vllm: more arguments for vLLM's server, e.g. '--dtype bfloat16'")
-    _add_answering_args(gen, cmd_generate)
-
-    ev = sub.add_parser(
-        "eval",
-        help="held-out loss and answer metrics",
-        description="Held-out loss and perplexity (noise off), answer lengths, distinct-1/2, repetition, "
-        "exact match on builtin:skills and ROUGE-L against references.",
-    )
-    ev.add_argument(
-        "--model", help="model to score (held-out loss) and to generate answers with when --outputs is absent"
-    )
-    ev.add_argument("--outputs", help="answers from neftune generate, aligned with --data")
-    ev.add_argument("--output", help="write metrics JSON here (default: print)")
-    ev.add_argument("--max-length", type=int, default=512, help="max tokens per example for held-out loss")
-    _add_answering_args(ev, cmd_eval)
-
-    judge = sub.add_parser(
-        "judge",
-        help="pairwise judging of two outputs files (both orders)",
-        description="Judge CANDIDATE against BASELINE, each pair asked in both orders. Reports the win "
-        "rate with a bootstrap 95%% CI, a length-controlled win rate and position consistency.",
-    )
-    judge.add_argument(
-        "baseline",
-        help="outputs JSON of the baseline (A), or builtin:alpaca_eval to judge against its reference answers",
-    )
-    judge.add_argument("candidate", help="outputs JSON of the candidate (B)")
-    judge.add_argument(
-        "--backend", default="http", choices=["http", "local", "length"], help="judge backend (default http)"
-    )
-    judge.add_argument("--base-url", help="http: OpenAI-compatible base URL")
-    judge.add_argument("--judge-model", help="http: model name; local: model directory, alias or hub id")
-    judge.add_argument("--api-key-env", default="OPENAI_API_KEY", help="http: environment variable holding the API key")
-    judge.add_argument(
-        "--max-tokens", type=int, help="http: longest judge reply (default 16; a reasoning model needs ~2048)"
-    )
-    judge.add_argument("--temperature", type=float, help="http: sampling temperature (default 0)")
-    judge.add_argument(
-        "--cache", default=".neftune-judge-cache", help="verdict cache directory (a rerun costs nothing)"
-    )
-    judge.add_argument("--output", help="write the full result (per-pair verdicts) as JSON")
-    judge.add_argument("--limit", type=int, help="judge only the first N pairs")
-    judge.add_argument("--seed", type=int, default=0, help="bootstrap seed")
-    judge.add_argument("--no-progress", action="store_true", help="no progress bar")
-    judge.set_defaults(func=cmd_judge)
-
-    from neftune.audit import add_audit_parser
-    from neftune.patch import add_run_parser
-
-    add_run_parser(sub)  # neftune run -- CMD: transformers' neftune_noise_alpha made per-example in CMD
-    add_audit_parser(sub)  # neftune audit: the alpha the built-in hook gives each example of a data set
+    for command in commands():
+        add_command(sub, command)
     return parser
+
+
+def commands() -> list[Command]:
+    """Every subcommand, in the order ``neftune --help`` lists them."""
+    from neftune.audit import AUDIT
+    from neftune.cli_settings import EvalSettings, GenerateSettings, JudgeSettings
+    from neftune.config import CompareConfig, Config
+    from neftune.patch import RUN
+
+    return [
+        # no abbreviations: `--alpha` must not silently mean compare's `--alphas`
+        Command(
+            "train",
+            Config,
+            cmd_train,
+            help="finetune a model with NEFTune",
+            description="Finetune a model with per-example NEFTune noise.",
+            config_file=True,
+            allow_abbrev=False,
+        ),
+        Command(
+            "compare",
+            CompareConfig,
+            cmd_compare,
+            help="train with and without NEFTune and report the difference",
+            description="Train a baseline (alpha=0) and NEFTune arms on identical data and seed, "
+            "evaluate and judge them, and write report.html.",
+            config_file=True,
+            recipes=True,
+            allow_abbrev=False,
+        ),
+        Command(
+            "generate",
+            GenerateSettings,
+            cmd_generate,
+            help="answer an eval set (AlpacaEval output format)",
+            description="Batched greedy generation; writes a JSON list of {instruction, output, generator, dataset}.",
+        ),
+        Command(
+            "eval",
+            EvalSettings,
+            cmd_eval,
+            help="held-out loss and answer metrics",
+            description="Held-out loss and perplexity (noise off), answer lengths, distinct-1/2, repetition, "
+            "exact match on builtin:skills and ROUGE-L against references.",
+        ),
+        Command(
+            "judge",
+            JudgeSettings,
+            cmd_judge,
+            help="pairwise judging of two outputs files (both orders)",
+            description="Judge CANDIDATE against BASELINE, each pair asked in both orders. Reports the win "
+            "rate with a bootstrap 95% CI, a length-controlled win rate and position consistency.",
+        ),
+        RUN,  # neftune run -- CMD: transformers' neftune_noise_alpha made per-example in CMD
+        AUDIT,  # neftune audit: the alpha the built-in hook gives each example of a data set
+    ]
 
 
 def setup_logging(quiet: bool) -> None:
@@ -505,7 +377,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     # key=value overrides may stand anywhere among the flags
     args, extra = parser.parse_known_args(argv)
-    overrides = [a for a in extra if "=" in a and not a.startswith("-")]
+    takes_overrides = getattr(args, "takes_overrides", False)  # train and compare; other commands have none
+    overrides = [a for a in extra if "=" in a and not a.startswith("-")] if takes_overrides else []
     unknown = [a for a in extra if a not in overrides]
     if unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")

@@ -9,14 +9,25 @@ one-line :class:`~neftune.errors.ConfigError` naming the offending field.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
-import functools
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
+from neftune.choices import (
+    Attention,
+    BadRecordPolicy,
+    DataFormat,
+    Distribution,
+    Dtype,
+    GenerateBackend,
+    JudgeSetting,
+    Loss,
+    Method,
+    Server,
+    choices_of,
+)
 from neftune.config_io import (
     SECRET_MARKERS,
     Flag,
@@ -31,6 +42,7 @@ from neftune.config_io import (
 )
 from neftune.errors import ConfigError
 from neftune.metrics import primary_choices, spoken_list
+from neftune.settings import reused, setting
 
 __all__ = [
     "SECRET_MARKERS",
@@ -50,23 +62,11 @@ __all__ = [
     "iter_fields",
     "load_config",
     "read_yaml",
+    "reused",
     "setting",
     "to_dict",
     "write_config",
 ]
-
-
-def setting(default: Any, help: str, *, flag: str | dict[str, bool] | None = None, **kw: Any) -> Any:
-    """A config field with its help text, the single source of the CLI's help.
-
-    ``flag`` makes it a command-line flag too: ``"--lr"`` takes a value (or, for a bool, sets it to
-    true); ``{"--lora": True, "--full": False}`` gives a bool one flag per value.  Lists and dicts
-    are copied per instance.
-    """
-    metadata = {"help": help, "flag": flag, **kw}
-    if isinstance(default, (list, dict)):
-        return field(default_factory=functools.partial(copy.copy, default), metadata=metadata)
-    return field(default=default, metadata=metadata)
 
 
 @dataclass
@@ -74,9 +74,9 @@ class ModelConfig:
     name: str = setting(
         "smollm2-135m", "hub id, local directory, .gguf file, or alias (smollm2-135m, tiny-random)", flag="--model"
     )
-    dtype: str = setting("auto", "auto (fp32 on CPU, bf16 on CUDA), float32, bfloat16 or float16")
+    dtype: Dtype = setting("auto", "auto (fp32 on CPU, bf16 on CUDA), float32, bfloat16 or float16")
     trust_remote_code: bool = setting(False, "allow model code from the hub to run; off unless you trust the repo")
-    attention: str = setting(
+    attention: Attention = setting(
         "auto",
         "auto (varlen for packed rows on CPU, else the model's default), varlen, sdpa, eager, "
         "flash_attention_2 or flex_attention",
@@ -110,14 +110,14 @@ class DataConfig:
         "held-out data for loss (noise off) and answers (default: the held-out split of a built-in training set)",
         flag="--eval-data",
     )
-    format: str = setting("auto", "auto, alpaca, sharegpt or messages", flag="--format")
+    format: DataFormat = setting("auto", "auto, alpaca, sharegpt or messages", flag="--format")
     max_length: int = setting(512, "tokens per example; longer examples are right-truncated", flag="--max-length")
     packing: bool = setting(
         True,
         "padding-free packed rows (true) or padded batches (false)",
         flag={"--packing": True, "--no-packing": False},
     )
-    on_bad_record: str = setting(
+    on_bad_record: BadRecordPolicy = setting(
         "error", "error: stop at the first bad record; skip: skip and count them by reason", flag="--on-bad-record"
     )
     limit: int | None = setting(None, "use at most this many training examples")
@@ -151,7 +151,7 @@ class DataConfig:
 @dataclass
 class NoiseConfig:
     alpha: float = setting(5.0, "NEFTune alpha; 0 disables the noise", flag="--alpha")
-    distribution: str = setting("uniform", "uniform (the paper) or gaussian")
+    distribution: Distribution = setting("uniform", "uniform (the paper) or gaussian")
 
 
 @dataclass
@@ -181,7 +181,7 @@ class TrainConfig:
     gradient_checkpointing: bool | None = setting(
         None, "recompute activations to save memory (default: on for CUDA, off for CPU)"
     )
-    method: str = setting(
+    method: Method = setting(
         "sft",
         "sft: supervised finetuning on instruction data; dpo: preference training (TRL's DPOTrainer) on "
         "prompt/chosen/rejected records, the policy noised and the reference never (builtin:skills becomes "
@@ -190,7 +190,7 @@ class TrainConfig:
     )
     dpo_beta: float = setting(0.1, "DPO beta: how far the policy may move from the reference (with --method dpo)")
     progress: bool = setting(True, "show progress bars", flag={"--no-progress": False})
-    loss: str = setting(
+    loss: Loss = setting(
         "auto",
         "labelled: LM head and cross-entropy only where there are labels, in chunks (no full logits tensor); "
         "full: the model's own loss; auto: labelled on CPU, where it is measured faster, else full",
@@ -211,20 +211,16 @@ class Config:
         a = self.noise.alpha
         if not isinstance(a, (int, float)) or isinstance(a, bool) or not math.isfinite(a) or a < 0:
             raise ConfigError(f"noise.alpha must be a finite number >= 0, got {a!r}")
-        _choice("noise.distribution", self.noise.distribution, ("uniform", "gaussian"))
-        _choice("data.format", self.data.format, ("auto", "alpaca", "sharegpt", "messages"))
-        _choice("data.on_bad_record", self.data.on_bad_record, ("error", "skip"))
-        _choice("model.dtype", self.model.dtype, ("auto", "float32", "bfloat16", "float16"))
-        _choice("train.loss", self.train.loss, ("auto", "labelled", "full"))
-        _choice("train.method", self.train.method, ("sft", "dpo"))
+        _choice("noise.distribution", self.noise.distribution, Distribution)
+        _choice("data.format", self.data.format, DataFormat)
+        _choice("data.on_bad_record", self.data.on_bad_record, BadRecordPolicy)
+        _choice("model.dtype", self.model.dtype, Dtype)
+        _choice("train.loss", self.train.loss, Loss)
+        _choice("train.method", self.train.method, Method)
         b = self.train.dpo_beta
         if not isinstance(b, (int, float)) or isinstance(b, bool) or not math.isfinite(b) or b <= 0:
             raise ConfigError(f"train.dpo_beta must be a finite number > 0, got {b!r}")
-        _choice(
-            "model.attention",
-            self.model.attention,
-            ("auto", "varlen", "sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention"),
-        )
+        _choice("model.attention", self.model.attention, Attention)
         for name, value in [
             ("data.max_length", self.data.max_length),
             ("train.batch_size", self.train.batch_size),
@@ -284,7 +280,9 @@ class Config:
         return self
 
 
-def _choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
+def _choice(name: str, value: Any, kind: Any) -> None:
+    """Raise :class:`ConfigError` unless ``value`` is one of the values of the ``Literal`` type ``kind``."""
+    choices = choices_of(kind) or ()
     if value not in choices:
         raise ConfigError(f"{name} must be one of {', '.join(choices)}; got {value!r}")
 
@@ -377,14 +375,14 @@ class GenerateConfig:
     batch_size: int = setting(
         16, "prompts per generation batch (sorted by length); with a server backend, the requests in flight"
     )
-    backend: str = setting(
+    backend: GenerateBackend = setting(
         "hf",
         "hf (transformers' generate, in-process), vllm (a vLLM server neftune starts, every LoRA arm an adapter "
         "of one engine) or openai (an OpenAI-compatible server at generate.url: vLLM, SGLang, llama.cpp); the "
         "prompt is always rendered by the model's tokenizer",
     )
     url: str = setting("", "openai: base URL of the server, e.g. http://127.0.0.1:8000/v1")
-    server: str = setting(
+    server: Server = setting(
         "other",
         "openai: what serves generate.url: vllm, sglang, llama.cpp or other; decides how the prompt and the "
         "repetition penalty are sent (other: only repetition_penalty=1.0)",
@@ -401,7 +399,7 @@ class GenerateConfig:
 
 @dataclass
 class JudgeConfig:
-    backend: str = setting(
+    backend: JudgeSetting = setting(
         "none",
         "none (objective metrics only), local (a transformers model scores A vs B), http (an OpenAI-compatible "
         "server), or length (prefers the longer answer; for tests)",
@@ -472,7 +470,7 @@ class CompareConfig(Config):
             raise ConfigError(f"compare.alphas has duplicates: {self.compare.alphas}")
         if not self.compare.seeds or len(set(self.compare.seeds)) != len(self.compare.seeds):
             raise ConfigError(f"compare.seeds must be distinct integers, got {self.compare.seeds}")
-        _choice("judge.backend", self.judge.backend, ("none", "local", "http", "length"))
+        _choice("judge.backend", self.judge.backend, JudgeSetting)
         if self.judge.backend == "http" and not (self.judge.base_url and self.judge.model):
             raise ConfigError("judge.backend=http needs judge.base_url and judge.model")
         if self.generate.limit is not None:
@@ -482,12 +480,12 @@ class CompareConfig(Config):
         if self.generate.max_new_tokens is not None:
             _positive("generate.max_new_tokens", self.generate.max_new_tokens)
         _positive("generate.batch_size", self.generate.batch_size)
-        _choice("generate.backend", self.generate.backend, ("hf", "vllm", "openai"))
+        _choice("generate.backend", self.generate.backend, GenerateBackend)
         if not self.generate.vllm_start_timeout > 0:
             raise ConfigError(
                 f"generate.vllm_start_timeout must be > 0 seconds, got {self.generate.vllm_start_timeout}"
             )
-        _choice("generate.server", self.generate.server, ("vllm", "sglang", "llama.cpp", "other"))
+        _choice("generate.server", self.generate.server, Server)
         if self.generate.backend == "openai" and not (self.generate.url and self.generate.served_model):
             raise ConfigError("generate.backend=openai needs generate.url and generate.served_model")
         penalty = self.generate.repetition_penalty

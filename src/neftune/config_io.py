@@ -13,10 +13,10 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
@@ -33,6 +33,7 @@ __all__ = [
     "iter_fields",
     "read_yaml",
     "to_dict",
+    "unwrap_optional",
     "write_config",
 ]
 
@@ -95,7 +96,7 @@ def _coerce(hint: Any, value: Any, name: str) -> Any:
             except ValueError:
                 pass
         raise ConfigError(f"{name} must be {'a number' if hint is float else 'an integer'}, got {value!r}")
-    if hint is str:
+    if hint is str or origin is Literal:  # a Literal's values are checked by the config's validate()
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
         raise ConfigError(f"{name} must be a string, got {value!r}")
@@ -191,24 +192,29 @@ def iter_fields(cls: type, prefix: str = "") -> Iterator[tuple[str, dataclasses.
 
 @dataclass(frozen=True)
 class Flag:
-    """A command-line flag generated from a setting's metadata (see :func:`setting`)."""
+    """A command-line flag generated from a setting's metadata (see :func:`neftune.config.setting`)."""
 
     name: str
-    """e.g. ``"--lr"``."""
+    """e.g. ``"--lr"``; a name without dashes is a positional argument."""
     key: str
     """The setting it sets, e.g. ``"train.lr"``."""
-    const: bool | None
-    """``None``: the flag takes a value; ``True``/``False``: it sets a bool setting to that value."""
+    const: Any
+    """``None``: the flag takes a value; else the value it sets (``True``/``False`` for a bool setting)."""
     help: str
     metavar: str
     """What the value looks like: ``N`` (integer), ``X`` (number), ``X,Y`` (list) or ``VALUE``."""
+    hint: Any = None
+    """The setting's type; a ``Literal`` gives the allowed values (:func:`neftune.choices.choices_of`)."""
+    meta: Mapping[str, Any] = field(default_factory=dict, compare=False, hash=False)
+    """The setting's metadata: ``required``, ``group`` (mutually exclusive), ``nargs``, ``metavar``."""
 
 
 def command_flags(cls: type) -> list[Flag]:
     """The flags of every setting of ``cls`` that declares one, in tree order.
 
-    Settings a config sets itself (``cls.SET_PER_ARM``) get no flag.  Two settings claiming one flag
-    is a programming error (``ValueError``).
+    Settings a config sets itself (``cls.SET_PER_ARM``) get no flag.  A setting's ``flag_help``
+    metadata gives a flag of its own help (``{"--no-progress": "no progress bar"}``).  Two settings
+    claiming one flag is a programming error (``ValueError``).
     """
     skip = set(getattr(cls, "SET_PER_ARM", ()))
     flags: list[Flag] = []
@@ -218,18 +224,26 @@ def command_flags(cls: type) -> list[Flag]:
         if spec is None or key in skip:
             continue
         names = {spec: True if hint is bool else None} if isinstance(spec, str) else dict(spec)
+        own_help = f.metadata.get("flag_help", {})
         for name, const in names.items():
             if name in owner:
                 raise ValueError(f"flag {name} is claimed by both {owner[name]} and {key}")
             owner[name] = key
-            flags.append(Flag(name, key, const, f.metadata.get("help", ""), _metavar(hint)))
+            text = own_help.get(name, f.metadata.get("help", ""))
+            flags.append(Flag(name, key, const, text, _metavar(hint), hint, f.metadata))
     return flags
 
 
-def _metavar(hint: Any) -> str:
+def unwrap_optional(hint: Any) -> Any:
+    """``X`` for ``X | None``; any other type as it is."""
     inner = [a for a in typing.get_args(hint) if a is not type(None)]
     if typing.get_origin(hint) in (typing.Union, types.UnionType) and len(inner) == 1:
-        hint = inner[0]
+        return inner[0]
+    return hint
+
+
+def _metavar(hint: Any) -> str:
+    hint = unwrap_optional(hint)
     if typing.get_origin(hint) is list:
         return "X,Y"
     return {int: "N", float: "X"}.get(hint, "VALUE")

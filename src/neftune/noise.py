@@ -19,11 +19,10 @@ uniform noise's standard deviation) and no bound.
 from __future__ import annotations
 
 import math
-from typing import Literal
 
 import torch
 
-Distribution = Literal["uniform", "gaussian"]
+from neftune.choices import Distribution
 
 
 def check_alpha(alpha: float) -> float:

@@ -34,10 +34,12 @@ import subprocess
 import sys
 import weakref
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from neftune.errors import NeftuneError
+from neftune.settings import Command, setting
 
 SUPPORTED = ">=5.0,<6"
 """transformers versions whose NEFTune hook point this module knows (as declared in pyproject)."""
@@ -262,19 +264,27 @@ def run_command(command: Sequence[str]) -> int:
     return subprocess.call([executable, *command[1:]], env=env)
 
 
-def add_run_parser(sub: Any) -> None:
-    """Add the ``run`` subcommand to the ``neftune`` command's subparsers."""
-    p = sub.add_parser(
-        "run",
-        help="run a training CLI (trl, accelerate, llamafactory-cli, ...) with per-example NEFTune",
-        description="Run COMMAND with neftune.patch_transformers() applied in every Python process it starts: "
-        "its Trainer's neftune_noise_alpha then adds per-example noise. Example: neftune run -- trl sft --config sft.yaml",
+@dataclass
+class RunSettings:
+    """``neftune run``'s one setting: the command to run."""
+
+    command: list[str] = setting(
+        [], "the command and its arguments, after --", flag="command", nargs=argparse.REMAINDER
     )
-    p.usage = "%(prog)s -- COMMAND [ARG ...]"
-    p.add_argument("command", nargs=argparse.REMAINDER, help="the command and its arguments, after --")
-    p.set_defaults(func=cmd_run)
 
 
-def cmd_run(args: argparse.Namespace) -> int:
+def cmd_run(cfg: RunSettings) -> int:
     """Run :func:`run_command` with the parsed command."""
-    return run_command(args.command)
+    return run_command(cfg.command)
+
+
+RUN = Command(
+    "run",
+    RunSettings,
+    cmd_run,
+    help="run a training CLI (trl, accelerate, llamafactory-cli, ...) with per-example NEFTune",
+    description="Run COMMAND with neftune.patch_transformers() applied in every Python process it starts: "
+    "its Trainer's neftune_noise_alpha then adds per-example noise. Example: neftune run -- trl sft --config sft.yaml",
+    usage="%(prog)s -- COMMAND [ARG ...]",
+)
+"""``neftune run``, as :mod:`neftune.cli` registers it."""

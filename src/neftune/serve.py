@@ -39,11 +39,13 @@ other than 1.0 is refused too.  A refusal is one line, never a silent substitute
 from __future__ import annotations
 
 import logging
+import typing
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from neftune.choices import Server
 from neftune.errors import ConfigError, NeftuneError
 from neftune.generate import Completion, stop_token_ids
 from neftune.http_api import Endpoint, RequestFailed
@@ -53,7 +55,7 @@ __all__ = ["SERVERS", "ServerEngine", "penalty_fields"]
 logger = logging.getLogger(__name__)
 
 #: What may serve ``generate.url``; decides how the prompt and the repetition penalty are sent.
-SERVERS = ("vllm", "sglang", "llama.cpp", "other")
+SERVERS: tuple[str, ...] = typing.get_args(Server)
 _TAKES_TOKEN_IDS = ("vllm", "sglang")
 
 

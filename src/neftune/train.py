@@ -20,7 +20,7 @@ import time
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any
 
 from transformers import IntervalStrategy, TrainerCallback, TrainingArguments
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
@@ -32,7 +32,6 @@ from neftune.data.prepare import PreparedData, ReadData
 from neftune.distributed import check_can_save, full_state_dict, max_over_ranks, sum_over_ranks
 from neftune.errors import NeftuneError
 from neftune.io import atomic_save_dir, atomic_write_text, check_output_dir
-from neftune.noise import Distribution
 from neftune.preempt import PreemptionCallback
 from neftune.resources import explain, explain_training
 from neftune.train_setup import build_model, training_arguments
@@ -189,8 +188,7 @@ def noise_callbacks(cfg: Config) -> list[TrainerCallback]:
     """The :class:`~neftune.callback.NEFTuneCallback` of ``cfg.noise``; none with alpha 0."""
     if not cfg.noise.alpha > 0:
         return []
-    distribution = cast(Distribution, cfg.noise.distribution)
-    return [NEFTuneCallback(alpha=cfg.noise.alpha, distribution=distribution, seed=cfg.train.seed)]
+    return [NEFTuneCallback(alpha=cfg.noise.alpha, distribution=cfg.noise.distribution, seed=cfg.train.seed)]
 
 
 def start_outputs(cfg: Config, run: RunStart) -> TrainerCallback | None:

@@ -77,6 +77,7 @@ def _answer(cfg: GenerateSettings | EvalSettings, model, tokenizer, examples) ->
     cap = default_max_new_tokens(data, answering.max_new_tokens)
     penalty = default_repetition_penalty(data, answering.repetition_penalty)
     name = (cfg.name if isinstance(cfg, GenerateSettings) else None) or os.path.basename(os.path.normpath(model_spec))
+    named: dict[str, Any] = {"generator_name": name, "dataset_name": data, "progress": answering.progress}
     if isinstance(cfg, GenerateSettings) and cfg.backend in ("openai", "vllm"):
         from neftune.serve import ServerEngine, penalty_fields
 
@@ -105,26 +106,16 @@ def _answer(cfg: GenerateSettings | EvalSettings, model, tokenizer, examples) ->
             workers=answering.batch_size,
         )
         engine.ensure_served(adapter)
-        return generate_outputs(
-            None,
-            tokenizer,
-            examples,
-            generator_name=name,
-            dataset_name=data,
-            engine=engine,
-            progress=answering.progress,
-        )
+        return generate_outputs(None, tokenizer, examples, engine=engine, **named)
     return generate_outputs(
         model,
         tokenizer,
         examples,
-        generator_name=name,
-        dataset_name=data,
+        **named,
         max_new_tokens=cap,
         repetition_penalty=penalty,
         spare_stop_tokens=answering.spare_stop_tokens,
         batch_size=answering.batch_size,
-        progress=answering.progress,
     )
 
 

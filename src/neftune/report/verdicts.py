@@ -132,14 +132,7 @@ def _paired(
     per_seed = [{**e.to_dict(), "seed": s} for e, s in zip(result.per_seed, seeds, strict=True)]
     pooled = result.pooled
     return Pooled(
-        alpha,
-        metric.key,
-        metric.label,
-        metric.unit,
-        metric.scale,
-        metric.higher_is_better,
-        "exploratory",
-        seeds,
+        *_described(alpha, metric, seeds),
         int(t.shape[1]),
         float(b.mean()),
         float(t.mean()),
@@ -150,6 +143,13 @@ def _paired(
         per_seed,
         result.to_dict()["components"],
     )
+
+
+def _described(
+    alpha: float, metric: MetricSpec, seeds: list[int]
+) -> tuple[float, str, str, str, float, bool | None, str, list[int]]:
+    """The leading fields of a :class:`Pooled`: which arm and metric, how it is shown, which seeds."""
+    return (alpha, metric.key, metric.label, metric.unit, metric.scale, metric.higher_is_better, "exploratory", seeds)
 
 
 def _judged(alpha: float, metric: MetricSpec, treated: list[Mapping[str, Any]], seeds: list[int]) -> Pooled | None:
@@ -177,14 +177,7 @@ def _judged(alpha: float, metric: MetricSpec, treated: list[Mapping[str, Any]], 
             test.method,
         )
     return Pooled(
-        alpha,
-        metric.key,
-        metric.label,
-        metric.unit,
-        metric.scale,
-        metric.higher_is_better,
-        "exploratory",
-        seeds,
+        *_described(alpha, metric, seeds),
         0,
         0.5,
         0.5 + estimate,

@@ -65,9 +65,9 @@ def _names(cls: type) -> tuple[str, ...]:
 class _Part:
     """What every part read back from a file keeps so that writing it again gives the same JSON."""
 
-    extra: Json = field(default_factory=dict, kw_only=True)
+    extra: Json = field(default_factory=dict, kw_only=True, repr=False)
     """Keys this version does not know, written after the known ones."""
-    absent: frozenset[str] = field(default=frozenset(), kw_only=True)
+    absent: frozenset[str] = field(default=frozenset(), kw_only=True, repr=False)
     """Known keys the file lacked (an older layout): they are not written either."""
 
     def _finish(self, entry: Json) -> Json:

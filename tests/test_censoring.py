@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from typing import Any
 
 import pytest
 from tests.test_report import make_results, two_seeds
@@ -11,15 +10,17 @@ from tests.test_report import make_results, two_seeds
 from neftune.evaluate import evaluate_outputs
 from neftune.report import compute_effects, write_report
 from neftune.report.censoring import CENSORED_LIMIT, cut_share, withheld_reason
+from neftune.results import ArmResult
 
 
-def _cut(arm: dict[str, Any], n_cut: int, cap: int = 160) -> None:
+def _cut(arm: ArmResult, n_cut: int, cap: int = 160) -> None:
     """Mark the arm's first ``n_cut`` answers as cut off at ``cap``."""
-    n = len(arm["eval"]["per_example"]["length_chars"])
+    assert arm.eval is not None and arm.eval.per_example is not None
+    n = len(arm.eval.per_example["length_chars"] or [])
     flags = [1 if i < n_cut else 0 for i in range(n)]
-    arm["eval"]["per_example"]["reached_cap"] = flags
-    arm["eval"]["reached_cap"] = sum(flags) / n
-    arm["eval"]["max_new_tokens"] = cap
+    arm.eval.per_example["reached_cap"] = flags
+    arm.eval.reached_cap = sum(flags) / n
+    arm.eval.max_new_tokens = cap
 
 
 def test_the_share_is_read_from_the_arm_or_counted_from_its_answers():
@@ -45,7 +46,7 @@ def test_evaluate_outputs_counts_the_answers_that_reached_the_cap():
 @pytest.mark.parametrize(("n_base", "n_arm", "withheld"), [(200, 188, True), (0, 21, True), (20, 20, False)])
 def test_one_seed_length_effect_is_withheld_above_ten_percent(n_base, n_arm, withheld):
     results = make_results(n_eval=200)
-    base, arm = results["arms"][0], results["arms"][1]
+    base, arm = results.arms[0], results.arms[1]
     _cut(base, n_base)
     _cut(arm, n_arm)
     length = compute_effects(base, arm)["length_chars"]
@@ -62,8 +63,8 @@ def test_one_seed_length_effect_is_withheld_above_ten_percent(n_base, n_arm, wit
 
 def test_pooled_length_verdict_is_withheld_and_the_report_says_why(tmp_path):
     results = two_seeds(make_results(n_eval=120))
-    for arm in results["arms"]:
-        _cut(arm, 120 if arm["alpha"] == 0 else 30)  # every baseline answer cut, a quarter of the others'
+    for arm in results.arms:
+        _cut(arm, 120 if arm.alpha == 0 else 30)  # every baseline answer cut, a quarter of the others'
     paths = write_report(results, tmp_path, n_boot=100)
     pooled = json.loads(paths["results"].read_text(encoding="utf-8"))["analysis"]["pooled"]
     for alpha in ("5", "10"):
@@ -84,7 +85,7 @@ def test_pooled_length_verdict_is_withheld_and_the_report_says_why(tmp_path):
 
 def test_a_run_within_the_limit_states_the_share_and_keeps_its_verdict(tmp_path):
     results = make_results(n_eval=100)
-    for arm in results["arms"]:
+    for arm in results.arms:
         _cut(arm, 3, cap=512)
     md = write_report(results, tmp_path, n_boot=100)["markdown"].read_text(encoding="utf-8")
     assert (
@@ -95,6 +96,7 @@ def test_a_run_within_the_limit_states_the_share_and_keeps_its_verdict(tmp_path)
 
 def test_reports_without_the_share_render_as_before(tmp_path):
     results = make_results(n_eval=60)
-    assert withheld_reason(results["arms"][:1], results["arms"][1:]) is None
+    arms = [arm.to_json() for arm in results.arms]
+    assert withheld_reason(arms[:1], arms[1:]) is None
     md = write_report(results, tmp_path, n_boot=100)["markdown"].read_text(encoding="utf-8")
     assert "token cap" not in md and "withheld" not in md

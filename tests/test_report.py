@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import copy
+import dataclasses
 import json
 import math
 import shutil
@@ -18,6 +19,16 @@ import pytest
 
 from neftune.errors import DataError
 from neftune.report import PLOT_NAMES, SCHEMA_VERSION, compute_effects, write_report
+from neftune.results import (
+    ArmResult,
+    EvalScores,
+    Example,
+    ExperimentResult,
+    JudgeSummary,
+    Primary,
+    RunData,
+    TrainStats,
+)
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -70,7 +81,7 @@ EXAMPLES = [
 ]
 
 
-def make_results(n_eval: int = 200, seed: int = 0) -> dict[str, Any]:
+def make_results(n_eval: int = 200, seed: int = 0) -> ExperimentResult:
     """Realistic results of a 3-arm compare run: NEFTune lengthens answers, quality barely moves."""
     rng = np.random.default_rng(seed)
     families = ["arithmetic", "capitals", "unit conversion", "yes/no"]
@@ -93,78 +104,65 @@ def make_results(n_eval: int = 200, seed: int = 0) -> dict[str, Any]:
         train_loss = 1.15 + 0.02 * alpha + 1.4 * np.exp(-steps / 55) + rng.normal(0, 0.09, steps.size)
         held_steps = np.arange(0, 301, 50)
         held = 1.32 - 0.002 * alpha + 1.3 * np.exp(-held_steps / 60) + rng.normal(0, 0.01, held_steps.size)
-        lengths_tok = length / 3.9
-        arm: dict[str, Any] = {
-            "name": f"alpha={alpha:g}",
-            "alpha": alpha,
-            "seed": 0,
-            "train": {
-                "loss_curve": [[int(s), float(v)] for s, v in zip(steps, train_loss, strict=False)],
-                "heldout_curve": [[int(s), float(v)] for s, v in zip(held_steps, held, strict=False)],
-                "train_time_s": 611.0 + 3 * alpha,
-                "tokens_per_s": 5210.0 - 4 * alpha,
-            },
-            "eval": {
-                "heldout_loss": float(held[-1]),
-                "perplexity": float(math.exp(held[-1])),
-                "exact_match": float(correct.mean()),
-                "exact_match_by_family": {f: float(correct[family == f].mean()) for f in families},
-                "distinct_1": 0.41 - 0.006 * alpha,
-                "distinct_2": 0.78 - 0.01 * alpha,
-                "repetition_rate": 0.031 + 0.002 * alpha,
-                "rouge_l": float(rouge.mean()),
-                "length_chars": {
-                    "mean": float(length.mean()),
-                    "median": float(np.median(length)),
-                    "p90": float(np.percentile(length, 90)),
-                },
-                "length_tokens": {
-                    "mean": float(lengths_tok.mean()),
-                    "median": float(np.median(lengths_tok)),
-                    "p90": float(np.percentile(lengths_tok, 90)),
-                },
-                "per_example": {
-                    "correct": [int(c) for c in correct],
-                    "length_chars": [int(v) for v in length],
-                    "rouge_l": [float(v) for v in rouge],
-                },
-            },
-            "judge": None,
-        }
+        judge = None
         if win is not None:
-            arm["judge"] = {
-                "vs": "alpha=0",
-                "backend": "openai-compatible (Qwen2.5-7B-Instruct)",
-                "win_rate": win,
-                "ci": [win - 0.068, win + 0.066],
-                "lc_win_rate": lc,
-                "lc_ci": [lc - 0.071, lc + 0.07],
-                "consistency": consistency,
-                "n": n_eval,
-                "n_failed": 2,
-                "n_ties": 13,
-            }
-        arms.append(arm)
-    return {
-        "title": "NEFTune on SmolLM2-135M-Instruct: \u03b1 \u2208 {0, 5, 10}",
-        "created": "2025-11-26T15:42:07+00:00",
-        "wall_time_s": 2017.4,
-        "model": {
+            judge = JudgeSummary(
+                "alpha=0",
+                "openai-compatible (Qwen2.5-7B-Instruct)",
+                win_rate=win,
+                ci=[win - 0.068, win + 0.066],
+                lc_win_rate=lc,
+                lc_ci=[lc - 0.071, lc + 0.07],
+                consistency=consistency,
+                n=n_eval,
+                n_failed=2,
+                n_ties=13,
+            )
+        arms.append(
+            ArmResult(
+                f"alpha={alpha:g}",
+                alpha,
+                0,
+                train=TrainStats(
+                    _points(steps, train_loss), _points(held_steps, held), 611.0 + 3 * alpha, 5210.0 - 4 * alpha
+                ),
+                eval=EvalScores(
+                    heldout_loss=float(held[-1]),
+                    perplexity=float(math.exp(held[-1])),
+                    scores={
+                        "exact_match": float(correct.mean()),
+                        "exact_match_by_family": {f: float(correct[family == f].mean()) for f in families},
+                        "distinct_1": 0.41 - 0.006 * alpha,
+                        "distinct_2": 0.78 - 0.01 * alpha,
+                        "repetition_rate": 0.031 + 0.002 * alpha,
+                        "rouge_l": float(rouge.mean()),
+                    },
+                    length_chars=_summary(length),
+                    length_tokens=_summary(length / 3.9),
+                    per_example={
+                        "correct": [int(c) for c in correct],
+                        "length_chars": [int(v) for v in length],
+                        "rouge_l": [float(v) for v in rouge],
+                    },
+                ),
+                judge=judge,
+            )
+        )
+    return ExperimentResult(
+        title="NEFTune on SmolLM2-135M-Instruct: \u03b1 \u2208 {0, 5, 10}",
+        created="2025-11-26T15:42:07+00:00",
+        wall_time_s=2017.4,
+        model={
             "spec": "HuggingFaceTB/SmolLM2-135M-Instruct",
             "n_params": 134_515_008,
             "trainable_params": 1_843_200,
             "dtype": "bfloat16",
             "chat_template": "chatml",
         },
-        "data": {
-            "train": "yahma/alpaca-cleaned[:2000]",
-            "eval": "eval/mixed-200.jsonl",
-            "n_train": 2000,
-            "n_eval": n_eval,
-        },
-        "seeds": [0],
-        "versions": {"neftune": "0.1.0", "torch": "2.5.1", "transformers": "5.0.0", "python": "3.11.9"},
-        "settings": {
+        data=RunData(train="yahma/alpaca-cleaned[:2000]", eval="eval/mixed-200.jsonl", n_train=2000, n_eval=n_eval),
+        seeds=[0],
+        versions={"neftune": "0.1.0", "torch": "2.5.1", "transformers": "5.0.0", "python": "3.11.9"},
+        settings={
             "lr": 2e-4,
             "steps": 300,
             "batch": 16,
@@ -173,10 +171,18 @@ def make_results(n_eval: int = 200, seed: int = 0) -> dict[str, Any]:
             "lora": {"r": 16, "alpha": 32, "dropout": 0.05, "targets": ["q_proj", "v_proj"]},
             "noise": {"distribution": "uniform", "per_example": True},
         },
-        "baseline": "alpha=0",
-        "arms": arms,
-        "examples": copy.deepcopy(EXAMPLES),
-    }
+        baseline="alpha=0",
+        arms=arms,
+        examples=[Example.from_json(e) for e in copy.deepcopy(EXAMPLES)],
+    )
+
+
+def _points(steps: np.ndarray, values: np.ndarray) -> list[list[float]]:
+    return [[int(s), float(v)] for s, v in zip(steps, values, strict=False)]
+
+
+def _summary(values: np.ndarray) -> dict[str, float]:
+    return {"mean": float(values.mean()), "median": float(np.median(values)), "p90": float(np.percentile(values, 90))}
 
 
 class _Page(HTMLParser):
@@ -210,20 +216,20 @@ def parse(path: Path) -> _Page:
 
 
 @pytest.fixture(scope="module")
-def full_report(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any], dict[str, Path]]:
+def full_report(tmp_path_factory: pytest.TempPathFactory) -> tuple[ExperimentResult, dict[str, Path]]:
     results = make_results()
-    results["examples"].append(
-        {
-            "instruction": "Show an HTML snippet & explain it.",
-            "reference": "<b>bold</b>",
-            "outputs": {
+    results.examples.append(
+        Example(
+            "Show an HTML snippet & explain it.",
+            "<b>bold</b>",
+            {
                 "alpha=0": "<script>alert('pwned')</script>",
                 "alpha=5": 'Use <b>bold</b> & "quotes"',
                 "alpha=10": "```\n<img src=x onerror=alert(1)>\n```",
             },
-        }
+        )
     )
-    results["examples"].insert(0, results["examples"].pop())  # within the examples the report shows
+    results.examples.insert(0, results.examples.pop())  # within the examples the report shows
     out = tmp_path_factory.mktemp("report")
     return results, write_report(results, out)
 
@@ -245,7 +251,10 @@ def test_results_json_is_the_input(full_report):
     saved = json.loads(paths["results"].read_text(encoding="utf-8"))
     assert saved.pop("schema_version") == SCHEMA_VERSION
     analysis = saved.pop("analysis")
-    assert saved == results
+    written = results.to_json()
+    assert written.pop("schema_version") == SCHEMA_VERSION
+    assert saved == written
+    assert ExperimentResult.from_json(saved).to_json() == results.to_json()
     assert analysis["primary"] == "exact_match" and analysis["seed_variance_measured"] is False
     assert set(analysis["pooled"]) == {"5", "10"} and analysis["aa"] == {}
     assert "\n  " in paths["results"].read_text(encoding="utf-8"), "not pretty-printed"
@@ -305,7 +314,7 @@ def test_headline_states_each_arm_with_ci_and_verdict(full_report):
     results, paths = full_report
     md = paths["markdown"].read_text(encoding="utf-8")
     verdict = md.split("## Verdict", 1)[1].split("##", 1)[0]
-    effects = compute_effects(results["arms"][0], results["arms"][1])
+    effects = compute_effects(results.arms[0], results.arms[1])
     em = effects["exact_match"]
     lo, hi = (c * 100 for c in em["ci"])
     expected = f"**\u03b1=5 (1 seed):** exact match (primary) {em['diff'] * 100:+.1f} points [{lo:+.1f}, {hi:+.1f}]"
@@ -408,11 +417,13 @@ def test_compute_effects_needs_the_same_examples():
 
 def test_headline_says_plainly_when_everything_is_within_noise(tmp_path):
     results = two_seeds(make_results(n_eval=80))
-    bases = {arm["seed"]: arm for arm in results["arms"] if arm["alpha"] == 0}
-    for arm in results["arms"]:
-        if arm["alpha"]:
-            arm["eval"]["per_example"] = copy.deepcopy(bases[arm["seed"]]["eval"]["per_example"])
-            arm["judge"].update(win_rate=0.51, ci=[0.44, 0.58], lc_win_rate=0.5, lc_ci=[0.43, 0.57], consistency=0.9)
+    bases = {arm.seed: arm for arm in results.arms if arm.alpha == 0}
+    for arm in results.arms:
+        if arm.alpha:
+            arm.eval.per_example = copy.deepcopy(bases[arm.seed].eval.per_example)
+            arm.judge = dataclasses.replace(
+                arm.judge, win_rate=0.51, ci=[0.44, 0.58], lc_win_rate=0.5, lc_ci=[0.43, 0.57], consistency=0.9
+            )
     md = write_report(results, tmp_path, n_boot=200)["markdown"].read_text(encoding="utf-8")
     verdict = md.split("## Verdict", 1)[1].split("##", 1)[0]
     assert "No \u03b1 changed exact match beyond the noise of 2 seeds" in verdict
@@ -420,25 +431,25 @@ def test_headline_says_plainly_when_everything_is_within_noise(tmp_path):
     assert "the judge is unreliable" not in md
 
 
-def two_seeds(results: dict[str, Any], shift: float = 0.0) -> dict[str, Any]:
+def two_seeds(results: ExperimentResult, shift: float = 0.0) -> ExperimentResult:
     """``results`` with a second seed: each seed-1 arm is its seed-0 arm with some answers changed.
 
     ``shift`` adds to the seed-1 arms' ROUGE-L a seed effect on top of the prompt-level noise.
     """
     rng = np.random.default_rng(42)
     extra = []
-    for arm in results["arms"]:
+    for arm in results.arms:
         twin = copy.deepcopy(arm)
-        twin["name"] = arm["name"] + ",seed=1"
-        twin["seed"] = 1
-        per = twin["eval"]["per_example"]
+        twin.name = arm.name + ",seed=1"
+        twin.seed = 1
+        per = twin.eval.per_example
         per["correct"] = [c if rng.random() > 0.1 else 1 - c for c in per["correct"]]
         per["rouge_l"] = [min(1.0, max(0.0, r + shift + rng.normal(0, 0.02))) for r in per["rouge_l"]]
-        if twin.get("judge"):
-            twin["judge"]["vs"] = "alpha=0,seed=1"
+        if twin.judge:
+            twin.judge.vs = "alpha=0,seed=1"
         extra.append(twin)
-    results["arms"] += extra
-    results["seeds"] = [0, 1]
+    results.arms += extra
+    results.seeds = [0, 1]
     return results
 
 
@@ -449,7 +460,7 @@ def test_two_seeds_pair_within_seed_pool_and_show_the_aa_floor(tmp_path):
     assert analysis["seeds"] == [0, 1] and analysis["seed_variance_measured"] is True
     assert set(analysis["pooled"]) == {"5", "10"}  # the seed-1 baseline is a baseline, not a treatment
     em = analysis["pooled"]["5"]["exact_match"]
-    arms = {a["name"]: a for a in results["arms"]}
+    arms = {a.name: a.to_json() for a in results.arms}
     per_seed = []
     for suffix in ("", ",seed=1"):
         treated = np.array(arms["alpha=5" + suffix]["eval"]["per_example"]["correct"], float)
@@ -485,11 +496,11 @@ def test_two_seeds_pair_within_seed_pool_and_show_the_aa_floor(tmp_path):
 def test_verdict_comes_from_the_primary_metric_alone(tmp_path):
     # ROUGE-L moves a lot in both seeds, exact match does not: no "helped" sentence, ROUGE-L exploratory.
     results = two_seeds(make_results(n_eval=150))
-    for arm in results["arms"]:
-        if arm["alpha"]:
-            base = next(b for b in results["arms"] if b["alpha"] == 0 and b["seed"] == arm["seed"])
-            arm["eval"]["per_example"]["correct"] = list(base["eval"]["per_example"]["correct"])
-            arm["eval"]["per_example"]["rouge_l"] = [r + 0.3 for r in base["eval"]["per_example"]["rouge_l"]]
+    for arm in results.arms:
+        if arm.alpha:
+            base = next(b for b in results.arms if b.alpha == 0 and b.seed == arm.seed)
+            arm.eval.per_example["correct"] = list(base.eval.per_example["correct"])
+            arm.eval.per_example["rouge_l"] = [r + 0.3 for r in base.eval.per_example["rouge_l"]]
     md = write_report(results, tmp_path, n_boot=100)["markdown"].read_text(encoding="utf-8")
     verdict = md.split("## Verdict", 1)[1].split("##", 1)[0].split("\n\n")[1]
     assert "does not show that NEFTune helped or hurt" in verdict
@@ -498,32 +509,33 @@ def test_verdict_comes_from_the_primary_metric_alone(tmp_path):
 
 def test_unreliable_judge_falls_back_to_the_declared_fallback(tmp_path):
     results = two_seeds(make_results(n_eval=60))
-    results["primary"] = {"metric": "lc_win_rate", "source": "the configured judge", "fallback": "exact_match"}
+    results.primary = Primary("lc_win_rate", "the configured judge", "exact_match")
     paths = write_report(results, tmp_path, n_boot=100)
     analysis = json.loads(paths["results"].read_text(encoding="utf-8"))["analysis"]
     assert analysis["primary_declared"] == "lc_win_rate" and analysis["primary"] == "exact_match"  # alpha=10: 0.55
     assert "failed its reliability check" in analysis["primary_note"]
-    for arm in results["arms"]:
-        if arm.get("judge"):
-            arm["judge"]["consistency"] = 0.9
+    for arm in results.arms:
+        if arm.judge:
+            arm.judge.consistency = 0.9
     analysis = json.loads(write_report(results, tmp_path, n_boot=100)["results"].read_text())["analysis"]
     assert analysis["primary"] == "lc_win_rate" and analysis["pooled"]["5"]["lc_win_rate"]["role"] == "primary"
 
 
-def _variant(name: str) -> dict[str, Any]:
+def _variant(name: str) -> ExperimentResult | dict[str, Any]:
+    """The results of a run that lacks parts: typed where a run could produce them, JSON where only a file could."""
     results = make_results(n_eval=40)
     if name == "no_judge_no_rouge":
-        for arm in results["arms"]:
-            arm.pop("judge")
-            arm["eval"]["rouge_l"] = None
-            arm["eval"]["per_example"]["rouge_l"] = None
+        for arm in results.arms:
+            arm.judge = None
+            arm.eval.scores["rouge_l"] = None
+            arm.eval.per_example["rouge_l"] = None
     elif name == "failed_arm":
-        results["arms"][2] = {"name": "alpha=10", "alpha": 10.0, "seed": 0, "error": "CUDA out of memory <GPU 0>"}
-        results["examples"][0]["outputs"].pop("alpha=10")
+        results.arms[2] = ArmResult("alpha=10", 10.0, 0, error="CUDA out of memory <GPU 0>")
+        results.examples[0].outputs.pop("alpha=10")
     elif name == "single_arm":
-        results["arms"] = results["arms"][:1]
+        results.arms = results.arms[:1]
     elif name == "failed_baseline":
-        results["arms"][0] = {"name": "alpha=0", "alpha": 0.0, "error": "diverged: loss is NaN"}
+        results.arms[0] = ArmResult("alpha=0", 0.0, error="diverged: loss is NaN")
     elif name == "bare":
         results = {
             "arms": [
@@ -532,11 +544,11 @@ def _variant(name: str) -> dict[str, Any]:
             ]
         }
     elif name == "no_per_example":
-        for arm in results["arms"]:
-            arm["eval"].pop("per_example")
-            arm["train"] = None
-        results.pop("examples")
-        results.pop("baseline")
+        for arm in results.arms:
+            arm.eval.per_example = None
+            arm.train = None
+        results.examples = []
+        results.baseline = None
     elif name == "empty":
         results = {}
     return results

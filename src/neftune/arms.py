@@ -1,10 +1,11 @@
 """One arm of a ``neftune compare`` experiment: what it is evaluated on, and its results entry.
 
-Every arm answers the same prompts (:func:`load_eval_examples`: ``generate.prompts``, else the held-out
-data) and is scored on the same held-out loss examples (:func:`load_heldout_examples`), with the noise
-off.  :func:`evaluate_arm` turns one trained model into the arm's entry of ``results.json``: held-out
-loss, the answers (written to the arm's ``outputs.json``) and their metrics, plus the training curves
-read back from the arm's directory.  :mod:`neftune.compare` trains the arms and calls it.
+Every arm answers the same prompts (:func:`load_eval_set`: ``generate.prompts``, else the held-out
+data) and is scored on the same held-out loss examples, with the noise off, as the experiment's
+:class:`~neftune.eval_plan.EvalPlan` says.  :func:`evaluate_arm` turns one trained model into the arm's
+:class:`~neftune.results.ArmResult`: held-out loss, the answers (written to the arm's ``outputs.json``)
+and their metrics, plus the training curves read back from the arm's directory.  :mod:`neftune.compare`
+trains the arms and calls it.
 """
 
 from __future__ import annotations
@@ -17,10 +18,10 @@ from pathlib import Path
 from typing import Any
 
 from neftune.config import CompareConfig
-from neftune.data.prepare import auto_split, heldout_examples, heldout_name
-from neftune.data.presets import resolve_eval_spec
-from neftune.errors import NeftuneError
+from neftune.data.prepare import auto_split, heldout_examples
+from neftune.eval_plan import EvalPlan
 from neftune.metrics import paired_metrics
+from neftune.results import ArmResult, EvalScores, TrainStats
 
 log = logging.getLogger("neftune")
 
@@ -35,148 +36,90 @@ class Arm:
     directory: Path
 
 
-def eval_spec(cfg: CompareConfig) -> str:
-    """The held-out data (loss with the noise off): ``data.eval``, the training set's held-out split, or
-    the examples ``data.eval_size`` splits off the training data (named ``"SPEC (held out: ...)"``)."""
-    if auto_split(cfg.data):
-        return heldout_name(cfg.data)
-    spec = resolve_eval_spec(cfg.data.train, cfg.data.eval)
-    if spec is None:
-        raise NeftuneError(
-            "compare needs held-out data: set --eval-data (or data.eval), or --eval-size to split it off the training set"
-        )
-    return spec
-
-
-def prompts_spec(cfg: CompareConfig) -> str:
-    """The prompts every arm answers: ``generate.prompts``, else the held-out data."""
-    return cfg.generate.prompts or eval_spec(cfg)
-
-
-def prompts_limit(cfg: CompareConfig) -> int | None:
-    """How many prompts are answered: ``generate.limit``, else ``data.eval_limit``."""
-    return cfg.generate.limit if cfg.generate.limit is not None else cfg.data.eval_limit
-
-
-def default_max_new_tokens(cfg: CompareConfig) -> int:
-    """``generate.max_new_tokens``, else the prompt set's default (:mod:`neftune.data.presets`)."""
-    from neftune.generate import default_max_new_tokens as for_data
-
-    return for_data(prompts_spec(cfg), cfg.generate.max_new_tokens)
-
-
-def default_repetition_penalty(cfg: CompareConfig) -> float:
-    """``generate.repetition_penalty``, else the prompt set's default (:mod:`neftune.data.presets`)."""
-    from neftune.generate import default_repetition_penalty as for_data
-
-    return for_data(prompts_spec(cfg), cfg.generate.repetition_penalty)
-
-
-def backend_settings(cfg: CompareConfig) -> dict[str, Any]:
-    """What the generate fingerprint records of the backend: its name and, for a server, how it is reached.
-
-    Raises :class:`ConfigError` before any arm trains when the server cannot honour the repetition
-    penalty (:func:`neftune.serve.penalty_fields`).
-    """
-    gen = cfg.generate
-    if gen.backend == "hf":
-        return {"backend": gen.backend}
-    from neftune.http_api import Endpoint
-    from neftune.serve import penalty_fields
-
-    penalty_fields(
-        "vllm" if gen.backend == "vllm" else gen.server, default_repetition_penalty(cfg), gen.spare_stop_tokens
-    )
-    if gen.backend == "vllm":  # a server of our own: where it listens changes from run to run, its flags do not
-        return {"backend": gen.backend, "server": "vllm", "vllm_args": gen.vllm_args}
-    return {
-        "backend": gen.backend,
-        "url": Endpoint.public(gen.url),
-        "server": gen.server,
-        "served_model": gen.served_model,
-    }
-
-
-def engine_for(cfg: CompareConfig, arm: Arm, tokenizer: Any) -> Any:
+def engine_for(plan: EvalPlan, arm: Arm, tokenizer: Any) -> Any:
     """The engine that answers for ``arm``: ``None`` (the hf backend, the arm's model in-process) or a
     :class:`neftune.serve.ServerEngine` asking for ``generate.served_model`` with the arm's directory name
     (the openai backend), or asking a vLLM server neftune runs (:mod:`neftune.vllm_server`) for the arm's
     adapter or model."""
-    gen = cfg.generate
-    if gen.backend not in ("openai", "vllm"):
+    backend = plan.backend
+    if backend.in_process:
         return None
     from neftune.serve import ServerEngine
 
-    url, name, server, adapter = gen.url, gen.served_model.replace("{arm}", arm.directory.name), gen.server, None
-    if gen.backend == "vllm":
+    url, server, adapter = backend.url, backend.server, None
+    name = backend.served_model.replace("{arm}", arm.directory.name)
+    if backend.name == "vllm":
         from neftune.vllm_server import VLLMSettings, serve_model
 
-        where = VLLMSettings(gen.vllm_python, gen.vllm_args, gen.vllm_start_timeout, Path(cfg.compare.output))
+        where = VLLMSettings(backend.vllm_python, backend.vllm_args, backend.vllm_start_timeout, backend.log_dir)
         url, name, adapter = serve_model(arm.directory / "model", where, arm.directory.name)
         server = "vllm"
-    elif gen.server == "vllm":  # a server the user runs: a LoRA arm's adapter loaded into it
+    elif backend.server == "vllm":  # a server the user runs: a LoRA arm's adapter loaded into it
         adapter = arm.directory / "model"
     engine = ServerEngine(
         url,
         name,
         tokenizer,
         server=server,
-        max_new_tokens=default_max_new_tokens(cfg),
-        repetition_penalty=default_repetition_penalty(cfg),
-        spare_stop_tokens=gen.spare_stop_tokens,
-        workers=gen.batch_size,  # the server batches what is in flight
+        max_new_tokens=plan.max_new_tokens,
+        repetition_penalty=plan.repetition_penalty,
+        spare_stop_tokens=plan.spare_stop_tokens,
+        workers=plan.batch_size,  # the server batches what is in flight
     )
     engine.ensure_served(adapter)
     return engine
 
 
-def load_eval_examples(cfg: CompareConfig) -> tuple[str, list]:
-    """The prompts every arm answers (and their reference answers when present)."""
-    from neftune.data.formats import load_eval_examples as load
+@dataclasses.dataclass(frozen=True)
+class EvalSet:
+    """What every arm is evaluated on: the prompts it answers and the examples of its held-out loss."""
 
-    spec = prompts_spec(cfg)
-    if cfg.generate.prompts is None and auto_split(cfg.data):
-        held = heldout_examples(cfg.data, limit=prompts_limit(cfg))
-    else:
-        held = load(spec, fmt=cfg.data.format, on_bad_record=cfg.data.on_bad_record, limit=prompts_limit(cfg))
-    log.info("prompts: %s", held.summary())
-    return spec, held.examples
+    name: str
+    """The prompt set (:attr:`EvalPlan.prompts`)."""
+    prompts: list
+    """The prompts every arm answers (with their reference answers when present)."""
+    heldout: list
+    """The examples whose reference answers the held-out loss is measured on (noise off)."""
 
 
-def load_heldout_examples(cfg: CompareConfig, prompts: list) -> list:
-    """The examples whose answers the held-out loss is measured on (noise off).
+def load_eval_set(cfg: CompareConfig, plan: EvalPlan) -> EvalSet:
+    """Read the prompts (``generate.prompts``, else the held-out data) and the held-out loss's examples.
 
-    When the arms answer the held-out data itself these are the prompts that carry a reference
-    answer; with a separate prompt set (``generate.prompts``) they are read from the held-out data.
+    When the arms answer the held-out data itself, the loss's examples are the prompts that carry a
+    reference answer; with a separate prompt set they are read from the held-out data.
     """
     from neftune.data.formats import load_eval_examples as load
 
-    spec = eval_spec(cfg)
-    if spec == prompts_spec(cfg) and prompts_limit(cfg) == cfg.data.eval_limit:
-        return [e for e in prompts if e.reference is not None]
-    if auto_split(cfg.data):
-        held = heldout_examples(cfg.data, limit=cfg.data.eval_limit)
+    if not plan.own_prompts and auto_split(cfg.data):
+        held = heldout_examples(cfg.data, limit=plan.prompts_limit)
     else:
-        held = load(spec, fmt=cfg.data.format, on_bad_record=cfg.data.on_bad_record, limit=cfg.data.eval_limit)
+        held = load(plan.prompts, fmt=cfg.data.format, on_bad_record=cfg.data.on_bad_record, limit=plan.prompts_limit)
+    log.info("prompts: %s", held.summary())
+    prompts = held.examples
+    if plan.loss_on_prompts:
+        return EvalSet(plan.prompts, prompts, [e for e in prompts if e.reference is not None])
+    if auto_split(cfg.data):
+        held = heldout_examples(cfg.data, limit=plan.eval_limit)
+    else:
+        held = load(plan.eval_data, fmt=cfg.data.format, on_bad_record=cfg.data.on_bad_record, limit=plan.eval_limit)
     log.info("held-out loss: %s", held.summary())
-    return [e for e in held.examples if e.reference is not None]
+    return EvalSet(plan.prompts, prompts, [e for e in held.examples if e.reference is not None])
 
 
 def evaluate_arm(
     cfg: CompareConfig,
+    plan: EvalPlan,
     arm: Arm,
     model: Any,
     tokenizer: Any,
-    eval_examples: list,
-    eval_name: str,
+    evalset: EvalSet,
     stamp: dict[str, Any] | None,
-    heldout: list | None = None,
-    known_loss: dict[str, Any] | None = None,
-) -> dict[str, Any]:
+    known_loss: tuple[float, float | None] | None = None,
+) -> ArmResult:
     """Held-out loss, answers to the eval prompts and their metrics for one trained arm (noise off).
 
-    ``known_loss`` (``{"loss", "perplexity"}``) is the held-out loss training already measured on
-    ``heldout``; it is not measured again.
+    ``known_loss`` (loss, perplexity) is the held-out loss training already measured on
+    ``evalset.heldout``; it is not measured again.
     """
     from neftune.evaluate import arm_scores, evaluate_outputs, heldout_loss
     from neftune.generate import generate_outputs, write_outputs
@@ -185,68 +128,62 @@ def evaluate_arm(
     tokenizer.padding_side = "left"
 
     # prompt sets without reference answers (builtin:ifeval) have no held-out loss of their own
-    scored = heldout if heldout is not None else [e for e in eval_examples if e.reference is not None]
-    loss: dict[str, Any] = known_loss or {"loss": None, "perplexity": None}
-    if scored and known_loss is None:
-        loss = heldout_loss(
-            model, tokenizer, scored, max_length=cfg.data.max_length, batch_size=cfg.generate.batch_size
+    loss, perplexity = known_loss or (None, None)
+    if evalset.heldout and known_loss is None:
+        measured = heldout_loss(
+            model, tokenizer, evalset.heldout, max_length=plan.max_length, batch_size=plan.batch_size
         )
-        log.info("%s: held-out loss %.4f (noise off)", arm.name, loss["loss"])
-    log.info("%s: generating %d answers", arm.name, len(eval_examples))
-    cap = default_max_new_tokens(cfg)
-    engine = engine_for(cfg, arm, tokenizer)
+        loss, perplexity = measured["loss"], measured["perplexity"]
+        log.info("%s: held-out loss %.4f (noise off)", arm.name, loss)
+    log.info("%s: generating %d answers", arm.name, len(evalset.prompts))
+    engine = engine_for(plan, arm, tokenizer)
     settings: dict[str, Any] = {"progress": cfg.train.progress}
     if engine is None:  # the hf backend's own settings (a server engine holds its own)
         settings.update(
-            max_new_tokens=cap,
-            repetition_penalty=default_repetition_penalty(cfg),
-            spare_stop_tokens=cfg.generate.spare_stop_tokens,
-            batch_size=cfg.generate.batch_size,
+            max_new_tokens=plan.max_new_tokens,
+            repetition_penalty=plan.repetition_penalty,
+            spare_stop_tokens=plan.spare_stop_tokens,
+            batch_size=plan.batch_size,
         )
     records = generate_outputs(
         model,
         tokenizer,
-        eval_examples,
+        evalset.prompts,
         generator_name=f"{cfg.model.name}-neftune-{arm.name}",
-        dataset_name=eval_name,
+        dataset_name=evalset.name,
         engine=engine,
         **settings,
     )
     write_outputs(arm.directory / "outputs.json", records)
-    metrics = evaluate_outputs(records, eval_examples, tokenizer)
+    metrics = evaluate_outputs(records, evalset.prompts, tokenizer)
     del model
     gc.collect()
     summary = read_summary(arm.directory)
 
     cut = metrics.get("reached_cap")
     if cut:
-        log.info("%s: %.0f%% of the answers reached the %d-token cap", arm.name, 100 * cut["share"], cap)
-    entry = {
-        "name": arm.name,
-        "alpha": arm.alpha,
-        "seed": arm.seed,
-        "train": {
-            "loss_curve": [list(p) for p in _curve(arm.directory, "loss")],
-            "heldout_curve": [list(p) for p in _curve(arm.directory, "eval_loss")],
-            "train_time_s": summary.get("train_time_s"),
-            "tokens_per_s": summary.get("tokens_per_s"),
-        },
-        "eval": {
-            "heldout_loss": loss["loss"],
-            "perplexity": loss["perplexity"],
-            **arm_scores(metrics),  # the metric registry's numbers, under its keys
-            "length_chars": _stats(metrics["lengths"].get("chars")),
-            "length_tokens": _stats(metrics["lengths"].get("tokens")),
-            # share of answers cut off at the cap: their lengths are censored (neftune.report.censoring)
-            "reached_cap": cut["share"] if cut else None,
-            "max_new_tokens": cap,
-            "per_example": _per_example(metrics["per_example"]),
-            "ifeval": metrics.get("ifeval"),
-        },
-        "judge": None,
-        "fingerprint": stamp,
-    }
-    return entry
+        log.info(
+            "%s: %.0f%% of the answers reached the %d-token cap", arm.name, 100 * cut["share"], plan.max_new_tokens
+        )
+    train = TrainStats(
+        loss_curve=[list(p) for p in _curve(arm.directory, "loss")],
+        heldout_curve=[list(p) for p in _curve(arm.directory, "eval_loss")],
+        train_time_s=summary.get("train_time_s"),
+        tokens_per_s=summary.get("tokens_per_s"),
+    )
+    scores = EvalScores(
+        heldout_loss=loss,
+        perplexity=perplexity,
+        scores=arm_scores(metrics),  # the metric registry's numbers, under its keys
+        length_chars=_stats(metrics["lengths"].get("chars")),
+        length_tokens=_stats(metrics["lengths"].get("tokens")),
+        # share of answers cut off at the cap: their lengths are censored (neftune.report.censoring)
+        reached_cap=cut["share"] if cut else None,
+        max_new_tokens=plan.max_new_tokens,
+        per_example=_per_example(metrics["per_example"]),
+        ifeval=metrics.get("ifeval"),
+    )
+    return ArmResult(arm.name, arm.alpha, arm.seed, train, scores, judge=None, fingerprint=stamp)
 
 
 def _curve(directory: Path, key: str) -> list[tuple[int, float]]:
@@ -270,13 +207,13 @@ def read_summary(directory: Path) -> dict[str, Any]:
     return json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
 
 
-def _stats(block: dict | None) -> dict[str, Any] | None:
+def _stats(block: dict | None) -> dict[str, float] | None:
     if not block:
         return None
     return {k: block[k] for k in ("mean", "median", "p90") if k in block}
 
 
-def _per_example(values: dict[str, Any]) -> dict[str, Any]:
+def _per_example(values: dict[str, Any]) -> dict[str, list[Any] | None]:
     """The per-example lists an arm keeps for paired tests: every paired metric's, and the token-cap flags."""
     kept = {
         "correct": _as_ints(values.get("correct")),

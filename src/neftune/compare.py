@@ -31,23 +31,13 @@ from pathlib import Path
 from typing import Any
 
 from neftune import fingerprint
-from neftune.arms import (
-    Arm,
-    backend_settings,
-    default_max_new_tokens,
-    default_repetition_penalty,
-    eval_spec,
-    evaluate_arm,
-    load_eval_examples,
-    load_heldout_examples,
-    prompts_limit,
-    prompts_spec,
-    read_summary,
-)
+from neftune.arms import Arm, EvalSet, evaluate_arm, load_eval_set, read_summary
 from neftune.config import CompareConfig, write_config
 from neftune.data.presets import defaults_for, resolve_eval_spec
+from neftune.eval_plan import EvalPlan
 from neftune.io import atomic_write_text, check_output_dir
 from neftune.resources import evaluation_memory, told_out_of_memory
+from neftune.results import ArmResult, Example, ExperimentResult, JudgeSummary, Primary, RunData
 from neftune.vllm_server import vllm_session
 
 log = logging.getLogger("neftune")
@@ -67,17 +57,12 @@ def plan_arms(cfg: CompareConfig) -> list[Arm]:
 
 
 def run_arm(
-    cfg: CompareConfig,
-    arm: Arm,
-    eval_examples: list,
-    eval_name: str,
-    stamp: dict[str, Any] | None = None,
-    heldout: list | None = None,
-) -> dict[str, Any]:
-    """Train (or resume) one arm, then evaluate it with the noise off; return its results entry.
+    cfg: CompareConfig, plan: EvalPlan, arm: Arm, evalset: EvalSet, stamp: dict[str, Any] | None = None
+) -> ArmResult:
+    """Train (or resume) one arm, then evaluate it with the noise off as ``plan`` says; return its result.
 
-    ``stamp`` is the arm's fingerprint (:func:`arm_fingerprint`), written before training starts;
-    ``heldout`` the examples of the held-out loss (default: the prompts that carry a reference answer).
+    ``stamp`` is the arm's fingerprint (:func:`neftune.fingerprint.arm_fingerprint`), written before training
+    starts.
     """
     from neftune.train import run_training
 
@@ -91,57 +76,39 @@ def run_arm(
     result = run_training(train_cfg, keep_model=True)
     # training ends by measuring the held-out loss on these same examples, the same way (noise off)
     measured = result.metrics.get("heldout_loss")
-    known = None if measured is None else {"loss": measured, "perplexity": result.metrics.get("heldout_perplexity")}
-    with told_out_of_memory(*evaluation_memory(cfg)):
-        entry = evaluate_arm(cfg, arm, result.model, result.tokenizer, eval_examples, eval_name, stamp, heldout, known)
-    entry["wall_time_s"] = time.perf_counter() - started
-    atomic_write_text(arm.directory / ARM_FILE, json.dumps(entry, indent=2))
+    known = None if measured is None else (measured, result.metrics.get("heldout_perplexity"))
+    with told_out_of_memory(*evaluation_memory(plan)):
+        entry = evaluate_arm(cfg, plan, arm, result.model, result.tokenizer, evalset, stamp, known)
+    entry.wall_time_s = time.perf_counter() - started
+    atomic_write_text(arm.directory / ARM_FILE, json.dumps(entry.to_json(), indent=2))
     return entry
 
 
-def regenerate_arm(
-    cfg: CompareConfig, arm: Arm, eval_examples: list, eval_name: str, stamp: dict, heldout: list | None = None
-) -> dict[str, Any]:
+def regenerate_arm(cfg: CompareConfig, plan: EvalPlan, arm: Arm, evalset: EvalSet, stamp: dict) -> ArmResult:
     """Answer and score the eval prompts again with an arm's trained model (its training is reused)."""
     from neftune.models import load_model_and_tokenizer
 
     started = time.perf_counter()
-    previous = json.loads((arm.directory / ARM_FILE).read_text(encoding="utf-8"))
+    previous = read_arm(arm)
     model, tokenizer = load_model_and_tokenizer(
         str(arm.directory / "model"), trust_remote_code=cfg.model.trust_remote_code, for_training=False
     )
-    with told_out_of_memory(*evaluation_memory(cfg)):
-        entry = evaluate_arm(cfg, arm, model, tokenizer, eval_examples, eval_name, stamp, heldout)
-    train_time = float((previous.get("train") or {}).get("train_time_s") or 0.0)
-    entry["wall_time_s"] = time.perf_counter() - started + train_time
+    with told_out_of_memory(*evaluation_memory(plan)):
+        entry = evaluate_arm(cfg, plan, arm, model, tokenizer, evalset, stamp)
+    train_time = float((previous.train.train_time_s if previous.train else None) or 0.0)
+    entry.wall_time_s = time.perf_counter() - started + train_time
     atomic_write_text(arm.directory / fingerprint.FILE, json.dumps(stamp, indent=2, default=str))
-    atomic_write_text(arm.directory / ARM_FILE, json.dumps(entry, indent=2))
+    atomic_write_text(arm.directory / ARM_FILE, json.dumps(entry.to_json(), indent=2))
     return entry
 
 
-#: What results.json keeps of each arm's judgement (the full result is in the arm's judge.json).
-JUDGE_SUMMARY_KEYS = (
-    "win_rate",
-    "ci",
-    "lc_win_rate",
-    "lc_ci",
-    "lc_estimable",
-    "lc_reason",
-    "consistency",
-    "n",
-    "n_failed",
-    "n_ties",
-    "n_identical",
-    "score_basis",
-    "verdict_win_rate",
-    "mean_probability",
-    "probability_ci",
-    "n_probability",
-)
+def read_arm(arm: Arm) -> ArmResult:
+    """The result a finished arm recorded in its ``arm.json``."""
+    return ArmResult.from_json(json.loads((arm.directory / ARM_FILE).read_text(encoding="utf-8")))
 
 
-def judge_arms(cfg: CompareConfig, arms: list[Arm], entries: dict[str, dict]) -> None:
-    """Judge every NEFTune arm against the baseline of its seed; fill ``entry['judge']``."""
+def judge_arms(cfg: CompareConfig, arms: list[Arm], entries: dict[str, ArmResult]) -> None:
+    """Judge every NEFTune arm against the baseline of its seed; fill in each one's :attr:`ArmResult.judge`."""
     from neftune.judge import build_judge, judge_pairs
     from neftune.outputs import read_outputs
 
@@ -174,9 +141,7 @@ def judge_arms(cfg: CompareConfig, arms: list[Arm], entries: dict[str, dict]) ->
             cfg.judge.backend,
         )
         result = judge_pairs(records_a, records_b, judge, cache_dir=cache, seed=arm.seed, progress=cfg.train.progress)
-        verdict = result.to_dict()
-        summary = {k: verdict.get(k) for k in JUDGE_SUMMARY_KEYS}
-        entries[arm.name]["judge"] = {"vs": base.name, "backend": cfg.judge.backend, **summary}
+        entries[arm.name].judge = JudgeSummary.from_verdict(base.name, cfg.judge.backend, result.to_dict())
         result.save(arm.directory / "judge.json")
         log.info("%s", result.summary())
 
@@ -216,31 +181,18 @@ def run_compare(cfg: CompareConfig) -> dict[str, Path]:
     out = Path(cfg.compare.output)
     check_output_dir(out)
     write_config(cfg, out / "config.yaml")
-    eval_name, eval_examples = load_eval_examples(cfg)
-    heldout = load_heldout_examples(cfg, eval_examples)
+    plan = EvalPlan.resolve(cfg)  # every arm is evaluated the same way; a setting no server honours stops here
+    evalset = load_eval_set(cfg, plan)
     primary = declare_primary(
         cfg.compare.primary,
         cfg.judge.backend,
-        eval_name,
-        defaults_for(eval_name).primary_metric,
-        any(e.reference for e in eval_examples),
+        evalset.name,
+        defaults_for(evalset.name).primary_metric,
+        any(e.reference for e in evalset.prompts),
     )
     arms = plan_arms(cfg)
-    shared = fingerprint.shared_stamp(cfg.model.name, cfg.data, eval_examples, versions())
-    generation = {
-        "eval": shared["eval"],
-        "eval_data": eval_spec(cfg),
-        "eval_limit": cfg.data.eval_limit,
-        "prompts": prompts_spec(cfg),
-        "prompts_limit": prompts_limit(cfg),
-        "heldout": fingerprint.examples_digest(heldout),
-        "max_new_tokens": default_max_new_tokens(cfg),
-        "repetition_penalty": default_repetition_penalty(cfg),
-        "spare_stop_tokens": cfg.generate.spare_stop_tokens,
-        "batch_size": cfg.generate.batch_size,
-        "max_length": cfg.data.max_length,
-        **backend_settings(cfg),
-    }
+    shared = fingerprint.shared_stamp(cfg.model.name, cfg.data, evalset.prompts, versions())
+    generation = plan.fingerprint(shared["eval"], fingerprint.examples_digest(evalset.heldout))
     stamps = {
         arm.name: fingerprint.arm_fingerprint(cfg.train_config(arm.alpha, arm.seed), shared, generation) for arm in arms
     }
@@ -249,47 +201,47 @@ def run_compare(cfg: CompareConfig) -> dict[str, Path]:
         for arm in arms
     }
 
-    entries: dict[str, dict] = {}
+    entries: dict[str, ArmResult] = {}
     with vllm_session():  # generate.backend=vllm: one server for every arm, stopped when the last has answered
-        reused_time = _run_arms(cfg, arms, states, stamps, entries, eval_examples, eval_name, heldout)
+        reused_time = _run_arms(cfg, plan, arms, states, stamps, entries, evalset)
     judge_arms(cfg, arms, entries)
 
     baseline = read_summary(arms[0].directory)  # model description and resolved settings of the run
-    recorded = ((entries[arms[0].name].get("fingerprint") or {}).get("train") or {}).get("settings") or {}
-    results = {
-        "title": f"NEFTune on {cfg.model.name}: alpha in {{0, {', '.join(f'{a:g}' for a in cfg.compare.alphas)}}}",
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "wall_time_s": time.perf_counter() - started + reused_time,
-        "model": {"spec": cfg.model.name, **baseline.get("model", {})},
-        "data": {
-            "train": recorded.get("data.train", cfg.data.train),
-            "eval": eval_name,
-            "heldout": eval_spec(cfg),
-            "n_train": baseline.get("train_examples"),
-            "n_eval": len(eval_examples),
-            "n_heldout": len(heldout),
-            "primary_metric": defaults_for(eval_name).primary_metric,
-        },
-        "primary": primary,
-        "seeds": list(cfg.compare.seeds),
-        "versions": versions(),
-        "settings": fingerprint.recorded_settings(entries[arms[0].name], baseline, cfg.judge.backend),
-        "baseline": arms[0].name,
-        "arms": [entries[a.name] for a in arms if a.name in entries],
-        "examples": _examples(arms, entries),
-    }
+    stamp = entries[arms[0].name].fingerprint
+    recorded = ((stamp or {}).get("train") or {}).get("settings") or {}
+    results = ExperimentResult(
+        title=f"NEFTune on {cfg.model.name}: alpha in {{0, {', '.join(f'{a:g}' for a in cfg.compare.alphas)}}}",
+        created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        wall_time_s=time.perf_counter() - started + reused_time,
+        model={"spec": cfg.model.name, **baseline.get("model", {})},
+        data=RunData(
+            train=recorded.get("data.train", cfg.data.train),
+            eval=evalset.name,
+            heldout=plan.eval_data,
+            n_train=baseline.get("train_examples"),
+            n_eval=len(evalset.prompts),
+            n_heldout=len(evalset.heldout),
+            primary_metric=defaults_for(evalset.name).primary_metric,
+        ),
+        primary=Primary.from_json(primary),
+        seeds=list(cfg.compare.seeds),
+        versions=versions(),
+        settings=fingerprint.recorded_settings(stamp, baseline, cfg.judge.backend),
+        baseline=arms[0].name,
+        arms=[entries[a.name] for a in arms if a.name in entries],
+        examples=_examples(arms, entries),
+    )
     return write_report(results, out)
 
 
 def _run_arms(
     cfg: CompareConfig,
+    plan: EvalPlan,
     arms: list[Arm],
     states: dict[str, str],
     stamps: dict[str, dict[str, Any]],
-    entries: dict[str, dict],
-    eval_examples: list,
-    eval_name: str,
-    heldout: list,
+    entries: dict[str, ArmResult],
+    evalset: EvalSet,
 ) -> float:
     """Train, regenerate or reuse each arm as ``states`` says, filling ``entries``; the wall time of reused arms."""
     reused_time = 0.0
@@ -297,18 +249,18 @@ def _run_arms(
         done = arm.directory / ARM_FILE
         if states[arm.name] == "reuse":
             log.info("[%d/%d] %s: already finished, reusing %s", index, len(arms), arm.name, done)
-            entries[arm.name] = json.loads(done.read_text(encoding="utf-8"))
-            reused_time += float(entries[arm.name].get("wall_time_s") or 0.0)
+            entries[arm.name] = read_arm(arm)
+            reused_time += float(entries[arm.name].wall_time_s or 0.0)
             continue
         if states[arm.name] == "regenerate":
-            entries[arm.name] = regenerate_arm(cfg, arm, eval_examples, eval_name, stamps[arm.name], heldout)
+            entries[arm.name] = regenerate_arm(cfg, plan, arm, evalset, stamps[arm.name])
             continue
         log.info("[%d/%d] %s: training (alpha=%g, seed=%d)", index, len(arms), arm.name, arm.alpha, arm.seed)
-        entries[arm.name] = run_arm(cfg, arm, eval_examples, eval_name, stamps[arm.name], heldout)
+        entries[arm.name] = run_arm(cfg, plan, arm, evalset, stamps[arm.name])
     return reused_time
 
 
-def _examples(arms: list[Arm], entries: dict[str, dict], n: int = 6) -> list[dict[str, Any]]:
+def _examples(arms: list[Arm], entries: dict[str, ArmResult], n: int = 6) -> list[Example]:
     """The first ``n`` eval prompts with every arm's answer side by side (not hand-picked)."""
     from neftune.outputs import read_outputs
 
@@ -321,10 +273,10 @@ def _examples(arms: list[Arm], entries: dict[str, dict], n: int = 6) -> list[dic
         return []
     first = next(iter(outputs.values()))
     return [
-        {
-            "instruction": first[i]["instruction"],
-            "reference": first[i].get("reference"),
-            "outputs": {name: recs[i]["output"] for name, recs in outputs.items() if i < len(recs)},
-        }
+        Example(
+            instruction=first[i]["instruction"],
+            reference=first[i].get("reference"),
+            outputs={name: recs[i]["output"] for name, recs in outputs.items() if i < len(recs)},
+        )
         for i in range(min(n, len(first)))
     ]

@@ -200,9 +200,9 @@ def arm_state(name: str, directory: Path, stamp: Mapping[str, Any], overwrite: b
     return "reuse"
 
 
-def recorded_settings(entry: Mapping[str, Any], summary: Mapping[str, Any], judge: str) -> dict[str, Any]:
-    """The run details of an arm as it recorded them (never from the latest command line)."""
-    stamp = entry.get("fingerprint") or {}
+def recorded_settings(recorded: Mapping[str, Any] | None, summary: Mapping[str, Any], judge: str) -> dict[str, Any]:
+    """The run details of an arm as its fingerprint ``recorded`` them (never from the latest command line)."""
+    stamp = recorded or {}
     train = (stamp.get("train") or {}).get("settings") or {}
     generate = stamp.get("generate") or {}
     return {

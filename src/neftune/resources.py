@@ -21,9 +21,12 @@ import shutil
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from neftune.errors import NeftuneError
+
+if TYPE_CHECKING:
+    from neftune.eval_plan import EvalPlan
 
 __all__ = [
     "ResourceError",
@@ -180,14 +183,12 @@ def explain_training(error: BaseException, cfg: Any, out: Path, gradient_checkpo
     return explain(error, settings=settings, advice=advice)
 
 
-def evaluation_memory(cfg: Any) -> tuple[list[tuple[str, Any]], str]:
+def evaluation_memory(plan: EvalPlan) -> tuple[list[tuple[str, Any]], str]:
     """``compare``'s evaluation settings that set memory use (answers, held-out loss), and what to lower."""
-    from neftune.arms import default_max_new_tokens
-
     settings: list[tuple[str, Any]] = [
-        ("generate.batch_size", cfg.generate.batch_size),
-        ("generate.max_new_tokens", default_max_new_tokens(cfg)),
-        ("data.max_length", cfg.data.max_length),
+        ("generate.batch_size", plan.batch_size),
+        ("generate.max_new_tokens", plan.max_new_tokens),
+        ("data.max_length", plan.max_length),
     ]
     return settings, "lower generate.batch_size, generate.max_new_tokens or data.max_length"
 

@@ -55,7 +55,8 @@ Input schema (every part not marked *required* may be missing or ``null``)::
       "primary": {"metric": str, "source": str, "fallback": str | null}   # declared before the run
     }
 
-``results.json`` is this input plus two keys the report adds (``"schema_version"``: 2)::
+:class:`neftune.results.ExperimentResult` holds these values typed, and its ``to_json()`` writes them in
+this order, ``"schema_version"`` last.  ``results.json`` is this input plus the report's analysis::
 
     "schema_version": 2,
     "analysis": {                       # neftune.report.verdicts.Verdicts
@@ -103,7 +104,7 @@ from neftune.report.build import build_document
 from neftune.report.html import render_html
 from neftune.report.markdown import render_markdown
 from neftune.report.plots import PLOT_NAMES, render_plots
-from neftune.report.verdicts import SCHEMA_VERSION
+from neftune.results import SCHEMA_VERSION, ExperimentResult
 
 __all__ = [
     "LOW_CONSISTENCY",
@@ -136,9 +137,13 @@ def _jsonable(obj: Any) -> Any:
 
 
 def write_report(
-    results: Mapping[str, Any], out_dir: Path | str, *, n_boot: int = 2000, seed: int = 0
+    results: ExperimentResult | Mapping[str, Any], out_dir: Path | str, *, n_boot: int = 2000, seed: int = 0
 ) -> dict[str, Path]:
-    """Write the experiment report for ``results`` (schema in the module docstring) into ``out_dir``.
+    """Write the experiment report for ``results`` into ``out_dir``.
+
+    ``results`` is an :class:`~neftune.results.ExperimentResult`, read through its
+    :meth:`~neftune.results.ExperimentResult.to_json`, or that JSON itself (schema in the module
+    docstring), as read back from any ``results.json``.
 
     Writes ``results.json`` (the input as strict, pretty JSON: non-finite numbers become ``null``),
     ``report.md``, a self-contained ``report.html`` and the plots ``plots/{loss,lengths,winrates,
@@ -150,6 +155,8 @@ def write_report(
     ``n_boot`` and ``seed`` set the bootstrap of :func:`compute_effects`.  Raises
     :class:`DataError` when ``results`` is not an object or its ``arms`` are malformed.
     """
+    if isinstance(results, ExperimentResult):
+        results = results.to_json()
     if not isinstance(results, Mapping):
         raise DataError(f"results must be a JSON object, got {type(results).__name__}")
     out_dir = Path(out_dir)

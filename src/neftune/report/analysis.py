@@ -26,6 +26,7 @@ from neftune.report.paired import PAIRED_METRICS, per_example_values
 from neftune.report.values import arm_name, as_float, is_interval, mapping_at
 from neftune.report.verdicts import SIGNIFICANCE, Verdicts, build_verdicts
 from neftune.report.words import BETTER, LONGER, NOISE, SHORTER, WITHHELD, WORSE, verdict_word
+from neftune.results import ArmResult
 from neftune.stats import compare_seeds
 
 __all__ = [
@@ -66,8 +67,8 @@ def _verdict(lo: float, hi: float, higher_is_better: bool | None) -> str:
 
 
 def compute_effects(
-    baseline_arm: Mapping[str, Any],
-    arm: Mapping[str, Any],
+    baseline_arm: ArmResult | Mapping[str, Any],
+    arm: ArmResult | Mapping[str, Any],
     *,
     n_boot: int = 2000,
     seed: int = 0,
@@ -92,8 +93,13 @@ def compute_effects(
     is ``"withheld"`` and ``withheld`` says why (:mod:`neftune.report.censoring`).  ``n_boot`` and ``seed`` are accepted for compatibility and unused.
 
     Raises :class:`DataError` when the two arms hold different numbers of per-example values,
-    since then they were not evaluated on the same examples and cannot be paired.
+    since then they were not evaluated on the same examples and cannot be paired.  Either arm may be
+    an :class:`~neftune.results.ArmResult` or its JSON entry.
     """
+    if isinstance(baseline_arm, ArmResult):
+        baseline_arm = baseline_arm.to_json()
+    if isinstance(arm, ArmResult):
+        arm = arm.to_json()
     effects: dict[str, dict[str, Any]] = {}
     for metric in paired_metrics():
         key = metric.per_example

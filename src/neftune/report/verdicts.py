@@ -31,6 +31,7 @@ from neftune.report.censoring import withheld_reason
 from neftune.report.paired import per_example_values
 from neftune.report.values import as_float, is_interval, mapping_at
 from neftune.report.words import UNMEASURED, WITHHELD, verdict_word
+from neftune.results import SCHEMA_VERSION
 from neftune.stats import aa_floor, compare_seeds, holm, seed_level_test
 
 __all__ = [
@@ -42,8 +43,6 @@ __all__ = [
     "build_verdicts",
 ]
 
-#: Version of the ``results.json`` layout (documented in :mod:`neftune.report`).
-SCHEMA_VERSION = 2
 #: Family-wise error rate of every verdict.
 SIGNIFICANCE = 0.05
 

@@ -1,5 +1,7 @@
 # neftune developer entry points. Each target sets up what it needs by itself.
-#   make test   - build .venv from nothing (torch first, pinned) and run the test suite
+#   make test   - build .venv from nothing (torch first, pinned) and run the whole test suite
+#   make test-fast - the in-process tests only: no e2e (processes, launchers, servers, browser, CLI training), no slow
+#   make test-e2e  - only the e2e and slow tests (make test = test-fast + test-e2e)
 #   make demo   - run the main job on the embedded default (SmolLM2-135M, ShareGPT first turns, IFEval subset; ~15 min)
 #   make study  - the longer experiment of docs/experiments/ (alpha 0/5/10/15 x 3 seeds; ~95 min on 2 CPU cores)
 #   make llama-server - build/install llama-cpp-python[server] (cached wheel) for the `server` tests
@@ -14,7 +16,7 @@ TORCH  ?= torch==2.13.0
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.neftune-installed
 
-.PHONY: test test-fast lint docs package-test demo study train-demo bench gpu-check clean venv llama-server vllm
+.PHONY: test test-fast test-e2e lint docs package-test demo study train-demo bench gpu-check clean venv llama-server vllm
 
 venv: $(STAMP)
 
@@ -37,7 +39,10 @@ test: $(STAMP)
 	$(PY) -m pytest -q -n 2 --dist loadfile
 
 test-fast: $(STAMP)
-	$(PY) -m pytest -q -n 2 --dist loadfile -m "not slow and not server and not vllm"
+	$(PY) -m pytest -q -n 2 --dist loadfile -m "not e2e and not slow and not server and not vllm"
+
+test-e2e: $(STAMP)
+	$(PY) -m pytest -q -n 2 --dist loadfile -m "e2e or slow"
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

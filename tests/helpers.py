@@ -11,6 +11,30 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import torch
 from torch import nn
 
+SECRET = "sk-test-NEFTUNE-DO-NOT-WRITE-0123456789"
+"""OPENAI_API_KEY while the shared runs of conftest.py train: no file they write may contain it."""
+
+ALPACA = [
+    {"instruction": "Say hi", "output": "hi there"},
+    {"instruction": "Add 2 and 3", "input": "", "output": "5"},
+    {"instruction": "Reverse the word", "input": "abc", "output": "cba"},
+    {"instruction": "Uppercase the word dog", "output": "DOG"},
+    {"instruction": "Name a color", "output": "blue"},
+    {"instruction": "Count to three", "output": "1 2 3"},
+]
+MESSAGES = [
+    {"messages": [{"role": "user", "content": "Say hi"}, {"role": "assistant", "content": "hi"}]},
+    {
+        "messages": [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "2+2?"},
+            {"role": "assistant", "content": "4"},
+        ]
+    },
+    {"messages": [{"role": "user", "content": "Reverse abc"}, {"role": "assistant", "content": "cba"}]},
+    {"messages": [{"role": "user", "content": "Uppercase dog"}, {"role": "assistant", "content": "DOG"}]},
+]
+
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
     for module in model.modules():

@@ -43,12 +43,9 @@ HUGE = 5 * 1024 * 1024
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    root = tmp_path_factory.mktemp("neftune-cache")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("NEFTUNE_CACHE", str(root))
-        resolve_model("tiny-random")
-    return root
+def cache(neftune_cache):
+    """The session's neftune cache (tests/conftest.py), tiny-random built."""
+    return neftune_cache
 
 
 @pytest.fixture(scope="module")

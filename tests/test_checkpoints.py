@@ -17,8 +17,8 @@ from neftune.train import run_training
 
 
 @pytest.fixture(autouse=True)
-def _cache(tmp_path_factory, monkeypatch):
-    monkeypatch.setenv("NEFTUNE_CACHE", str(tmp_path_factory.getbasetemp() / "neftune-cache"))
+def _cache(neftune_cache, monkeypatch):
+    monkeypatch.setenv("NEFTUNE_CACHE", str(neftune_cache))
 
 
 def small_config(output: Path, *extra: str) -> Config:
@@ -41,10 +41,10 @@ def small_config(output: Path, *extra: str) -> Config:
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory) -> dict[str, torch.Tensor]:
+def reference(neftune_cache, tmp_path_factory) -> dict[str, torch.Tensor]:
     """Final weights of the uninterrupted 9-step run."""
     with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("NEFTUNE_CACHE", str(tmp_path_factory.getbasetemp() / "neftune-cache"))
+        mp.setenv("NEFTUNE_CACHE", str(neftune_cache))
         out = tmp_path_factory.mktemp("reference")
         run_training(small_config(out))
     return load_file(out / "model" / "model.safetensors")

@@ -154,12 +154,9 @@ DRIVER = textwrap.dedent(
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    root = tmp_path_factory.mktemp("neftune-cache")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("NEFTUNE_CACHE", str(root))
-        resolve_model("tiny-random")  # built once, before the launched ranks need it
-        yield root
+def cache(neftune_cache):
+    """The session's neftune cache (tests/conftest.py), tiny-random built."""
+    return neftune_cache
 
 
 @pytest.fixture(autouse=True)

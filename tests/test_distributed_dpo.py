@@ -17,8 +17,6 @@ from pathlib import Path
 
 import pytest
 
-from neftune.models import resolve_model
-
 REPO = Path(__file__).resolve().parents[1]
 ENV = {
     "HF_HUB_OFFLINE": "1",
@@ -80,12 +78,9 @@ DRIVER = textwrap.dedent(
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    root = tmp_path_factory.mktemp("neftune-cache")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("NEFTUNE_CACHE", str(root))
-        resolve_model("tiny-random")
-        yield root
+def cache(neftune_cache):
+    """The session's neftune cache (tests/conftest.py), tiny-random built."""
+    return neftune_cache
 
 
 @pytest.mark.slow

@@ -30,8 +30,8 @@ STEPS = 30
 
 
 @pytest.fixture(autouse=True)
-def _cache(tmp_path_factory, monkeypatch):
-    monkeypatch.setenv("NEFTUNE_CACHE", str(tmp_path_factory.getbasetemp() / "neftune-cache"))
+def _cache(neftune_cache, monkeypatch):
+    monkeypatch.setenv("NEFTUNE_CACHE", str(neftune_cache))
 
 
 def config(output: Path, *extra: str) -> Config:

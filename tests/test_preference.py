@@ -17,7 +17,6 @@ from neftune.cli import main
 from neftune.config import CompareConfig, Config, load_config
 from neftune.data.preference import load_pairs
 from neftune.errors import ConfigError, DataError
-from neftune.models import resolve_model
 from neftune.train import run_training
 
 USER, ASSISTANT = "user", "assistant"
@@ -165,12 +164,9 @@ def test_method_and_beta_are_validated_with_one_line_errors(capsys):
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    root = tmp_path_factory.mktemp("neftune-cache")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("NEFTUNE_CACHE", str(root))
-        resolve_model("tiny-random")
-        yield root
+def cache(neftune_cache):
+    """The session's neftune cache (tests/conftest.py), tiny-random built."""
+    return neftune_cache
 
 
 class RecordForwards(TrainerCallback):

@@ -599,8 +599,43 @@ def _chromium() -> str | None:
     return shutil.which("chromium") or shutil.which("chromium-browser")
 
 
+class _Rendered(HTMLParser):
+    """The text of a rendered page, and its h1/h2 headings in order."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.text: list[str] = []
+        self.headings: list[str] = []
+        self._heading: list[str] | None = None
+        self._skip = 0
+
+    def handle_starttag(self, tag, attrs):
+        if tag in ("style", "script"):
+            self._skip += 1
+        elif tag in ("h1", "h2"):
+            self._heading = []
+
+    def handle_endtag(self, tag):
+        if tag in ("style", "script"):
+            self._skip -= 1
+        elif tag in ("h1", "h2") and self._heading is not None:
+            self.headings.append(" ".join("".join(self._heading).split()))
+            self._heading = None
+
+    def handle_data(self, data):
+        if not self._skip:
+            self.text.append(data)
+            if self._heading is not None:
+                self._heading.append(data)
+
+
+def _plain(markdown: str) -> str:
+    return " ".join(markdown.replace("**", "").replace("`", "").split())
+
+
 @pytest.mark.skipif(_chromium() is None, reason="no chromium or chromium-browser binary on PATH to render report.html")
 def test_report_renders_in_headless_chromium(full_report, tmp_path):
+    """What chromium renders (its DOM after layout, and the screenshot) shows what report.md says."""
     _, paths = full_report
     shot = tmp_path / "shot.png"
     cmd = [
@@ -613,6 +648,7 @@ def test_report_renders_in_headless_chromium(full_report, tmp_path):
         "--disable-sync",
         "--no-first-run",
         f"--user-data-dir={tmp_path / 'profile'}",
+        "--dump-dom",
         f"--screenshot={shot}",
         "--window-size=1280,2400",
         paths["html"].resolve().as_uri(),
@@ -623,6 +659,32 @@ def test_report_renders_in_headless_chromium(full_report, tmp_path):
     assert data.startswith(PNG_MAGIC) and len(data) > 20_000
     width, height = struct.unpack(">II", data[16:24])  # IHDR
     assert (width, height) == (1280, 2400)
+
+    # the rendered page: the title, every section of report.md in the same order, and the verdict
+    md = paths["markdown"].read_text(encoding="utf-8")
+    title = next(line[2:] for line in md.splitlines() if line.startswith("# "))
+    sections = [line[3:].strip() for line in md.splitlines() if line.startswith("## ")]
+    assert sections[0] == "Verdict" and len(sections) >= 5
+    rendered = _Rendered()
+    rendered.feed(proc.stdout)
+    assert rendered.headings == [_plain(title), *sections], rendered.headings
+    text = " ".join("".join(rendered.text).split())
+    verdict = md.split("## Verdict", 1)[1].strip().split("\n\n")
+    headline = _plain(verdict[0])
+    assert headline.startswith("Primary metric: exact match")  # the primary metric, by name
+    assert headline in text
+    assert _plain(verdict[1].splitlines()[0].lstrip("- ")) in text  # the first arm's line
+    assert "<script>alert('pwned')</script>" in text  # shown as text: it was escaped, not run
+
+    # the screenshot is a page, not a blank or single-colour canvas: contrast, and some dark text
+    image = pytest.importorskip("PIL.Image", reason="Pillow reads the screenshot").open(shot).convert("L")
+    histogram = image.histogram()
+    pixels = width * height
+    mean = sum(i * n for i, n in enumerate(histogram)) / pixels
+    spread = (sum(n * (i - mean) ** 2 for i, n in enumerate(histogram)) / pixels) ** 0.5
+    assert spread > 15, f"screenshot looks blank (grey-level standard deviation {spread:.1f})"
+    assert sum(histogram[:100]) / pixels > 0.005, "no dark (text) pixels in the screenshot"
+    assert len([n for n in histogram if n]) > 32, "too few grey levels for text and plots"
 
 
 def test_page_inlines_the_packaged_stylesheet_and_escapes_every_block():

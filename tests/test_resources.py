@@ -24,8 +24,8 @@ from neftune.trainer_parts import HeldoutTrainer
 
 
 @pytest.fixture(autouse=True)
-def _cache(tmp_path_factory, monkeypatch):
-    monkeypatch.setenv("NEFTUNE_CACHE", str(tmp_path_factory.getbasetemp() / "neftune-cache"))
+def _cache(neftune_cache, monkeypatch):
+    monkeypatch.setenv("NEFTUNE_CACHE", str(neftune_cache))
 
 
 def _mount(where: Path, size: str) -> None:

@@ -16,7 +16,7 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
-from tests.helpers import record_noise
+from tests.helpers import ALPACA, MESSAGES, SECRET, record_noise
 from transformers import TrainerCallback
 
 import neftune
@@ -27,7 +27,6 @@ from neftune.data.formats import Example
 from neftune.data.presets import get_preset
 from neftune.data.template import IGNORE_INDEX, encode_examples
 from neftune.io import atomic_save_dir
-from neftune.models import resolve_model
 from neftune.train import run_training, training_arguments
 
 OFFLINE = {
@@ -37,16 +36,6 @@ OFFLINE = {
     "TOKENIZERS_PARALLELISM": "false",
     "OMP_NUM_THREADS": "1",
 }
-SECRET = "sk-test-NEFTUNE-DO-NOT-WRITE-0123456789"
-
-ALPACA = [
-    {"instruction": "Say hi", "output": "hi there"},
-    {"instruction": "Add 2 and 3", "input": "", "output": "5"},
-    {"instruction": "Reverse the word", "input": "abc", "output": "cba"},
-    {"instruction": "Uppercase the word dog", "output": "DOG"},
-    {"instruction": "Name a color", "output": "blue"},
-    {"instruction": "Count to three", "output": "1 2 3"},
-]
 SHAREGPT = [
     {"conversations": [{"from": "human", "value": "Say hi"}, {"from": "gpt", "value": "hi"}]},
     {
@@ -60,18 +49,6 @@ SHAREGPT = [
     },
     {"conversations": [{"from": "human", "value": "Reverse abc"}, {"from": "gpt", "value": "cba"}]},
 ]
-MESSAGES = [
-    {"messages": [{"role": "user", "content": "Say hi"}, {"role": "assistant", "content": "hi"}]},
-    {
-        "messages": [
-            {"role": "system", "content": "Be brief."},
-            {"role": "user", "content": "2+2?"},
-            {"role": "assistant", "content": "4"},
-        ]
-    },
-    {"messages": [{"role": "user", "content": "Reverse abc"}, {"role": "assistant", "content": "cba"}]},
-    {"messages": [{"role": "user", "content": "Uppercase dog"}, {"role": "assistant", "content": "DOG"}]},
-]
 
 
 def write_json(path: Path, records: list[dict]) -> Path:
@@ -84,19 +61,9 @@ def write_jsonl(path: Path, records: list[dict]) -> Path:
     return path
 
 
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    """One neftune cache (holding the tiny-random alias) for this module."""
-    root = tmp_path_factory.mktemp("neftune-cache")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("NEFTUNE_CACHE", str(root))
-        resolve_model("tiny-random")  # built once, before any test (or a torchrun rank) needs it
-        yield root
-
-
 @pytest.fixture(autouse=True)
-def _env(cache, monkeypatch):
-    monkeypatch.setenv("NEFTUNE_CACHE", str(cache))
+def _env(neftune_cache, monkeypatch):
+    monkeypatch.setenv("NEFTUNE_CACHE", str(neftune_cache))
     monkeypatch.setenv("OPENAI_API_KEY", SECRET)
     monkeypatch.delenv("RANK", raising=False)
 
@@ -133,76 +100,7 @@ def leftovers(directory: Path) -> list[str]:
 # -- the CLI end to end ------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def full_run(cache, data_dir, tmp_path_factory):
-    """``neftune train --full`` in-process: 4 steps, eval and checkpoints every 2."""
-    out = tmp_path_factory.mktemp("full") / "run"
-    argv = [
-        "train",
-        "--model",
-        "tiny-random",
-        "--data",
-        str(data_dir / "alpaca.json"),
-        "--eval-data",
-        str(data_dir / "messages.jsonl"),
-        "--output",
-        str(out),
-        "--full",
-        "--max-steps",
-        "4",
-        "--batch-size",
-        "2",
-        "--alpha",
-        "5",
-        "--seed",
-        "3",
-        "--lr",
-        "1e-3",
-        "--no-progress",
-        "data.limit=4",
-        "train.save_steps=2",
-        "train.eval_steps=2",
-        "train.logging_steps=1",
-    ]
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("NEFTUNE_CACHE", str(cache))
-        mp.setenv("OPENAI_API_KEY", SECRET)
-        from io import StringIO
-
-        stdout, stderr = StringIO(), StringIO()
-        mp.setattr(sys, "stdout", stdout)
-        mp.setattr(sys, "stderr", stderr)
-        rc = main(argv)
-    assert rc == 0, stderr.getvalue()
-    return out, stdout.getvalue()
-
-
-@pytest.fixture(scope="module")
-def lora_run(cache, data_dir, tmp_path_factory):
-    """``neftune train --lora --merge`` through the CLI on a messages JSONL file."""
-    out = tmp_path_factory.mktemp("lora") / "run"
-    argv = [
-        "train",
-        "--model",
-        "tiny-random",
-        "--data",
-        str(data_dir / "messages.jsonl"),
-        "--output",
-        str(out),
-        "--lora",
-        "--merge",
-        "--max-steps",
-        "3",
-        "--batch-size",
-        "2",
-        "--lr",
-        "2e-2",
-        "--no-progress",
-    ]
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("NEFTUNE_CACHE", str(cache))
-        assert main(argv) == 0
-    return out
+# full_run and lora_run: the session's shared runs (tests/conftest.py)
 
 
 def test_cli_writes_the_output_directory(full_run):
@@ -631,7 +529,7 @@ DRIVER = textwrap.dedent(
 )
 
 
-def test_two_cpu_processes_with_torchrun(cache, data_dir, tmp_path):
+def test_two_cpu_processes_with_torchrun(neftune_cache, data_dir, tmp_path):
     """torchrun, 2 processes, gloo: one model directory, and each rank draws its own noise."""
     out = tmp_path / "out"
     driver = tmp_path / "driver.py"
@@ -658,7 +556,7 @@ def test_two_cpu_processes_with_torchrun(cache, data_dir, tmp_path):
         "--no-progress",
         "train.logging_steps=1",
     ]
-    env = {**os.environ, **OFFLINE, "NEFTUNE_CACHE": str(cache), "DRAWS_DIR": str(tmp_path)}
+    env = {**os.environ, **OFFLINE, "NEFTUNE_CACHE": str(neftune_cache), "DRAWS_DIR": str(tmp_path)}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert proc.stdout.count("done: ") == 1  # only rank 0 reports ...

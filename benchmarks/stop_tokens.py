@@ -71,8 +71,8 @@ def main() -> None:
         p = " / ".join(str(v) for v in r["length_p50_p90_p95"])
         print(f"| {r['penalty']} | {100 * r['reached_cap']:.0f}% | {p} | {r['seconds']:.0f} |")
     if args.json:
-        info = {"machine": machine_info(), "versions": versions(("torch", "transformers")), "settings": vars(args)}
-        info["settings"]["json"] = str(args.json)
+        settings = {**vars(args), "json": str(args.json)}
+        info = {"machine": machine_info(), "versions": versions(("torch", "transformers")), "settings": settings}
         args.json.write_text(json.dumps({**info, "rows": rows}, indent=2) + "\n", encoding="utf-8")
 
 

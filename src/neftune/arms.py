@@ -41,33 +41,17 @@ def engine_for(plan: EvalPlan, arm: Arm, tokenizer: Any) -> Any:
     :class:`neftune.serve.ServerEngine` asking for ``generate.served_model`` with the arm's directory name
     (the openai backend), or asking a vLLM server neftune runs (:mod:`neftune.vllm_server`) for the arm's
     adapter or model."""
-    backend = plan.backend
-    if backend.in_process:
+    if plan.backend.in_process:
         return None
-    from neftune.serve import ServerEngine
-
-    url, server, adapter = backend.url, backend.server, None
-    name = backend.served_model.replace("{arm}", arm.directory.name)
-    if backend.name == "vllm":
-        from neftune.vllm_server import VLLMSettings, serve_model
-
-        where = VLLMSettings(backend.vllm_python, backend.vllm_args, backend.vllm_start_timeout, backend.log_dir)
-        url, name, adapter = serve_model(arm.directory / "model", where, arm.directory.name)
-        server = "vllm"
-    elif backend.server == "vllm":  # a server the user runs: a LoRA arm's adapter loaded into it
-        adapter = arm.directory / "model"
-    engine = ServerEngine(
-        url,
-        name,
+    return plan.backend.engine(
+        arm.directory / "model",
+        arm.directory.name,
         tokenizer,
-        server=server,
         max_new_tokens=plan.max_new_tokens,
         repetition_penalty=plan.repetition_penalty,
         spare_stop_tokens=plan.spare_stop_tokens,
-        workers=plan.batch_size,  # the server batches what is in flight
+        workers=plan.batch_size,
     )
-    engine.ensure_served(adapter)
-    return engine
 
 
 @dataclasses.dataclass(frozen=True)

@@ -79,33 +79,36 @@ def _answer(cfg: GenerateSettings | EvalSettings, model, tokenizer, examples) ->
     name = (cfg.name if isinstance(cfg, GenerateSettings) else None) or os.path.basename(os.path.normpath(model_spec))
     named: dict[str, Any] = {"generator_name": name, "dataset_name": data, "progress": answering.progress}
     if isinstance(cfg, GenerateSettings) and cfg.backend in ("openai", "vllm"):
-        from neftune.serve import ServerEngine, penalty_fields
+        from pathlib import Path
 
-        url, served, server, adapter = cfg.url, cfg.served_model or name, str(cfg.server), None
+        from neftune.eval_plan import Backend
+        from neftune.model_cache import resolve_model
+        from neftune.serve import penalty_fields
+
+        backend = Backend(
+            cfg.backend,
+            cfg.url,
+            str(cfg.server),
+            cfg.served_model or name,
+            cfg.vllm_python,
+            cfg.vllm_args,
+            log_dir=Path(cfg.output).parent,
+        )
         spare = answering.spare_stop_tokens
-        penalty_fields("vllm" if cfg.backend == "vllm" else server, penalty, spare)  # before a server starts
-        if cfg.backend == "vllm":  # a server of our own, stopped when the answers are in
-            from pathlib import Path
-
-            from neftune.model_cache import resolve_model
-            from neftune.vllm_server import VLLMSettings, serve_model
-
-            where = VLLMSettings(cfg.vllm_python, cfg.vllm_args, log_dir=Path(cfg.output).parent)
-            url, served, adapter = serve_model(Path(resolve_model(model_spec)), where, name)
-            server = "vllm"
-        elif not url:
+        penalty_fields(backend.penalty_server, penalty, spare)  # before a server starts
+        if backend.name == "openai" and not backend.url:
             raise NeftuneError("--backend openai needs --url (the server's base URL, e.g. http://127.0.0.1:8000/v1)")
-        engine = ServerEngine(
-            url,
-            served,
+        model_dir = Path(resolve_model(model_spec)) if backend.name == "vllm" else Path(model_spec)
+        engine = backend.engine(
+            model_dir,
+            name,
             tokenizer,
-            server=server,
             max_new_tokens=cap,
             repetition_penalty=penalty,
             spare_stop_tokens=spare,
             workers=answering.batch_size,
+            load_adapter=False,  # a server the user runs serves --served-model as it is
         )
-        engine.ensure_served(adapter)
         return generate_outputs(None, tokenizer, examples, engine=engine, **named)
     return generate_outputs(
         model,

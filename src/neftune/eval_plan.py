@@ -23,6 +23,7 @@ from neftune.errors import NeftuneError
 
 if TYPE_CHECKING:
     from neftune.config import CompareConfig, GenerateConfig
+    from neftune.serve import ServerEngine
 
 __all__ = ["Backend", "EvalPlan"]
 
@@ -63,6 +64,52 @@ class Backend:
     def in_process(self) -> bool:
         """Whether the arm's own model answers (the hf backend), not a server."""
         return self.name not in ("openai", "vllm")
+
+    @property
+    def penalty_server(self) -> str:
+        """The server whose repetition penalty applies (:func:`neftune.serve.penalty_fields`)."""
+        return "vllm" if self.name == "vllm" else self.server
+
+    def engine(
+        self,
+        model_dir: Path,
+        name: str,
+        tokenizer: Any,
+        *,
+        max_new_tokens: int,
+        repetition_penalty: float,
+        spare_stop_tokens: bool,
+        workers: int,
+        load_adapter: bool = True,
+    ) -> ServerEngine:
+        """A :class:`~neftune.serve.ServerEngine` answering for the model or LoRA adapter in ``model_dir``.
+
+        vllm: a server neftune runs (:func:`neftune.vllm_server.serve_model`), the adapter loaded into it
+        under ``name``.  openai: :attr:`served_model` with ``{arm}`` made ``name``; a vLLM server the user
+        runs is asked to load the adapter when ``load_adapter``.
+        """
+        from neftune.serve import ServerEngine
+
+        url, server, served = self.url, self.server, self.served_model.replace("{arm}", name)
+        adapter: Path | None = model_dir if self.server == "vllm" and load_adapter else None
+        if self.name == "vllm":
+            from neftune.vllm_server import VLLMSettings, serve_model
+
+            where = VLLMSettings(self.vllm_python, self.vllm_args, self.vllm_start_timeout, self.log_dir)
+            url, served, adapter = serve_model(model_dir, where, name)
+            server = "vllm"
+        engine = ServerEngine(
+            url,
+            served,
+            tokenizer,
+            server=server,
+            max_new_tokens=max_new_tokens,
+            repetition_penalty=repetition_penalty,
+            spare_stop_tokens=spare_stop_tokens,
+            workers=workers,  # the server batches what is in flight
+        )
+        engine.ensure_served(adapter)
+        return engine
 
     def stamp(self) -> dict[str, Any]:
         """What the generation fingerprint records of the backend: its name and, for a server, how it is reached."""
@@ -135,8 +182,7 @@ class EvalPlan:
         if not plan.backend.in_process:
             from neftune.serve import penalty_fields
 
-            server = "vllm" if plan.backend.name == "vllm" else plan.backend.server
-            penalty_fields(server, plan.repetition_penalty, plan.spare_stop_tokens)
+            penalty_fields(plan.backend.penalty_server, plan.repetition_penalty, plan.spare_stop_tokens)
         return plan
 
     @property

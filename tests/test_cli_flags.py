@@ -12,7 +12,8 @@ from neftune.choices import GenerateBackend, JudgeBackend, Server, choices_of
 from neftune.cli import build_parser, commands, main
 from neftune.cli_flags import settings_from_args
 from neftune.cli_settings import EvalSettings, GenerateSettings, JudgeSettings
-from neftune.config import CompareConfig, GenerateConfig, JudgeConfig, command_flags, iter_fields
+from neftune.compare_config import CompareConfig, GenerateConfig, JudgeConfig
+from neftune.config import command_flags, iter_fields
 from neftune.errors import ConfigError
 
 

@@ -238,7 +238,9 @@ def test_compare_answers_a_separate_prompt_set_and_measures_loss_on_the_heldout_
 
 
 def test_compare_preset_recipes(tmp_path, capsys):
-    from neftune.config import CompareConfig, load_config, recipe_names
+    from neftune.compare_config import CompareConfig
+    from neftune.config import load_config
+    from neftune.config_io import recipe_names
 
     assert recipe_names() == ["demo", "skills", "study"]
     for name in recipe_names():  # every shipped recipe is a valid config

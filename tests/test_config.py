@@ -10,8 +10,8 @@ import pytest
 import yaml
 
 from neftune.cli import main
+from neftune.compare_config import CompareConfig
 from neftune.config import (
-    CompareConfig,
     Config,
     apply_overrides,
     command_flags,

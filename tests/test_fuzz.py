@@ -15,7 +15,8 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from neftune.config import CompareConfig, Config, load_config
+from neftune.compare_config import CompareConfig
+from neftune.config import Config, load_config
 from neftune.data.formats import load_eval_examples, load_examples
 from neftune.errors import NeftuneError
 from neftune.generate import read_outputs

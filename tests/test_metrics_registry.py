@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 import neftune.metrics as metrics
-from neftune.config import CompareSection
+from neftune.compare_config import CompareSection
 from neftune.data.formats import Example
 from neftune.data.presets import DataDefaults, DataPreset, defaults_for, get_preset, preset_names, register_preset
 from neftune.errors import ConfigError

@@ -14,7 +14,8 @@ from transformers import TrainerCallback
 
 from neftune.checkpoints import MANIFEST
 from neftune.cli import main
-from neftune.config import CompareConfig, Config, load_config
+from neftune.compare_config import CompareConfig
+from neftune.config import Config, load_config
 from neftune.data.preference import load_pairs
 from neftune.errors import ConfigError, DataError
 from neftune.train import run_training

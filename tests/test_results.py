@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from tests.test_report import make_results
 
-from neftune.config import CompareConfig
+from neftune.compare_config import CompareConfig
 from neftune.errors import ConfigError, DataError, NeftuneError
 from neftune.eval_plan import EvalPlan
 from neftune.results import SCHEMA_VERSION, ArmResult, ExperimentResult, JudgeSummary

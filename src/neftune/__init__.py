@@ -39,7 +39,8 @@ __all__ = [
 if TYPE_CHECKING:
     from neftune.callback import NEFTuneCallback
     from neftune.compare import run_compare
-    from neftune.config import CompareConfig, Config, load_config
+    from neftune.compare_config import CompareConfig
+    from neftune.config import Config, load_config
     from neftune.train import run_training
 
 
@@ -47,7 +48,7 @@ if TYPE_CHECKING:
 _LAZY = {
     "NEFTuneCallback": "neftune.callback",
     "Config": "neftune.config",
-    "CompareConfig": "neftune.config",
+    "CompareConfig": "neftune.compare_config",
     "load_config": "neftune.config",
     "run_training": "neftune.train",
     "run_compare": "neftune.compare",

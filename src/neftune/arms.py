@@ -17,7 +17,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from neftune.config import CompareConfig
+from neftune.compare_config import CompareConfig
 from neftune.data.prepare import auto_split, heldout_examples
 from neftune.eval_plan import EvalPlan
 from neftune.metrics import paired_metrics

@@ -24,7 +24,8 @@ from neftune.settings import Command
 
 if TYPE_CHECKING:
     from neftune.cli_settings import EvalSet, EvalSettings, GenerateSettings, JudgeSettings
-    from neftune.config import CompareConfig, Config
+    from neftune.compare_config import CompareConfig
+    from neftune.config import Config
 
 __all__ = ["build_parser", "config_from_args", "error_line", "main", "unexpected_error_line"]
 
@@ -296,7 +297,8 @@ def commands() -> list[Command]:
     """Every subcommand, in the order ``neftune --help`` lists them."""
     from neftune.audit import AUDIT
     from neftune.cli_settings import EvalSettings, GenerateSettings, JudgeSettings
-    from neftune.config import CompareConfig, Config
+    from neftune.compare_config import CompareConfig
+    from neftune.config import Config
     from neftune.patch import RUN
 
     return [

@@ -1,7 +1,7 @@
 """The typed settings of ``neftune generate``, ``eval`` and ``judge``, one dataclass per command.
 
 Their flags are generated from these fields (:mod:`neftune.cli_flags`).  A setting an experiment
-also has (:class:`~neftune.config.GenerateConfig`, :class:`~neftune.config.JudgeConfig`, ...) is
+also has (:class:`~neftune.compare_config.GenerateConfig`, :class:`~neftune.compare_config.JudgeConfig`, ...) is
 :func:`~neftune.settings.reused` from there: one type, default, set of values and help for both.
 """
 
@@ -11,7 +11,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from neftune.choices import BadRecordPolicy, DataFormat, GenerateBackend, JudgeBackend, Server
-from neftune.config import DataConfig, GenerateConfig, JudgeConfig, ModelConfig, TrainConfig
+from neftune.compare_config import GenerateConfig, JudgeConfig
+from neftune.config import DataConfig, ModelConfig, TrainConfig
 from neftune.settings import reused, setting
 
 __all__ = ["Answering", "EvalSet", "EvalSettings", "GenerateSettings", "JudgeSettings"]

@@ -32,7 +32,8 @@ from typing import Any
 
 from neftune import fingerprint
 from neftune.arms import Arm, EvalSet, evaluate_arm, load_eval_set, read_summary
-from neftune.config import CompareConfig, write_config
+from neftune.compare_config import CompareConfig
+from neftune.config import write_config
 from neftune.data.presets import defaults_for, resolve_eval_spec
 from neftune.eval_plan import EvalPlan
 from neftune.io import atomic_write_text, check_output_dir

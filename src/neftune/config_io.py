@@ -5,7 +5,8 @@ as :func:`neftune.config.setting` makes them.  :func:`from_dict` builds a tree f
 coercing and checking every value's type; :func:`apply_overrides` applies ``section.key=value``
 strings; :func:`read_yaml` reads a config file with one-line errors naming the file and line;
 :func:`to_dict` and :func:`write_config` give the tree back with secrets redacted; :func:`iter_fields`
-and :func:`command_flags` list the settings and the command-line flags they declare.
+and :func:`command_flags` list the settings and the command-line flags they declare; :func:`recipe_path`
+finds a shipped recipe (``--preset``) and :func:`merge_tree` lays one tree of settings over another.
 """
 
 from __future__ import annotations
@@ -31,7 +32,10 @@ __all__ = [
     "default_of",
     "from_dict",
     "iter_fields",
+    "merge_tree",
     "read_yaml",
+    "recipe_names",
+    "recipe_path",
     "to_dict",
     "unwrap_optional",
     "write_config",
@@ -252,3 +256,30 @@ def _metavar(hint: Any) -> str:
 def default_of(f: dataclasses.Field[Any]) -> Any:
     """A field's default value (a fresh copy for list/dict settings)."""
     return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+
+
+RECIPES = Path(__file__).parent / "recipes"
+"""Shipped experiment recipes: ``neftune compare --preset NAME`` starts from ``recipes/NAME.yaml``."""
+
+
+def recipe_names() -> list[str]:
+    """The names ``--preset`` accepts, sorted."""
+    return sorted(p.stem for p in RECIPES.glob("*.yaml"))
+
+
+def recipe_path(name: str) -> Path:
+    """The YAML file of recipe ``name``; a one-line error naming the known recipes."""
+    path = RECIPES / f"{name}.yaml"
+    if not name.replace("-", "").replace("_", "").isalnum() or not path.is_file():
+        raise ConfigError(f"unknown preset {name[:40]!r}; use one of {', '.join(recipe_names())}")
+    return path
+
+
+def merge_tree(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    """Merge the nested mapping ``top`` into ``base`` (``top`` wins, sections merge); return ``base``."""
+    for key, value in top.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            merge_tree(base[key], value)
+        else:
+            base[key] = value
+    return base

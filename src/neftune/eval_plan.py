@@ -1,6 +1,6 @@
 """How every arm of a ``neftune compare`` experiment is evaluated, resolved once before any arm trains.
 
-:meth:`EvalPlan.resolve` derives from a :class:`~neftune.config.CompareConfig` the held-out data, the
+:meth:`EvalPlan.resolve` derives from a :class:`~neftune.compare_config.CompareConfig` the held-out data, the
 prompts every arm answers, the token cap and repetition penalty (``generate.*``, else the prompt set's
 defaults, :mod:`neftune.data.presets`) and the generation backend, raising the configuration's one-line
 errors up front.  :mod:`neftune.compare` hands the plan to each arm (:mod:`neftune.arms`), and
@@ -22,7 +22,7 @@ from neftune.data.presets import resolve_eval_spec
 from neftune.errors import NeftuneError
 
 if TYPE_CHECKING:
-    from neftune.config import CompareConfig, GenerateConfig
+    from neftune.compare_config import CompareConfig, GenerateConfig
     from neftune.serve import ServerEngine
 
 __all__ = ["Backend", "EvalPlan"]

@@ -100,6 +100,7 @@ E2E: dict[str, set[str]] = {
         "test_generate_serves_a_full_model_whole",
         "test_compare_serves_every_lora_arm_from_one_engine_and_stops_it",
         "test_a_server_that_exits_or_never_answers_is_one_line",
+        "test_its_own_server_is_asked_for_the_penalty_that_spares_the_stop_tokens",
     },
 }
 """Per test module, the tests that are ``e2e`` (besides every ``server`` and ``vllm`` test): a function

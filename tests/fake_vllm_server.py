@@ -2,7 +2,7 @@
 
 Run by ``tests/test_vllm_server.py`` through a wrapper "python" (generate.vllm_python), so that the
 managed-server code path runs end to end without vLLM: it parses the flags neftune passes, appends
-them and every request to the JSON Lines file ``$FAKE_VLLM_RECORD``, serves ``GET /v1/models``,
+them (and the logits processors it could import, as vLLM does) and every request to the JSON Lines file ``$FAKE_VLLM_RECORD``, serves ``GET /v1/models``,
 ``POST /v1/load_lora_adapter`` and ``POST /v1/completions`` (an answer naming the model asked,
 cut at the cap on every second prompt), and stops on SIGTERM.  ``$FAKE_VLLM_MODE``: ``ok``; ``exit``
 (prints an error and exits with status 3 before listening); ``silent`` (never listens).
@@ -11,6 +11,7 @@ cut at the cap on every second prompt), and stops on SIGTERM.  ``$FAKE_VLLM_MODE
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import sys
@@ -23,6 +24,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     for flag in ("--model", "--served-model-name", "--host", "--port", "--dtype", "--max-lora-rank", "--max-loras"):
         parser.add_argument(flag)
+    parser.add_argument("--logits-processors", nargs="+", default=[])
     parser.add_argument("--enforce-eager", action="store_true")
     parser.add_argument("--enable-lora", action="store_true")
     args, extra = parser.parse_known_args()
@@ -34,7 +36,11 @@ def main() -> None:
             sink.write(json.dumps(entry) + "\n")
 
     env = {k: os.environ.get(k) for k in ("VLLM_ALLOW_RUNTIME_LORA_UPDATING", "PYTHONPATH", "VLLM_CPU_KVCACHE_SPACE")}
-    write({"start": vars(args), "extra": extra, "pid": os.getpid(), "env": env})
+    # as vLLM does: import each processor "module:Class" from this process's sys.path
+    loaded = [
+        getattr(importlib.import_module(m), c).__name__ for m, c in (p.split(":") for p in args.logits_processors)
+    ]
+    write({"start": vars(args), "extra": extra, "pid": os.getpid(), "env": env, "processors": loaded})
     mode = os.environ.get("FAKE_VLLM_MODE", "ok")
     if mode == "exit":
         print("INFO starting", flush=True)

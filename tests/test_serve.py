@@ -126,9 +126,16 @@ def test_penalty_each_server_cannot_honour_is_refused_in_one_line():
             penalty_fields(server, 1.2, spare_stop_tokens=True)
         message = str(info.value)
         assert message.startswith(
-            f"generate.repetition_penalty=1.2 sparing the stop tokens cannot be honoured by generate.server={server}: "
+            f"generate.repetition_penalty=1.2 sparing the stop tokens cannot be honoured by generate.server={server}, "
         )
         assert "generate.spare_stop_tokens=false" in message and "\n" not in message
+        assert ("use generate.backend=vllm" in message) == (server == "vllm")  # neftune's own vLLM can
+    # the vLLM neftune runs has its processor: vLLM's own penalty off, neftune's asked for in vllm_xargs
+    assert penalty_fields("vllm", 1.2, spare_stop_tokens=True, sparing_plugin=True, stops=[2, 7]) == {
+        "repetition_penalty": 1.0,
+        "vllm_xargs": {"neftune_penalty": 1.2, "neftune_spared": [2, 7]},
+    }
+    assert penalty_fields("vllm", 1.2, sparing_plugin=True) == {"repetition_penalty": 1.2}  # not sparing: vLLM's
 
 
 def test_a_server_that_reads_the_prompt_differently_is_refused(loaded):

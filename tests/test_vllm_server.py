@@ -22,7 +22,9 @@ from tests.test_compare import SMALL
 
 from neftune.cli import main
 from neftune.errors import ConfigError
-from neftune.vllm_server import find_vllm_python
+from neftune.generate import stop_token_ids
+from neftune.tiny import build_tiny_tokenizer
+from neftune.vllm_server import PLUGIN_DIR, find_vllm_python
 
 FAKE = Path(__file__).with_name("fake_vllm_server.py")
 
@@ -68,7 +70,9 @@ def test_compare_serves_every_lora_arm_from_one_engine_and_stops_it(fake_python,
     assert start["start"]["model"] == adapter["base_model_name_or_path"]
     assert start["start"]["enable_lora"] and start["start"]["max_lora_rank"] == "16"  # the adapters' r
     assert start["start"]["dtype"] == "float32" and start["start"]["enforce_eager"]  # no CUDA: fp32, as training
-    assert start["env"]["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] == "True" and start["env"]["PYTHONPATH"] is None
+    assert start["env"]["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] == "True"
+    # its own packages, and neftune's penalty that spares the stop tokens, importable from its PYTHONPATH only
+    assert start["env"]["PYTHONPATH"] == str(PLUGIN_DIR) and start["processors"] == ["SparingRepetitionPenalty"]
     loads = [r["payload"] for r in requests if r["path"] == "/v1/load_lora_adapter"]
     assert loads == [
         {"lora_name": arm, "lora_path": str((out / "arms" / arm / "model").resolve())} for arm in ("alpha0", "alpha5")
@@ -147,13 +151,27 @@ def test_no_python_with_vllm_names_the_ways_to_get_one(tmp_path, monkeypatch):
     assert find_vllm_python() == str(venv_python)
 
 
-def test_a_penalty_vllm_cannot_apply_stops_compare_before_training_or_a_server(fake_python, tmp_path, capsys):
-    """IFEval's default penalty (1.2) spares the stop tokens, which vLLM's cannot: one line, nothing started."""
+IFEVAL_COMPARE = [*SMALL, "--alphas", "5", "--seeds", "0", "--judge", "none", "generate.prompts=builtin:ifeval"]
+
+
+def test_its_own_server_is_asked_for_the_penalty_that_spares_the_stop_tokens(fake_python, tmp_path):
+    """IFEval's default penalty (1.2) spares the stop tokens: vLLM's own penalty off, neftune's processor on."""
     wrapper, record = fake_python
+    args = ["compare", *IFEVAL_COMPARE, "generate.limit=4", "--output", str(tmp_path / "exp")]
+    assert main([*args, "generate.backend=vllm", f"generate.vllm_python={wrapper}"]) == 0
+    asked = [r["payload"] for r in _read(record)[1] if r["path"] == "/v1/completions"]
+    stops = stop_token_ids(build_tiny_tokenizer())
+    assert len(asked) == 8 and stops
+    for payload in asked:
+        assert payload["repetition_penalty"] == 1.0
+        assert payload["vllm_xargs"] == {"neftune_penalty": 1.2, "neftune_spared": stops}
+
+
+def test_a_vllm_server_of_the_users_cannot_spare_them_one_line_before_training(tmp_path, capsys):
     out = tmp_path / "exp"
-    args = ["compare", *SMALL, "--alphas", "5", "--seeds", "0", "--judge", "none", "--output", str(out)]
-    args += ["generate.prompts=builtin:ifeval", "generate.backend=vllm", f"generate.vllm_python={wrapper}"]
-    assert main(args) == 2
+    served = ["generate.backend=openai", "generate.url=http://127.0.0.1:9/v1", "generate.server=vllm"]
+    assert main(["compare", *IFEVAL_COMPARE, "--output", str(out), *served]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "sparing the stop tokens cannot be honoured by generate.server=vllm" in err[0]
-    assert not (out / "arms").exists() and not record.exists()
+    assert "use generate.backend=vllm" in err[0]
+    assert not (out / "arms").exists()

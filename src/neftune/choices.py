@@ -37,7 +37,7 @@ Dtype = Literal["auto", "float32", "bfloat16", "float16"]
 Attention = Literal["auto", "varlen", "sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention"]
 Loss = Literal["auto", "labelled", "full"]
 Method = Literal["sft", "dpo"]
-GenerateBackend = Literal["hf", "vllm", "openai"]
+GenerateBackend = Literal["hf", "vllm", "openai", "auto"]
 """Who generates the answers: transformers in-process, a vLLM server neftune starts, or a server at a URL."""
 Server = Literal["vllm", "sglang", "llama.cpp", "other"]
 """What serves an OpenAI-compatible URL; decides how the prompt and the repetition penalty are sent."""

@@ -130,10 +130,12 @@ def cmd_generate(cfg: GenerateSettings) -> int:
     from neftune.io import check_output_file
     from neftune.models import load_model_and_tokenizer
     from neftune.outputs import write_outputs
+    from neftune.vllm_server import resolve_backend
 
     check_output_file(cfg.output)
     examples = _load_eval_set(cfg.eval_set)
     trust = cfg.answering.trust_remote_code
+    cfg.backend = resolve_backend(cfg.backend, cfg.vllm_python)  # type: ignore[assignment]
     if cfg.backend in ("openai", "vllm"):  # the server holds the weights; the tokenizer renders the prompts
         from transformers import AutoTokenizer
 

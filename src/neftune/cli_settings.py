@@ -80,7 +80,8 @@ class GenerateSettings:
         GenerateConfig,
         "backend",
         flag="--backend",
-        help="hf (in-process), vllm (a vLLM server neftune starts and stops) or openai (a server at --url)",
+        help="hf (in-process), vllm (a vLLM server neftune starts and stops), openai (a server at --url) or auto "
+        "(vllm where it is installed and can run, else hf)",
     )
     url: str = reused(GenerateConfig, "url", flag="--url")
     server: Server = reused(

@@ -58,8 +58,9 @@ class GenerateConfig:
     backend: GenerateBackend = setting(
         "hf",
         "hf (transformers' generate, in-process), vllm (a vLLM server neftune starts, every LoRA arm an adapter "
-        "of one engine) or openai (an OpenAI-compatible server at generate.url: vLLM, SGLang, llama.cpp); the "
-        "prompt is always rendered by the model's tokenizer",
+        "of one engine), openai (an OpenAI-compatible server at generate.url: vLLM, SGLang, llama.cpp) or auto "
+        "(vllm where make vllm's engine is found and can run, else hf); the prompt is always rendered by the "
+        "model's tokenizer",
     )
     url: str = setting("", "openai: base URL of the server, e.g. http://127.0.0.1:8000/v1")
     server: Server = setting(

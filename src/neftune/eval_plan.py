@@ -48,9 +48,11 @@ class Backend:
 
     @classmethod
     def of(cls, gen: GenerateConfig, log_dir: Path) -> Backend:
-        """The backend ``gen`` configures."""
+        """The backend ``gen`` configures (``auto`` made ``vllm`` or ``hf``: :func:`neftune.vllm_server.resolve_backend`)."""
+        from neftune.vllm_server import resolve_backend
+
         return cls(
-            gen.backend,
+            resolve_backend(gen.backend, gen.vllm_python),
             gen.url,
             gen.server,
             gen.served_model,

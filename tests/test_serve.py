@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
+import time
 
 import pytest
 import torch
@@ -286,3 +288,41 @@ def test_an_adapter_vllm_cannot_load_is_one_line_naming_the_way_out(loaded, tmp_
     assert f"could not load the adapter {adapter} as 'alpha5'" in message
     assert "VLLM_ALLOW_RUNTIME_LORA_UPDATING=True" in message and f"--lora-modules alpha5={adapter}" in message
     assert "\n" not in message and len(http.requests) == 1  # the load; the model list is a GET
+
+
+def test_the_first_error_ends_the_answers_at_once_without_waiting_for_those_in_flight(loaded):
+    """A server's refusal (or Ctrl-C) stops the call: nothing more is sent, slow requests are abandoned."""
+    _, tokenizer = loaded
+    release = threading.Event()
+    answer = {"choices": [{"index": 0, "text": "ok", "finish_reason": "stop"}]}
+
+    def behaviour(payload, nth, headers):
+        if payload["prompt"] == [1, 2]:
+            return 400, '{"error": {"message": "this prompt is refused"}}'
+        release.wait(30)  # the others take long
+        return 200, json.dumps(answer)
+
+    with OpenAIStyleServer(behaviour) as http:
+        engine = ServerEngine(http.url, "m", tokenizer, server="vllm", repetition_penalty=1.0, workers=3)
+        started = time.monotonic()
+        with pytest.raises(NeftuneError, match=r"prompt 0: .*this prompt is refused"):
+            engine([[1, 2], [3, 4], [5, 6], [7, 8], [9, 10]], progress=False)
+        took = time.monotonic() - started
+        sent = len(http.requests)
+        release.set()
+    assert took < 10, took  # not the 30 s the requests in flight would take
+    assert sent <= 3  # the prompts not sent yet were dropped
+
+
+def test_answers_arrive_out_of_order_and_come_back_in_prompt_order(loaded):
+    _, tokenizer = loaded
+
+    def behaviour(payload, nth, headers):
+        first = payload["prompt"][0]
+        time.sleep(0.3 if first == 1 else 0.0)  # the first prompt's answer arrives last
+        return 200, json.dumps({"choices": [{"index": 0, "text": f"answer {first}", "finish_reason": "stop"}]})
+
+    with OpenAIStyleServer(behaviour) as http:
+        engine = ServerEngine(http.url, "m", tokenizer, server="vllm", repetition_penalty=1.0, workers=4)
+        done = engine([[1, 2], [3, 4], [5, 6], [7, 8]], progress=False)
+    assert [c.text for c in done] == ["answer 1", "answer 3", "answer 5", "answer 7"]

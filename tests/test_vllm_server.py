@@ -70,6 +70,7 @@ def test_compare_serves_every_lora_arm_from_one_engine_and_stops_it(fake_python,
     assert start["start"]["model"] == adapter["base_model_name_or_path"]
     assert start["start"]["enable_lora"] and start["start"]["max_lora_rank"] == "16"  # the adapters' r
     assert start["start"]["dtype"] == "float32" and start["start"]["enforce_eager"]  # no CUDA: fp32, as training
+    assert start["env"]["VLLM_CPU_NUM_OF_RESERVED_CPU"] == "0"  # every core to the model
     assert start["env"]["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] == "True"
     # its own packages, and neftune's penalty that spares the stop tokens, importable from its PYTHONPATH only
     assert start["env"]["PYTHONPATH"] == str(PLUGIN_DIR) and start["processors"] == ["SparingRepetitionPenalty"]

@@ -39,9 +39,10 @@ other than 1.0 is refused too.  A refusal is one line, never a silent substitute
 from __future__ import annotations
 
 import logging
+import queue
+import threading
 import typing
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -234,21 +235,59 @@ class ServerEngine:
         return Completion(ids, finish == "length", text)
 
     def __call__(self, prompts: Sequence[Sequence[int]], progress: bool = True) -> list[Completion]:
-        """Answer every prompt (token ids); the completions in the order of ``prompts``."""
+        """Answer every prompt (token ids); the completions in the order of ``prompts``.
+
+        :attr:`endpoint`'s ``workers`` requests are in flight at once (the server batches them), and the
+        progress bar counts answers as they arrive.  The first error (or Ctrl-C) ends the call at once:
+        prompts not sent yet are dropped, and requests in flight are abandoned rather than waited for
+        (they are daemon threads; a server neftune runs is stopped right after, which ends them).
+        """
         from tqdm.auto import tqdm
 
         if not prompts:
             return []
+        todo: queue.SimpleQueue[int] = queue.SimpleQueue()
+        for index in range(len(prompts)):
+            todo.put(index)
+        arrived: queue.SimpleQueue[tuple[int, Completion | BaseException]] = queue.SimpleQueue()
+        stop = threading.Event()
+        client = self.endpoint.client()
+
+        def work() -> None:
+            while not stop.is_set():
+                try:
+                    index = todo.get_nowait()
+                except queue.Empty:
+                    return
+                try:
+                    arrived.put((index, self._answer(client, index, list(prompts[index]))))
+                except BaseException as exc:  # handed to the caller's thread, which raises it
+                    stop.set()  # no other prompt is sent
+                    arrived.put((index, exc))
+
+        for _ in range(min(self.endpoint.workers, len(prompts))):
+            threading.Thread(target=work, name="neftune-generate", daemon=True).start()
+        results: list[Completion | None] = [None] * len(prompts)
         bar = tqdm(total=len(prompts), desc="generating", unit="prompt", disable=not progress, dynamic_ncols=True)
-        with self.endpoint.client() as client, ThreadPoolExecutor(max_workers=self.endpoint.workers) as pool:
-            futures = [pool.submit(self._answer, client, i, list(p)) for i, p in enumerate(prompts)]
-            results = []
-            try:
-                for future in futures:
-                    results.append(future.result())
-                    bar.update(1)
-            finally:
-                bar.close()
-                for future in futures:
-                    future.cancel()
-        return results
+        try:
+            for _ in range(len(prompts)):
+                index, answer = _next(arrived)
+                if isinstance(answer, BaseException):
+                    raise answer
+                results[index] = answer
+                bar.update(1)
+        finally:
+            stop.set()
+            bar.close()
+            if all(r is not None for r in results):
+                client.close()  # else threads may still use it: it goes with them
+        return typing.cast(list[Completion], results)
+
+
+def _next(arrived: queue.SimpleQueue) -> Any:
+    """The next answer to arrive; waits in short slices so that Ctrl-C is seen at once."""
+    while True:
+        try:
+            return arrived.get(timeout=0.5)
+        except queue.Empty:
+            continue

@@ -201,3 +201,13 @@ def test_auto_is_vllm_where_it_is_found_and_can_run_else_hf(tmp_path, monkeypatc
         assert vllm_server.resolve_backend("auto") == "hf"
     assert "generate.backend=auto: hf (this CPU lacks avx2" in caplog.text
     assert [vllm_server.resolve_backend(b) for b in ("hf", "vllm", "openai")] == ["hf", "vllm", "openai"]
+
+
+def test_vllm_args_cannot_replace_the_processor_that_applies_the_penalty(fake_python, tiny_model_dir, tmp_path, capsys):
+    wrapper, record = fake_python
+    args = ["generate", "--model", str(tiny_model_dir), "--output", str(tmp_path / "o.json"), "--backend", "vllm"]
+    args += ["--vllm-python", str(wrapper), "--vllm-args", "--logits-processors mine:Other", "--data", "builtin:skills"]
+    assert main([*args, "--limit", "2", "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "generate.vllm_args: --logits-processors is neftune's" in err[0]
+    assert not record.exists()  # no server was started

@@ -190,7 +190,14 @@ class _Server:
             rank = next((r for r in _LORA_RANKS if r >= lora_rank), lora_rank)
             command += ["--enable-lora", "--max-lora-rank", str(rank), "--max-loras", "1"]
             env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "True"
-        command += shlex.split(settings.extra_args)
+        extra = shlex.split(settings.extra_args)
+        if any(arg.split("=", 1)[0] == "--logits-processors" for arg in extra):
+            # a second --logits-processors would replace neftune's, and the penalty would silently vanish
+            raise ConfigError(
+                f"generate.vllm_args: --logits-processors is neftune's ({PLUGIN}, the repetition penalty); "
+                "run your own vLLM server with it and generate.backend=openai instead"
+            )
+        command += extra
         settings.log_dir.mkdir(parents=True, exist_ok=True)
         self.log_path = settings.log_dir / "vllm-server.log"
         log.info("starting vLLM for %s (log: %s)", model, self.log_path)

